@@ -1,0 +1,302 @@
+//! Decoding client commands from a data frame in either wire format.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use rmpv::ValueRef;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::{channel::ChannelName, error::ErrorCode, message::{Encoding, MAX_DEPTH}};
+
+/// A well-formed client command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Subscribe { id: Option<u64>, channel: ChannelName },
+    Unsubscribe { id: Option<u64>, channel: ChannelName },
+    /// `data` is one valid value encoded as `enc` (the connection's format).
+    Publish { id: Option<u64>, channel: ChannelName, enc: Encoding, data: Bytes },
+    Ping { id: Option<u64> },
+    /// Extension: replace the connection's auth token before it expires.
+    Refresh { id: Option<u64>, token: String },
+}
+
+impl Command {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Command::Subscribe { id, .. }
+            | Command::Unsubscribe { id, .. }
+            | Command::Publish { id, .. }
+            | Command::Ping { id }
+            | Command::Refresh { id, .. } => *id,
+        }
+    }
+
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::Subscribe { .. } => "subscribe",
+            Command::Unsubscribe { .. } => "unsubscribe",
+            Command::Publish { .. } => "publish",
+            Command::Ping { .. } => "ping",
+            Command::Refresh { .. } => "refresh",
+        }
+    }
+}
+
+/// A frame that is not a valid command. The connection stays open; the client gets an
+/// `error` reply echoing `id` when the frame had a readable one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct CommandError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+fn bad(id: Option<u64>, message: impl Into<Cow<'static, str>>) -> CommandError {
+    CommandError { id, code: ErrorCode::BadRequest, message: message.into() }
+}
+
+/// The fields of a command as found in the frame, before validation.
+#[derive(Default)]
+struct Fields<'a> {
+    op: Option<Cow<'a, str>>,
+    id: Option<u64>,
+    id_invalid: bool,
+    channel: Option<Cow<'a, str>>,
+    data: Option<&'a [u8]>,
+    token: Option<Cow<'a, str>>,
+}
+
+/// Decodes one frame's payload sent by a client speaking `format`.
+pub fn decode_command(format: Encoding, payload: &[u8]) -> Result<Command, CommandError> {
+    let fields = match format {
+        Encoding::Json => json_fields(payload)?,
+        Encoding::MsgPack => msgpack_fields(payload)?,
+    };
+    build(format, fields)
+}
+
+#[derive(Deserialize)]
+struct JsonFrame<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Keeps an explicit `null` as a present value: `"data": null` publishes null.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
+    let frame: JsonFrame<'_> = serde_json::from_slice(payload).map_err(|e| bad(None, format!("invalid JSON command: {e}")))?;
+    let (id, id_invalid) = match frame.id {
+        None => (None, false),
+        Some(raw) if raw.get() == "null" => (None, false),
+        Some(raw) => match raw.get().parse::<u64>() {
+            Ok(id) => (Some(id), false),
+            Err(_) => (None, true),
+        },
+    };
+    Ok(Fields {
+        op: frame.op,
+        id,
+        id_invalid,
+        channel: frame.channel,
+        data: frame.data.map(|raw| raw.get().as_bytes()),
+        token: frame.token,
+    })
+}
+
+fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
+    let not_map = || bad(None, "a MessagePack command must be a map");
+    let mut rd = payload;
+    let len = rmp::decode::read_map_len(&mut rd).map_err(|_| not_map())?;
+    let mut f = Fields::default();
+    let mut wrong_type: Option<&'static str> = None;
+    for _ in 0..len {
+        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
+            .map_err(|e| bad(None, format!("invalid MessagePack command: {e}")))?;
+        let before = rd;
+        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH - 1)
+            .map_err(|e| bad(None, format!("invalid MessagePack command: {e}")))?;
+        let span = &before[..before.len() - rd.len()];
+        let ValueRef::String(key) = key else { continue };
+        match key.as_str() {
+            Some("op") => f.op = str_of(&value).or_else(|| { wrong_type = Some("op"); None }),
+            Some("channel") => f.channel = str_of(&value).or_else(|| { wrong_type = Some("channel"); None }),
+            Some("token") => f.token = str_of(&value).or_else(|| { wrong_type = Some("token"); None }),
+            Some("data") => f.data = Some(span),
+            Some("id") => match value {
+                ValueRef::Nil => {}
+                ValueRef::Integer(i) => match i.as_u64() {
+                    Some(id) => f.id = Some(id),
+                    None => f.id_invalid = true,
+                },
+                _ => f.id_invalid = true,
+            },
+            _ => {}
+        }
+    }
+    if !rd.is_empty() {
+        return Err(bad(f.id, "trailing bytes after the command"));
+    }
+    if let Some(field) = wrong_type {
+        return Err(bad(f.id, format!("field \"{field}\" must be a string")));
+    }
+    Ok(f)
+}
+
+fn str_of<'a>(v: &ValueRef<'a>) -> Option<Cow<'a, str>> {
+    match v {
+        ValueRef::String(s) => s.into_str().map(Cow::Borrowed),
+        _ => None,
+    }
+}
+
+fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
+    let id = f.id;
+    if f.id_invalid {
+        return Err(bad(None, "\"id\" must be an unsigned integer"));
+    }
+    let op = f.op.ok_or_else(|| bad(id, "missing field \"op\""))?;
+    let channel = || -> Result<ChannelName, CommandError> {
+        let name = f.channel.as_deref().ok_or_else(|| bad(id, "missing field \"channel\""))?;
+        ChannelName::new(name).map_err(|e| bad(id, format!("invalid channel name: {e}")))
+    };
+    Ok(match &*op {
+        "subscribe" => Command::Subscribe { id, channel: channel()? },
+        "unsubscribe" => Command::Unsubscribe { id, channel: channel()? },
+        "publish" => {
+            let channel = channel()?;
+            let data = f.data.ok_or_else(|| bad(id, "missing field \"data\""))?;
+            Command::Publish { id, channel, enc: format, data: Bytes::copy_from_slice(data) }
+        }
+        "ping" => Command::Ping { id },
+        "refresh" => {
+            let token = f.token.ok_or_else(|| bad(id, "missing field \"token\""))?;
+            Command::Refresh { id, token: token.into_owned() }
+        }
+        other => {
+            let mut shown: String = other.chars().take(32).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            return Err(bad(id, format!("unknown op {shown:?}")));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> Result<Command, CommandError> {
+        decode_command(Encoding::Json, s.as_bytes())
+    }
+
+    fn mp(v: rmpv::Value) -> Result<Command, CommandError> {
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &v).unwrap();
+        decode_command(Encoding::MsgPack, &buf)
+    }
+
+    fn ch(s: &str) -> ChannelName {
+        ChannelName::new(s).unwrap()
+    }
+
+    #[test]
+    fn json_commands() {
+        assert_eq!(json(r#"{"op":"subscribe","channel":"a:b","id":1}"#), Ok(Command::Subscribe { id: Some(1), channel: ch("a:b") }));
+        assert_eq!(json(r#"{"op":"unsubscribe","channel":"a"}"#), Ok(Command::Unsubscribe { id: None, channel: ch("a") }));
+        assert_eq!(json(r#"{"op":"ping","id":18446744073709551615,"extra":[1]}"#), Ok(Command::Ping { id: Some(u64::MAX) }));
+        assert_eq!(
+            json(r#"{"op":"publish","channel":"a","data":{"x": [1, "é"]},"id":2}"#),
+            Ok(Command::Publish { id: Some(2), channel: ch("a"), enc: Encoding::Json, data: Bytes::from_static(r#"{"x": [1, "é"]}"#.as_bytes()) })
+        );
+        assert_eq!(
+            json(r#"{"op":"publish","channel":"a","data":null}"#),
+            Ok(Command::Publish { id: None, channel: ch("a"), enc: Encoding::Json, data: Bytes::from_static(b"null") })
+        );
+        // Escaped keys and values decode like plain ones.
+        assert_eq!(json(r#"{"\u006fp":"p\u0069ng"}"#), Ok(Command::Ping { id: None }));
+    }
+
+    #[test]
+    fn json_errors_echo_id_when_readable() {
+        let e = json(r#"{"op":"nope","id":5}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(5), ErrorCode::BadRequest));
+        assert!(e.message.contains("unknown op"));
+        let e = json(r#"{"op":"subscribe","id":6}"#).unwrap_err();
+        assert_eq!(e.id, Some(6));
+        assert!(e.message.contains("channel"));
+        let e = json(r#"{"op":"subscribe","channel":"bad name","id":7}"#).unwrap_err();
+        assert_eq!(e.id, Some(7));
+        let e = json(r#"{"op":"publish","channel":"a","id":8}"#).unwrap_err();
+        assert!(e.message.contains("data"));
+        assert_eq!(json(r#"{"id":9}"#).unwrap_err().id, Some(9));
+        for garbage in ["", "{", "[]", "\"op\"", "null", r#"{"op":1}"#, r#"{"op":"ping","id":-1}"#, r#"{"op":"ping","id":"1"}"#, r#"{"op":"ping","id":1.5}"#] {
+            let e = json(garbage).unwrap_err();
+            assert_eq!((e.id, e.code), (None, ErrorCode::BadRequest), "{garbage}");
+        }
+    }
+
+    #[test]
+    fn msgpack_commands_keep_data_bytes() {
+        use rmpv::Value as V;
+        let data = V::Map(vec![(V::from("k"), V::Binary(vec![1, 2, 3]))]);
+        let cmd = mp(V::Map(vec![
+            (V::from("op"), V::from("publish")),
+            (V::from("channel"), V::from("x")),
+            (V::from(1), V::from("ignored non-string key")),
+            (V::from("data"), data.clone()),
+            (V::from("id"), V::from(4)),
+        ]))
+        .unwrap();
+        let Command::Publish { id, channel, enc, data: raw } = cmd else { panic!() };
+        assert_eq!((id, channel, enc), (Some(4), ch("x"), Encoding::MsgPack));
+        assert_eq!(rmpv::decode::read_value(&mut &raw[..]).unwrap(), data);
+        assert_eq!(mp(V::Map(vec![(V::from("op"), V::from("ping"))])), Ok(Command::Ping { id: None }));
+    }
+
+    #[test]
+    fn msgpack_errors() {
+        use rmpv::Value as V;
+        assert!(mp(V::from(1)).is_err());
+        assert!(mp(V::Array(vec![])).is_err());
+        let e = mp(V::Map(vec![(V::from("op"), V::from(3)), (V::from("id"), V::from(2))])).unwrap_err();
+        assert_eq!(e.id, Some(2));
+        let e = mp(V::Map(vec![(V::from("op"), V::from("ping")), (V::from("id"), V::from(-2))])).unwrap_err();
+        assert_eq!(e.id, None);
+        assert!(decode_command(Encoding::MsgPack, &[0x81]).is_err());
+        assert!(decode_command(Encoding::MsgPack, &[0x80, 0x00]).is_err());
+        assert!(decode_command(Encoding::MsgPack, &[]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode_command(Encoding::Json, &bytes);
+            let _ = decode_command(Encoding::MsgPack, &bytes);
+        }
+
+        #[test]
+        fn json_roundtrip_of_valid_commands(id in proptest::option::of(proptest::num::u64::ANY), channel in "[A-Za-z0-9_.:@/=-]{1,40}", n in proptest::num::i64::ANY) {
+            let mut v = serde_json::json!({"op":"publish","channel":channel,"data":{"n":n}});
+            if let Some(id) = id { v["id"] = id.into(); }
+            let cmd = json(&v.to_string()).unwrap();
+            proptest::prop_assert_eq!(cmd.id(), id);
+            let Command::Publish { data, .. } = cmd else { panic!() };
+            let parsed: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            proptest::prop_assert_eq!(parsed, serde_json::json!({"n":n}));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The Redis envelope: the MessagePack map a publication travels in between nodes, and
+//! the format backends `PUBLISH` straight into Redis.
+
+use crate::message::{validate_data, DataError, Encoding};
+
+/// The only envelope version this build reads and writes.
+pub const ENVELOPE_VERSION: u64 = 1;
+
+/// A Redis payload that is not a deliverable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope is not a MessagePack map")]
+    NotAMap,
+    #[error("envelope is malformed MessagePack: {0}")]
+    Malformed(String),
+    #[error("envelope field {0:?} is missing")]
+    Missing(&'static str),
+    #[error("envelope field {0:?} has the wrong type")]
+    WrongType(&'static str),
+    #[error("envelope version {0} is not supported")]
+    Version(u64),
+    #[error("envelope encoding {0:?} is not json or msgpack")]
+    UnknownEncoding(String),
+    #[error("envelope has trailing bytes")]
+    Trailing,
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+impl EnvelopeError {
+    /// A short, fixed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EnvelopeError::NotAMap | EnvelopeError::Malformed(_) | EnvelopeError::Trailing => "malformed",
+            EnvelopeError::Missing(_) | EnvelopeError::WrongType(_) => "bad_field",
+            EnvelopeError::Version(_) => "version",
+            EnvelopeError::UnknownEncoding(_) => "encoding",
+            EnvelopeError::Data(_) => "bad_data",
+        }
+    }
+}
+
+/// Encodes an envelope: `{"v":1,"ts":ts,"enc":enc,"data":bin(data)}`.
+pub fn encode_envelope(ts: u64, enc: Encoding, data: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(32 + data.len());
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(&mut buf, 4);
+    let _ = rmp::encode::write_str(&mut buf, "v");
+    let _ = rmp::encode::write_uint(&mut buf, ENVELOPE_VERSION);
+    let _ = rmp::encode::write_str(&mut buf, "ts");
+    let _ = rmp::encode::write_uint(&mut buf, ts);
+    let _ = rmp::encode::write_str(&mut buf, "enc");
+    let _ = rmp::encode::write_str(&mut buf, enc.as_str());
+    let _ = rmp::encode::write_str(&mut buf, "data");
+    let _ = rmp::encode::write_bin(&mut buf, data);
+    buf
+}
+
+/// Decodes and validates an envelope, returning `(ts, enc, data)`; `data` borrows from
+/// `payload` and is checked to be one valid value of `enc`. Unknown keys are ignored.
+pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), EnvelopeError> {
+    use rmpv::ValueRef;
+    let mut rd = payload;
+    let len = rmp::decode::read_map_len(&mut rd).map_err(|_| EnvelopeError::NotAMap)?;
+    let (mut v, mut ts, mut enc, mut data) = (None, None, None, None);
+    for _ in 0..len {
+        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, 16).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::MAX_DEPTH)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let ValueRef::String(key) = key else { continue };
+        match key.as_str() {
+            Some("v") => v = Some(value.as_u64().ok_or(EnvelopeError::WrongType("v"))?),
+            Some("ts") => ts = Some(value.as_u64().ok_or(EnvelopeError::WrongType("ts"))?),
+            Some("enc") => {
+                let s = match value {
+                    ValueRef::String(s) => s.into_str().ok_or(EnvelopeError::WrongType("enc"))?,
+                    _ => return Err(EnvelopeError::WrongType("enc")),
+                };
+                enc = Some(match s {
+                    "json" => Encoding::Json,
+                    "msgpack" => Encoding::MsgPack,
+                    other => return Err(EnvelopeError::UnknownEncoding(other.chars().take(32).collect())),
+                });
+            }
+            Some("data") => match value {
+                ValueRef::Binary(b) => data = Some(b),
+                _ => return Err(EnvelopeError::WrongType("data")),
+            },
+            _ => {}
+        }
+    }
+    if !rd.is_empty() {
+        return Err(EnvelopeError::Trailing);
+    }
+    let v = v.ok_or(EnvelopeError::Missing("v"))?;
+    if v != ENVELOPE_VERSION {
+        return Err(EnvelopeError::Version(v));
+    }
+    let ts = ts.ok_or(EnvelopeError::Missing("ts"))?;
+    let enc = enc.ok_or(EnvelopeError::Missing("enc"))?;
+    let data = data.ok_or(EnvelopeError::Missing("data"))?;
+    validate_data(enc, data)?;
+    Ok((ts, enc, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value as V;
+
+    fn enc_value(v: &V) -> Vec<u8> {
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, v).unwrap();
+        buf
+    }
+
+    #[test]
+    fn roundtrip() {
+        let bytes = encode_envelope(42, Encoding::Json, br#"{"a":1}"#);
+        assert_eq!(decode_envelope(&bytes), Ok((42, Encoding::Json, &br#"{"a":1}"#[..])));
+        let bytes = encode_envelope(u64::MAX, Encoding::MsgPack, &[0x93, 1, 2, 3]);
+        assert_eq!(decode_envelope(&bytes), Ok((u64::MAX, Encoding::MsgPack, &[0x93, 1, 2, 3][..])));
+    }
+
+    #[test]
+    fn byte_layout_is_the_documented_one() {
+        let bytes = encode_envelope(1, Encoding::Json, b"1");
+        let expected = [
+            0x84, 0xa1, b'v', 0x01, 0xa2, b't', b's', 0x01, 0xa3, b'e', b'n', b'c', 0xa4, b'j', b's', b'o', b'n', 0xa4, b'd', b'a',
+            b't', b'a', 0xc4, 0x01, b'1',
+        ];
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn extra_keys_are_ignored() {
+        let v = V::Map(vec![
+            (V::from("x"), V::Array(vec![V::Nil])),
+            (V::from("v"), V::from(1)),
+            (V::from(7), V::from(7)),
+            (V::from("ts"), V::from(5)),
+            (V::from("enc"), V::from("json")),
+            (V::from("data"), V::Binary(b"\"hi\"".to_vec())),
+        ]);
+        assert_eq!(decode_envelope(&enc_value(&v)), Ok((5, Encoding::Json, &b"\"hi\""[..])));
+    }
+
+    #[test]
+    fn rejects_invalid_envelopes() {
+        let ok = |k: &str| -> Vec<(V, V)> {
+            [("v", V::from(1)), ("ts", V::from(5)), ("enc", V::from("json")), ("data", V::Binary(b"1".to_vec()))]
+                .into_iter()
+                .filter(|(n, _)| *n != k)
+                .map(|(n, v)| (V::from(n), v))
+                .collect()
+        };
+        for k in ["v", "ts", "enc", "data"] {
+            assert_eq!(decode_envelope(&enc_value(&V::Map(ok(k)))), Err(EnvelopeError::Missing(match k { "v" => "v", "ts" => "ts", "enc" => "enc", _ => "data" })));
+        }
+        let with = |k: &str, v: V| {
+            let mut m = ok(k);
+            m.push((V::from(k), v));
+            enc_value(&V::Map(m))
+        };
+        assert_eq!(decode_envelope(&with("v", V::from(2))), Err(EnvelopeError::Version(2)));
+        assert_eq!(decode_envelope(&with("ts", V::from(-1))), Err(EnvelopeError::WrongType("ts")));
+        assert_eq!(decode_envelope(&with("enc", V::from("xml"))), Err(EnvelopeError::UnknownEncoding("xml".into())));
+        assert_eq!(decode_envelope(&with("data", V::from("1"))), Err(EnvelopeError::WrongType("data")));
+        assert!(matches!(decode_envelope(&with("data", V::Binary(b"{".to_vec()))), Err(EnvelopeError::Data(_))));
+        assert_eq!(decode_envelope(b"hello"), Err(EnvelopeError::NotAMap));
+        assert_eq!(decode_envelope(b""), Err(EnvelopeError::NotAMap));
+        let mut trailing = encode_envelope(1, Encoding::Json, b"1");
+        trailing.push(0);
+        assert_eq!(decode_envelope(&trailing), Err(EnvelopeError::Trailing));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = decode_envelope(&bytes);
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! fanout's wire contract as data: channel names, client commands, server replies and
+//! messages in both wire formats, WebSocket server framing and the Redis envelope. No I/O.
+
+mod channel;
+mod command;
+mod envelope;
+mod error;
+mod message;
+mod ws;
+
+pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
+pub use command::{decode_command, Command, CommandError};
+pub use envelope::{decode_envelope, encode_envelope, EnvelopeError, ENVELOPE_VERSION};
+pub use error::ErrorCode;
+pub use message::{encode_message, encode_reply, validate_data, DataError, Encoding, Publication, Reply};
+pub use ws::{close_frame, frame, frame_header, OpCode, MAX_FRAME_HEADER};
+
+/// Microseconds since the Unix epoch: the clock every publication's `ts` is stamped with.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

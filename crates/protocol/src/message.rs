@@ -1,0 +1,286 @@
+//! Publications and everything the server sends inside a data frame: `message` events
+//! in either wire format (transcoding `data` when the formats differ) and command replies.
+
+use std::io::Write as _;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::{
+    channel::ChannelName,
+    error::ErrorCode,
+    ws::{frame_in_place, OpCode, MAX_FRAME_HEADER},
+};
+
+/// Nesting depth accepted in `data`, matching serde_json's default recursion limit so a
+/// hostile payload cannot exhaust the stack in either codec.
+pub(crate) const MAX_DEPTH: usize = 128;
+
+/// A wire format, used both for a connection (its subprotocol) and for how a
+/// publication's `data` bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// UTF-8 JSON, sent in text frames.
+    Json,
+    /// MessagePack, sent in binary frames.
+    MsgPack,
+}
+
+impl Encoding {
+    pub const ALL: [Encoding; 2] = [Encoding::Json, Encoding::MsgPack];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::MsgPack => "msgpack",
+        }
+    }
+
+    pub const fn opcode(self) -> OpCode {
+        match self {
+            Encoding::Json => OpCode::Text,
+            Encoding::MsgPack => OpCode::Binary,
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A publication as it travels through the system: `ts` is stamped once where it entered
+/// and `data` keeps the encoding it arrived in until a subscriber needs the other one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub channel: ChannelName,
+    /// Microseconds since the Unix epoch.
+    pub ts: u64,
+    pub enc: Encoding,
+    pub data: Bytes,
+}
+
+/// `data` could not be decoded, or not represented in the requested format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    #[error("data is not valid JSON: {0}")]
+    Json(String),
+    #[error("data is not valid MessagePack: {0}")]
+    MsgPack(String),
+    #[error("data has trailing bytes after the value")]
+    Trailing,
+    #[error("data cannot be represented as {0}: {1}")]
+    Transcode(&'static str, String),
+}
+
+/// Checks that `data` holds exactly one well-formed value of `enc`, nested at most 128 deep.
+pub fn validate_data(enc: Encoding, data: &[u8]) -> Result<(), DataError> {
+    match enc {
+        Encoding::Json => serde_json::from_slice::<serde::de::IgnoredAny>(data)
+            .map(drop)
+            .map_err(|e| DataError::Json(e.to_string())),
+        Encoding::MsgPack => {
+            let mut rd = data;
+            rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
+                .map_err(|e| DataError::MsgPack(e.to_string()))?;
+            if rd.is_empty() {
+                Ok(())
+            } else {
+                Err(DataError::Trailing)
+            }
+        }
+    }
+}
+
+/// Appends `data` (encoded as `from`) to `out` encoded as `to`.
+fn write_data(out: &mut Vec<u8>, from: Encoding, to: Encoding, data: &[u8]) -> Result<(), DataError> {
+    match (from, to) {
+        (a, b) if a == b => {
+            out.extend_from_slice(data);
+            Ok(())
+        }
+        (Encoding::Json, _) => {
+            let mut de = serde_json::Deserializer::from_slice(data);
+            let mut ser = rmp_serde::Serializer::new(&mut *out);
+            serde_transcode::transcode(&mut de, &mut ser)
+                .map_err(|e| DataError::Transcode("msgpack", e.to_string()))
+        }
+        (Encoding::MsgPack, _) => {
+            let mut de = rmp_serde::Deserializer::new(data);
+            let mut ser = serde_json::Serializer::new(&mut *out);
+            serde_transcode::transcode(&mut de, &mut ser)
+                .map_err(|e| DataError::Transcode("json", e.to_string()))
+        }
+    }
+}
+
+/// The framed `message` event for `p` in wire format `to`. Called once per publication per
+/// format by the fan-out; the result is shared by every subscriber.
+pub fn encode_message(to: Encoding, p: &Publication) -> Result<Bytes, DataError> {
+    let channel = p.channel.as_str();
+    let mut buf = Vec::with_capacity(MAX_FRAME_HEADER + 64 + channel.len() + p.data.len());
+    buf.resize(MAX_FRAME_HEADER, 0);
+    match to {
+        Encoding::Json => {
+            // Channel names are restricted to characters that need no JSON escaping.
+            buf.extend_from_slice(b"{\"op\":\"message\",\"channel\":\"");
+            buf.extend_from_slice(channel.as_bytes());
+            buf.extend_from_slice(b"\",\"data\":");
+            write_data(&mut buf, p.enc, to, &p.data)?;
+            let _ = write!(buf, ",\"ts\":{}}}", p.ts);
+        }
+        Encoding::MsgPack => {
+            // Writes into a Vec cannot fail.
+            let _ = rmp::encode::write_map_len(&mut buf, 4);
+            let _ = rmp::encode::write_str(&mut buf, "op");
+            let _ = rmp::encode::write_str(&mut buf, "message");
+            let _ = rmp::encode::write_str(&mut buf, "channel");
+            let _ = rmp::encode::write_str(&mut buf, channel);
+            let _ = rmp::encode::write_str(&mut buf, "data");
+            write_data(&mut buf, p.enc, to, &p.data)?;
+            let _ = rmp::encode::write_str(&mut buf, "ts");
+            let _ = rmp::encode::write_uint(&mut buf, p.ts);
+        }
+    }
+    Ok(frame_in_place(to.opcode(), buf))
+}
+
+/// A reply to a client command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<'a> {
+    Subscribed { id: Option<u64>, channel: &'a str },
+    Unsubscribed { id: Option<u64>, channel: &'a str },
+    Published { id: Option<u64> },
+    Pong { id: Option<u64> },
+    /// Extension: a `refresh` command replaced the connection's token.
+    Refreshed { id: Option<u64>, exp: u64 },
+    Error { id: Option<u64>, code: ErrorCode, message: &'a str },
+}
+
+#[derive(Serialize)]
+struct ReplyWire<'a> {
+    op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+}
+
+impl<'a> Reply<'a> {
+    fn wire(&self) -> ReplyWire<'a> {
+        let mut w = ReplyWire { op: "", channel: None, code: None, message: None, exp: None, id: None };
+        match *self {
+            Reply::Subscribed { id, channel } => (w.op, w.id, w.channel) = ("subscribed", id, Some(channel)),
+            Reply::Unsubscribed { id, channel } => (w.op, w.id, w.channel) = ("unsubscribed", id, Some(channel)),
+            Reply::Published { id } => (w.op, w.id) = ("published", id),
+            Reply::Pong { id } => (w.op, w.id) = ("pong", id),
+            Reply::Refreshed { id, exp } => (w.op, w.id, w.exp) = ("refreshed", id, Some(exp)),
+            Reply::Error { id, code, message } => {
+                (w.op, w.id, w.code, w.message) = ("error", id, Some(code.as_str()), Some(message))
+            }
+        }
+        w
+    }
+}
+
+/// The framed reply in wire format `to`.
+pub fn encode_reply(to: Encoding, reply: &Reply<'_>) -> Bytes {
+    let mut buf = Vec::with_capacity(MAX_FRAME_HEADER + 64);
+    buf.resize(MAX_FRAME_HEADER, 0);
+    let wire = reply.wire();
+    // Serialising plain strings and integers into a Vec cannot fail.
+    match to {
+        Encoding::Json => {
+            let _ = serde_json::to_writer(&mut buf, &wire);
+        }
+        Encoding::MsgPack => {
+            let _ = rmp_serde::encode::write_named(&mut buf, &wire);
+        }
+    }
+    frame_in_place(to.opcode(), buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(enc: Encoding, data: &[u8]) -> Publication {
+        Publication { channel: ChannelName::new("chat:1").unwrap(), ts: 1_700_000_000_000_000, enc, data: Bytes::copy_from_slice(data) }
+    }
+
+    /// Strips the (short) frame header that tests' payloads fit in.
+    fn body(frame: &Bytes) -> &[u8] {
+        match frame[1] {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    #[test]
+    fn json_message_is_spliced_verbatim() {
+        let f = encode_message(Encoding::Json, &publication(Encoding::Json, br#"{"a":[1,2,"x"]}"#)).unwrap();
+        assert_eq!(f[0], 0x81);
+        let v: serde_json::Value = serde_json::from_slice(body(&f)).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"message","channel":"chat:1","data":{"a":[1,2,"x"]},"ts":1_700_000_000_000_000u64}));
+    }
+
+    #[test]
+    fn json_to_msgpack_and_back() {
+        let data = br#"{"s":"h\u00e9llo \ud83d\ude00","n":-5,"f":1.5,"b":true,"z":null,"big":18446744073709551615,"arr":[{"k":"v"}]}"#;
+        let f = encode_message(Encoding::MsgPack, &publication(Encoding::Json, data)).unwrap();
+        assert_eq!(f[0], 0x82);
+        let v: rmpv::Value = rmpv::decode::read_value(&mut body(&f)).unwrap();
+        let map: Vec<(String, rmpv::Value)> = v.as_map().unwrap().iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), v.clone())).collect();
+        assert_eq!(map[0], ("op".into(), rmpv::Value::from("message")));
+        assert_eq!(map[1], ("channel".into(), rmpv::Value::from("chat:1")));
+        assert_eq!(map[3], ("ts".into(), rmpv::Value::from(1_700_000_000_000_000u64)));
+        // Re-encode the msgpack data to JSON and compare with the original JSON.
+        let mut data_mp = Vec::new();
+        rmpv::encode::write_value(&mut data_mp, &map[2].1).unwrap();
+        let back = encode_message(Encoding::Json, &publication(Encoding::MsgPack, &data_mp)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(body(&back)).unwrap();
+        let orig: serde_json::Value = serde_json::from_slice(data).unwrap();
+        assert_eq!(v["data"], orig);
+    }
+
+    #[test]
+    fn msgpack_with_unrepresentable_key_fails_for_json_only() {
+        // {[1]: 2}: an array as a map key has no JSON form.
+        let data = [0x81, 0x91, 0x01, 0x02];
+        validate_data(Encoding::MsgPack, &data).unwrap();
+        assert!(encode_message(Encoding::MsgPack, &publication(Encoding::MsgPack, &data)).is_ok());
+        assert!(matches!(encode_message(Encoding::Json, &publication(Encoding::MsgPack, &data)), Err(DataError::Transcode(..))));
+    }
+
+    #[test]
+    fn validate_rejects_garbage_and_deep_nesting() {
+        assert!(validate_data(Encoding::Json, b"{").is_err());
+        assert!(validate_data(Encoding::Json, b"1 2").is_err());
+        assert!(validate_data(Encoding::Json, "[".repeat(10_000).as_bytes()).is_err());
+        assert!(validate_data(Encoding::MsgPack, &[0x92, 0x01]).is_err());
+        assert_eq!(validate_data(Encoding::MsgPack, &[0x01, 0x02]), Err(DataError::Trailing));
+        assert!(validate_data(Encoding::MsgPack, &vec![0x91; 10_000]).is_err());
+        assert!(validate_data(Encoding::MsgPack, &[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn replies_in_both_formats() {
+        let r = encode_reply(Encoding::Json, &Reply::Subscribed { id: Some(7), channel: "a" });
+        assert_eq!(body(&r), br#"{"op":"subscribed","channel":"a","id":7}"#);
+        let r = encode_reply(Encoding::Json, &Reply::Pong { id: None });
+        assert_eq!(body(&r), br#"{"op":"pong"}"#);
+        let r = encode_reply(Encoding::Json, &Reply::Error { id: Some(1), code: ErrorCode::BadRequest, message: "no \"op\"" });
+        let v: serde_json::Value = serde_json::from_slice(body(&r)).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"error","code":"bad_request","message":"no \"op\"","id":1}));
+        let r = encode_reply(Encoding::MsgPack, &Reply::Published { id: Some(3) });
+        assert_eq!(r[0], 0x82);
+        let v = rmpv::decode::read_value(&mut body(&r)).unwrap();
+        assert_eq!(v, rmpv::Value::Map(vec![("op".into(), "published".into()), ("id".into(), 3.into())]));
+    }
+}
