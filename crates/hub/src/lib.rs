@@ -1,1 +1,17 @@
-//! Hub.
+//! The node-local half of fanout: who is subscribed to what on this node (the
+//! [`Registry`]), each connection's byte-bounded [`Outbox`], the [`Broker`] trait that
+//! carries publications between nodes, and the [`EmbeddedBroker`] for a single node.
+//!
+//! Nothing here does network I/O; the server owns sockets and the broker crates own Redis.
+
+mod broker;
+mod embedded;
+mod hub;
+mod outbox;
+mod registry;
+
+pub use broker::{Broker, BrokerError, BoxFuture};
+pub use embedded::EmbeddedBroker;
+pub use hub::Hub;
+pub use outbox::{Outbox, Outgoing, Push, Status};
+pub use registry::{DeliveryReport, Registry};

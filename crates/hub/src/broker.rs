@@ -1,0 +1,41 @@
+//! The contract between the hub and whatever carries publications between nodes.
+
+use std::{future::Future, pin::Pin};
+
+use fanout_protocol::{ChannelName, Publication};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the broker could not do what was asked. Every variant means "the broker side
+/// failed", never the client: callers map it to `unavailable` / HTTP 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not answer in time")]
+    Timeout,
+}
+
+/// Carries publications between nodes and keeps the node subscribed to the channels its
+/// clients want. Publications that arrive are handed to the [`crate::Registry`] the broker
+/// was built with.
+///
+/// The hub calls `add_interest` when a channel gains its first local subscriber and
+/// `remove_interest` when it loses its last, so a broker sees one interest per channel
+/// per node however many clients share it.
+pub trait Broker: Send + Sync + 'static {
+    /// Hands a publication to the broker; `Ok` means the broker accepted it.
+    fn publish<'a>(&'a self, publication: &'a Publication) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The node now wants publications on `channel`. Must not block.
+    fn add_interest(&self, channel: &ChannelName);
+
+    /// The node no longer wants publications on `channel`. Must not block.
+    fn remove_interest(&self, channel: &ChannelName);
+
+    /// Resolves once publications on `channel` (previously added) reach this node.
+    fn ready<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Whether the broker can currently deliver (drives `/readyz`).
+    fn is_up(&self) -> bool;
+}

@@ -1,0 +1,240 @@
+//! One connection's outbound queue: many producers (the fan-out, the session's own
+//! replies), one consumer (the session task that writes the socket), bounded in bytes.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Mutex, PoisonError,
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use fanout_protocol::Encoding;
+use futures_util::task::AtomicWaker;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A framed WebSocket frame waiting to be written.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub frame: Bytes,
+    /// The publication's `ts` (µs since the epoch) for `message` frames, 0 otherwise;
+    /// lets the writer measure end-to-end latency without decoding the frame.
+    pub ts: u64,
+}
+
+/// What happened to a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// This push would have exceeded the byte bound: the outbox is now overflowed, the
+    /// frame was dropped, and the session is woken to disconnect with 4008. Returned once.
+    Overflow,
+    /// The outbox no longer accepts frames (overflowed earlier, or closed).
+    Refused,
+}
+
+/// The outbox's lifecycle as seen by its consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Open,
+    Overflowed,
+    Closed,
+}
+
+struct State {
+    queue: VecDeque<Outgoing>,
+    status: Status,
+}
+
+/// A byte-bounded multi-producer queue of frames for one connection.
+///
+/// The lock is held only to push or swap the queue, never across an `.await`, and is only
+/// ever shared by the session and the one task delivering to it, so it is uncontended in
+/// practice; the consumer is woken only when the queue goes from empty to non-empty.
+pub struct Outbox {
+    id: u64,
+    format: Encoding,
+    limit: usize,
+    /// Bytes pushed and not yet reported written: queued here plus held by the writer.
+    in_flight: AtomicUsize,
+    state: Mutex<State>,
+    waker: AtomicWaker,
+}
+
+impl Outbox {
+    pub fn new(format: Encoding, limit: usize) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            format,
+            limit,
+            in_flight: AtomicUsize::new(0),
+            state: Mutex::new(State { queue: VecDeque::new(), status: Status::Open }),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Unique for the life of the process; identifies the subscriber in the registry.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn format(&self) -> Encoding {
+        self.format
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes queued or being written.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a frame unless that would exceed the byte bound.
+    pub fn push(&self, frame: Bytes, ts: u64) -> Push {
+        let len = frame.len();
+        let mut state = self.lock();
+        if state.status != Status::Open {
+            return Push::Refused;
+        }
+        if self.in_flight.load(Ordering::Relaxed) + len > self.limit {
+            state.status = Status::Overflowed;
+            state.queue.clear();
+            drop(state);
+            self.waker.wake();
+            return Push::Overflow;
+        }
+        self.in_flight.fetch_add(len, Ordering::Relaxed);
+        let was_empty = state.queue.is_empty();
+        state.queue.push_back(Outgoing { frame, ts });
+        drop(state);
+        if was_empty {
+            self.waker.wake();
+        }
+        Push::Queued
+    }
+
+    /// Moves everything queued into `into` (swapping buffers when `into` is empty, so the
+    /// steady state allocates nothing). Ready when frames were moved or the outbox left
+    /// the `Open` state; otherwise registers the waker.
+    pub fn poll_take(&self, cx: &mut Context<'_>, into: &mut VecDeque<Outgoing>) -> Poll<Status> {
+        if let Some(status) = self.try_take(into) {
+            return Poll::Ready(status);
+        }
+        self.waker.register(cx.waker());
+        match self.try_take(into) {
+            Some(status) => Poll::Ready(status),
+            None => Poll::Pending,
+        }
+    }
+
+    fn try_take(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
+        let mut state = self.lock();
+        if state.status != Status::Open {
+            return Some(state.status);
+        }
+        if state.queue.is_empty() {
+            return None;
+        }
+        if into.is_empty() {
+            std::mem::swap(&mut state.queue, into);
+        } else {
+            into.extend(state.queue.drain(..));
+        }
+        Some(Status::Open)
+    }
+
+    /// Future form of [`Self::poll_take`].
+    pub async fn take(&self, into: &mut VecDeque<Outgoing>) -> Status {
+        std::future::poll_fn(|cx| self.poll_take(cx, into)).await
+    }
+
+    /// The writer reports `n` bytes handed to the socket.
+    pub fn written(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Stops accepting frames; what is queued stays takeable only while `Open`, so
+    /// callers drain before closing.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        if state.status == Status::Open {
+            state.status = Status::Closed;
+        }
+        state.queue = VecDeque::new();
+        drop(state);
+        self.waker.wake();
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().status
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("id", &self.id).field("format", &self.format).field("in_flight", &self.in_flight()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_in_bytes_and_overflow_reported_once() {
+        let o = Outbox::new(Encoding::Json, 10);
+        assert_eq!(o.push(Bytes::from_static(b"12345"), 0), Push::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"12345"), 0), Push::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"1"), 0), Push::Overflow);
+        assert_eq!(o.push(Bytes::from_static(b"1"), 0), Push::Refused);
+        assert_eq!(o.status(), Status::Overflowed);
+    }
+
+    #[test]
+    fn written_bytes_free_room() {
+        let o = Outbox::new(Encoding::Json, 10);
+        let mut q = VecDeque::new();
+        assert_eq!(o.push(Bytes::from_static(b"1234567890"), 7), Push::Queued);
+        let waker = futures_util::task::noop_waker();
+        assert_eq!(o.poll_take(&mut Context::from_waker(&waker), &mut q), Poll::Ready(Status::Open));
+        assert_eq!((q.len(), q[0].ts), (1, 7));
+        // Taken but not yet written still counts against the bound.
+        assert_eq!(o.push(Bytes::from_static(b"1"), 0), Push::Overflow);
+        let o = Outbox::new(Encoding::Json, 10);
+        o.push(Bytes::from_static(b"1234567890"), 0);
+        q.clear();
+        assert!(o.poll_take(&mut Context::from_waker(&waker), &mut q).is_ready());
+        o.written(10);
+        assert_eq!(o.push(Bytes::from_static(b"1234567890"), 0), Push::Queued);
+        assert!(o.poll_take(&mut Context::from_waker(&waker), &mut q).is_ready());
+        assert_eq!(q.len(), 2);
+        assert!(o.poll_take(&mut Context::from_waker(&waker), &mut q).is_pending());
+    }
+
+    #[tokio::test]
+    async fn take_wakes_on_push_and_close() {
+        let o = std::sync::Arc::new(Outbox::new(Encoding::MsgPack, 100));
+        let o2 = o.clone();
+        let h = tokio::spawn(async move {
+            let mut q = VecDeque::new();
+            let s1 = o2.take(&mut q).await;
+            let s2 = o2.take(&mut VecDeque::new()).await;
+            (s1, q.len(), s2)
+        });
+        tokio::task::yield_now().await;
+        o.push(Bytes::from_static(b"x"), 0);
+        tokio::task::yield_now().await;
+        o.close();
+        assert_eq!(h.await.unwrap(), (Status::Open, 1, Status::Closed));
+        assert_eq!(o.push(Bytes::from_static(b"x"), 0), Push::Refused);
+    }
+}
