@@ -53,28 +53,25 @@ pub struct CommandError {
     pub message: Cow<'static, str>,
 }
 
-fn bad(id: Option<u64>, message: impl Into<Cow<'static, str>>) -> CommandError {
+pub(crate) fn bad(id: Option<u64>, message: impl Into<Cow<'static, str>>) -> CommandError {
     CommandError { id, code: ErrorCode::BadRequest, message: message.into() }
 }
 
 /// The fields of a command as found in the frame, before validation.
 #[derive(Default)]
-struct Fields<'a> {
-    op: Option<Cow<'a, str>>,
-    id: Option<u64>,
-    id_invalid: bool,
-    channel: Option<Cow<'a, str>>,
-    data: Option<&'a [u8]>,
-    token: Option<Cow<'a, str>>,
+pub(crate) struct Fields<'a> {
+    pub(crate) op: Option<Cow<'a, str>>,
+    pub(crate) id: Option<u64>,
+    pub(crate) id_invalid: bool,
+    pub(crate) channel: Option<Cow<'a, str>>,
+    pub(crate) channels: Option<Vec<Cow<'a, str>>>,
+    pub(crate) data: Option<&'a [u8]>,
+    pub(crate) token: Option<Cow<'a, str>>,
 }
 
 /// Decodes one frame's payload sent by a client speaking `format`.
 pub fn decode_command(format: Encoding, payload: &[u8]) -> Result<Command, CommandError> {
-    let fields = match format {
-        Encoding::Json => json_fields(payload)?,
-        Encoding::MsgPack => msgpack_fields(payload)?,
-    };
-    build(format, fields)
+    build(format, fields(format, payload)?)
 }
 
 #[derive(Deserialize)]
@@ -85,6 +82,8 @@ struct JsonFrame<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channels: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -94,6 +93,13 @@ struct JsonFrame<'a> {
 /// Keeps an explicit `null` as a present value: `"data": null` publishes null.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
+}
+
+pub(crate) fn fields(format: Encoding, payload: &[u8]) -> Result<Fields<'_>, CommandError> {
+    match format {
+        Encoding::Json => json_fields(payload),
+        Encoding::MsgPack => msgpack_fields(payload),
+    }
 }
 
 fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
@@ -111,6 +117,7 @@ fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         id,
         id_invalid,
         channel: frame.channel,
+        channels: frame.channels,
         data: frame.data.map(|raw| raw.get().as_bytes()),
         token: frame.token,
     })
@@ -135,6 +142,13 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
             Some("channel") => f.channel = str_of(&value).or_else(|| { wrong_type = Some("channel"); None }),
             Some("token") => f.token = str_of(&value).or_else(|| { wrong_type = Some("token"); None }),
             Some("data") => f.data = Some(span),
+            Some("channels") => match value {
+                ValueRef::Array(items) => {
+                    let names: Option<Vec<_>> = items.iter().map(str_of).collect();
+                    f.channels = names.or_else(|| { wrong_type = Some("channels"); None });
+                }
+                _ => wrong_type = Some("channels"),
+            },
             Some("id") => match value {
                 ValueRef::Nil => {}
                 ValueRef::Integer(i) => match i.as_u64() {

@@ -1,6 +1,7 @@
 //! fanout's wire contract as data: channel names, client commands, server replies and
 //! messages in both wire formats, WebSocket server framing and the Redis envelope. No I/O.
 
+mod api;
 mod channel;
 mod command;
 mod envelope;
@@ -8,6 +9,7 @@ mod error;
 mod message;
 mod ws;
 
+pub use api::{decode_api_publish, encode_api_error, encode_api_ok, ApiPublish, MAX_BROADCAST_CHANNELS};
 pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
 pub use command::{decode_command, Command, CommandError};
 pub use envelope::{decode_envelope, encode_envelope, EnvelopeError, ENVELOPE_VERSION};

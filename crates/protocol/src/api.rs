@@ -1,0 +1,127 @@
+//! Bodies of the internal HTTP API (`/api/publish`, `/api/broadcast`) in JSON or MessagePack.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::{
+    channel::ChannelName,
+    command::{bad, fields, CommandError},
+    error::ErrorCode,
+    message::Encoding,
+};
+
+/// Upper bound on channels in one broadcast, so one request cannot pin a node for long.
+pub const MAX_BROADCAST_CHANNELS: usize = 1000;
+
+/// A decoded publish or broadcast request: one `data` for every listed channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiPublish {
+    pub channels: Vec<ChannelName>,
+    pub enc: Encoding,
+    pub data: Bytes,
+}
+
+fn channel(name: &str) -> Result<ChannelName, CommandError> {
+    ChannelName::new(name).map_err(|e| bad(None, format!("invalid channel name {:?}: {e}", truncate(name))))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Decodes `{"channel":C,"data":V}` (or, when `broadcast`, `{"channels":[C,…],"data":V}`).
+pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result<ApiPublish, CommandError> {
+    let f = fields(enc, body).map_err(|e| CommandError { message: format!("malformed body: {}", e.message).into(), ..e })?;
+    let channels = if broadcast {
+        let names = f.channels.ok_or_else(|| bad(None, "missing field \"channels\""))?;
+        if names.is_empty() {
+            return Err(bad(None, "\"channels\" is empty"));
+        }
+        if names.len() > MAX_BROADCAST_CHANNELS {
+            return Err(bad(None, format!("more than {MAX_BROADCAST_CHANNELS} channels")));
+        }
+        names.iter().map(|n| channel(n)).collect::<Result<Vec<_>, _>>()?
+    } else {
+        vec![channel(f.channel.as_deref().ok_or_else(|| bad(None, "missing field \"channel\""))?)?]
+    };
+    let data = f.data.ok_or_else(|| bad(None, "missing field \"data\""))?;
+    Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data) })
+}
+
+#[derive(Serialize)]
+struct Ok_ {
+    ok: bool,
+}
+
+#[derive(Serialize)]
+struct ErrBody<'a> {
+    error: ErrInner<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrInner<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+fn encode<T: Serialize>(enc: Encoding, value: &T) -> Vec<u8> {
+    // Serialising plain structs into a Vec cannot fail.
+    match enc {
+        Encoding::Json => serde_json::to_vec(value).unwrap_or_default(),
+        Encoding::MsgPack => rmp_serde::to_vec_named(value).unwrap_or_default(),
+    }
+}
+
+/// `{"ok":true}`.
+pub fn encode_api_ok(enc: Encoding) -> Vec<u8> {
+    encode(enc, &Ok_ { ok: true })
+}
+
+/// `{"error":{"code":K,"message":M}}`.
+pub fn encode_api_error(enc: Encoding, code: ErrorCode, message: &str) -> Vec<u8> {
+    encode(enc, &ErrBody { error: ErrInner { code: code.as_str(), message } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_and_broadcast_bodies() {
+        let p = decode_api_publish(Encoding::Json, br#"{"channel":"a","data":[1]}"#, false).unwrap();
+        assert_eq!((p.channels.len(), &p.data[..]), (1, &b"[1]"[..]));
+        let p = decode_api_publish(Encoding::Json, br#"{"channels":["a","b:c"],"data":"x"}"#, true).unwrap();
+        assert_eq!(p.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(), ["a", "b:c"]);
+        let mut mp = Vec::new();
+        rmpv::encode::write_value(
+            &mut mp,
+            &rmpv::Value::Map(vec![("channels".into(), rmpv::Value::Array(vec!["z".into()])), ("data".into(), rmpv::Value::Binary(vec![9]))]),
+        )
+        .unwrap();
+        let p = decode_api_publish(Encoding::MsgPack, &mp, true).unwrap();
+        assert_eq!(&p.data[..], &[0xc4, 1, 9]);
+    }
+
+    #[test]
+    fn bad_bodies() {
+        for (body, broadcast) in [
+            (&br#"{"data":1}"#[..], false),
+            (br#"{"channel":"a"}"#, false),
+            (br#"{"channel":"a b","data":1}"#, false),
+            (br#"{"channels":[],"data":1}"#, true),
+            (br#"{"channels":["ok","no way"],"data":1}"#, true),
+            (br#"{"channels":"a","data":1}"#, true),
+            (b"not json", false),
+        ] {
+            let e = decode_api_publish(Encoding::Json, body, broadcast).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(encode_api_ok(Encoding::Json), br#"{"ok":true}"#);
+        assert_eq!(encode_api_error(Encoding::Json, ErrorCode::Unavailable, "down"), br#"{"error":{"code":"unavailable","message":"down"}}"#);
+        assert_eq!(encode_api_ok(Encoding::MsgPack), [0x81, 0xa2, b'o', b'k', 0xc3]);
+    }
+}
