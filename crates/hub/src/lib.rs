@@ -7,11 +7,13 @@
 mod broker;
 mod embedded;
 mod hub;
+mod loglimit;
 mod outbox;
 mod registry;
 
 pub use broker::{Broker, BrokerError, BoxFuture};
 pub use embedded::EmbeddedBroker;
 pub use hub::Hub;
+pub use loglimit::LogLimiter;
 pub use outbox::{Outbox, Outgoing, Push, Status};
 pub use registry::{DeliveryReport, Registry};
