@@ -126,17 +126,18 @@ impl Outbox {
     /// steady state allocates nothing). Ready when frames were moved or the outbox left
     /// the `Open` state; otherwise registers the waker.
     pub fn poll_take(&self, cx: &mut Context<'_>, into: &mut VecDeque<Outgoing>) -> Poll<Status> {
-        if let Some(status) = self.try_take(into) {
+        if let Some(status) = self.take_now(into) {
             return Poll::Ready(status);
         }
         self.waker.register(cx.waker());
-        match self.try_take(into) {
+        match self.take_now(into) {
             Some(status) => Poll::Ready(status),
             None => Poll::Pending,
         }
     }
 
-    fn try_take(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
+    /// Non-blocking take: `None` when open and empty.
+    pub fn take_now(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
         let mut state = self.lock();
         if state.status != Status::Open {
             return Some(state.status);

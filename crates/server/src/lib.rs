@@ -1,1 +1,144 @@
-//! Server lib.
+//! The fanout gateway node: configuration, the public WebSocket listener and its
+//! sessions, the internal HTTP API and metrics, and the drain on shutdown.
+//!
+//! `main` parses and validates a [`Config`], installs logging, and calls [`run`] with a
+//! future that resolves when the node should drain.
+
+pub mod api;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod public;
+pub mod session;
+pub mod wsframe;
+
+use std::{
+    future::Future,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use fanout_broker_redis::{RedisBroker, RedisConfig};
+use fanout_hub::{Broker, EmbeddedBroker, Hub, Registry};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::{Config, ConfigError};
+
+/// Pending HTTP connections (before upgrade) allowed per listener, on top of sessions.
+const MAX_HANDSHAKES: usize = 10_000;
+
+/// Runs a node until `shutdown` resolves, then drains: `/readyz` turns 503, new upgrades
+/// are refused, every session closes with 1001, and this returns once they are gone or
+/// `drain_timeout` has passed.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let prometheus = metrics::install();
+    let m = Arc::new(metrics::Metrics::new());
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+
+    let registry = Arc::new(Registry::new());
+    let broker: Arc<dyn Broker> = if config.redis_urls.is_empty() {
+        Arc::new(EmbeddedBroker::new(registry.clone()))
+    } else {
+        let redis = RedisConfig {
+            urls: config.redis_urls.clone(),
+            password: config.redis_password.clone(),
+            prefix: config.redis_prefix.clone(),
+            command_timeout: config.broker_timeout.min(Duration::from_secs(2)),
+            ..RedisConfig::default()
+        };
+        RedisBroker::start(redis, registry.clone(), background.child_token()).context("starting the Redis broker")?
+    };
+    let hub = Hub::new(registry, broker, config.broker_timeout);
+    spawn_upkeep(prometheus.clone(), background.clone());
+
+    let public = TcpListener::bind(config.public_addr).await.with_context(|| format!("binding the public listener on {}", config.public_addr))?;
+    let internal =
+        TcpListener::bind(config.internal_addr).await.with_context(|| format!("binding the internal listener on {}", config.internal_addr))?;
+    let (public_addr, internal_addr) = (public.local_addr()?, internal.local_addr()?);
+    if config.api_key.is_none() && !internal_addr.ip().is_loopback() {
+        tracing::warn!(%internal_addr, "no api_key is set and the internal listener is not on loopback: anyone who can reach it can publish");
+    }
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let sessions = TaskTracker::new();
+    let http = TaskTracker::new();
+    let sessions_cancel = CancellationToken::new();
+    let stop_public = CancellationToken::new();
+    let stop_internal = CancellationToken::new();
+
+    let public_handler = Arc::new(public::Public {
+        shared: Arc::new(session::Shared {
+            hub: hub.clone(),
+            metrics: m.clone(),
+            limits: session::Limits {
+                max_message_size: config.max_message_size,
+                outbound_queue_bytes: config.outbound_queue_bytes,
+                max_subscriptions: config.max_subscriptions,
+                ping_interval: config.ping_interval,
+                idle_timeout: config.idle_timeout,
+            },
+        }),
+        draining: draining.clone(),
+        sessions: Arc::new(Semaphore::new(config.max_connections)),
+        sessions_cancel: sessions_cancel.clone(),
+        tracker: sessions.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+    });
+    let internal_handler = Arc::new(api::Internal {
+        hub,
+        metrics: m.clone(),
+        prometheus,
+        draining: draining.clone(),
+        api_key: config.api_key.clone(),
+        max_body: config.max_http_body,
+        max_message_size: config.max_message_size,
+    });
+    let accept = |name, header_timeout| listener::Accept { name, max_connections: MAX_HANDSHAKES, header_timeout };
+    let public_loop = tokio::spawn(listener::accept_loop(
+        public,
+        accept("public", config.handshake_timeout),
+        public_handler,
+        stop_public.clone(),
+        http.clone(),
+    ));
+    let internal_loop =
+        tokio::spawn(listener::accept_loop(internal, accept("internal", config.handshake_timeout), internal_handler, stop_internal.clone(), http.clone()));
+
+    tracing::info!("listening public={public_addr} internal={internal_addr}");
+    shutdown.await;
+
+    tracing::info!(drain_timeout = ?config.drain_timeout, "draining");
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    m.ready.set(0.0);
+    stop_public.cancel();
+    sessions_cancel.cancel();
+    sessions.close();
+    let _ = public_loop.await;
+    if tokio::time::timeout_at(deadline, sessions.wait()).await.is_err() {
+        tracing::warn!(open = sessions.len(), "drain timeout reached with sessions still open");
+    }
+    stop_internal.cancel();
+    let _ = internal_loop.await;
+    http.close();
+    let _ = tokio::time::timeout_at(deadline, http.wait()).await;
+    tracing::info!("drained");
+    Ok(())
+}
+
+/// The Prometheus recorder needs periodic upkeep (histogram maintenance) when it is not
+/// running its own HTTP listener.
+fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    });
+}

@@ -1,0 +1,177 @@
+//! The internal listener: the HTTP publish API, `/metrics`, `/healthz` and `/readyz`.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use fanout_hub::{Hub, LogLimiter};
+use fanout_protocol::{decode_api_publish, encode_api_error, encode_api_ok, now_micros, Encoding, ErrorCode, Publication};
+use http_body_util::{BodyExt, Limited};
+use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::{
+    listener::{respond, text, Body, Handler},
+    metrics::Metrics,
+};
+
+pub struct Internal {
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub prometheus: PrometheusHandle,
+    pub draining: Arc<AtomicBool>,
+    pub api_key: Option<String>,
+    pub max_body: usize,
+    pub max_message_size: usize,
+}
+
+static BAD_REQUEST_LOG: LogLimiter = LogLimiter::new(10_000);
+
+impl Handler for Internal {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => {
+                let ready = self.is_ready();
+                self.metrics.ready.set(if ready { 1.0 } else { 0.0 });
+                if ready {
+                    text(StatusCode::OK, "ready\n")
+                } else if self.draining.load(Ordering::Relaxed) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                self.metrics.ready.set(if self.is_ready() { 1.0 } else { 0.0 });
+                respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.prometheus.render())
+            }
+            (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,
+            (&Method::POST, "/api/broadcast") => self.publish(req, true, peer).await,
+            (_, "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+/// Compares in time independent of where the inputs first differ, so response timing
+/// does not reveal how much of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn media(value: Option<&header::HeaderValue>) -> Option<Encoding> {
+    let v = value?.to_str().ok()?.to_ascii_lowercase();
+    if v.contains("application/msgpack") || v.contains("application/x-msgpack") || v.contains("application/vnd.msgpack") {
+        Some(Encoding::MsgPack)
+    } else if v.contains("application/json") || v.contains("*/*") {
+        Some(Encoding::Json)
+    } else {
+        None
+    }
+}
+
+/// Request and response formats from `Content-Type` and `Accept`. A missing Content-Type
+/// means JSON; the response follows Accept, else the request's format.
+fn formats(headers: &HeaderMap) -> Result<(Encoding, Encoding), ()> {
+    let request = match headers.get(header::CONTENT_TYPE) {
+        None => Encoding::Json,
+        Some(v) => media(Some(v)).ok_or(())?,
+    };
+    let response = match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        Some(a) if a.contains("application/msgpack") || a.contains("application/x-msgpack") => Encoding::MsgPack,
+        Some(a) if a.contains("application/json") => Encoding::Json,
+        _ => request,
+    };
+    Ok((request, response))
+}
+
+fn api_response(format: Encoding, status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let ct = match format {
+        Encoding::Json => "application/json",
+        Encoding::MsgPack => "application/msgpack",
+    };
+    respond(status, ct, Bytes::from(body))
+}
+
+fn api_error(format: Encoding, status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    api_response(format, status, encode_api_error(format, code, message))
+}
+
+impl Internal {
+    fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.hub.broker_up()
+    }
+
+    async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
+        let Ok((request_format, format)) = formats(req.headers()) else {
+            return api_error(Encoding::Json, StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadRequest, "Content-Type must be application/json or application/msgpack");
+        };
+        if let Some(key) = &self.api_key {
+            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+                return api_error(format, StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "missing or wrong API key");
+            }
+        }
+        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return api_error(format, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, "request body exceeds max_http_body");
+            }
+            Err(_) => return api_error(format, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "could not read the request body"),
+        };
+        let request = match decode_api_publish(request_format, &body, broadcast) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(suppressed) = BAD_REQUEST_LOG.check() {
+                    tracing::info!(%peer, error = %e.message, suppressed, "bad API request");
+                }
+                return api_error(format, StatusCode::BAD_REQUEST, e.code, &e.message);
+            }
+        };
+        if request.data.len() > self.max_message_size {
+            return api_error(format, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, "data exceeds max_message_size");
+        }
+        let ts = now_micros();
+        for channel in request.channels {
+            let publication = Publication { channel, ts, enc: request.enc, data: request.data.clone() };
+            if let Err(e) = self.hub.publish(&publication).await {
+                return api_error(format, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &e.to_string());
+            }
+            self.metrics.publications_http.increment(1);
+        }
+        api_response(format, StatusCode::OK, encode_api_ok(format))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn format_negotiation() {
+        let mut h = HeaderMap::new();
+        assert_eq!(formats(&h), Ok((Encoding::Json, Encoding::Json)));
+        h.insert(header::CONTENT_TYPE, "application/msgpack".parse().unwrap());
+        assert_eq!(formats(&h), Ok((Encoding::MsgPack, Encoding::MsgPack)));
+        h.insert(header::ACCEPT, "application/json".parse().unwrap());
+        assert_eq!(formats(&h), Ok((Encoding::MsgPack, Encoding::Json)));
+        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert_eq!(formats(&h), Err(()));
+    }
+}

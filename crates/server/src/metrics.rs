@@ -1,0 +1,205 @@
+//! The Prometheus recorder and the server's metric handles, registered once at start-up
+//! so the hot path only touches atomics.
+
+use std::sync::OnceLock;
+
+use fanout_protocol::ErrorCode;
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Bucket bounds (seconds) resolving 100 µs to 10 s for every latency histogram.
+pub const LATENCY_BUCKETS: [f64; 17] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embedding the server); the
+            // handle then renders an empty exposition, which is still valid.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+    g!("fanout_connections", "Open WebSocket connections");
+    c!("fanout_connections_opened_total", "WebSocket connections accepted");
+    c!("fanout_connections_closed_total", "WebSocket connections closed, by reason");
+    c!("fanout_upgrade_rejections_total", "Upgrade requests refused before the handshake, by reason");
+    g!("fanout_subscriptions", "Client subscriptions on this node");
+    g!("fanout_broker_channels", "Channels this node holds a broker subscription for");
+    c!("fanout_publications_total", "Publications accepted, by where they entered (ws, http)");
+    c!("fanout_broker_publications_received_total", "Publications received from the broker");
+    c!("fanout_deliveries_total", "Message frames written to client sockets");
+    c!("fanout_sent_bytes_total", Unit::Bytes, "Bytes written to client sockets");
+    c!("fanout_publications_dropped_total", "Publications not delivered, by reason");
+    c!("fanout_slow_consumer_disconnects_total", "Connections closed with 4008 because their outbound queue overflowed");
+    c!("fanout_command_errors_total", "Client commands answered with an error, by code");
+    h!("fanout_delivery_latency_seconds", Unit::Seconds, "Publication ts to frame written to the socket (sampled once per socket write)");
+    h!("fanout_broadcast_duration_seconds", Unit::Seconds, "Node-local fan-out: publication received to queued for every local subscriber");
+    g!("fanout_broker_up", "1 while the broker connection is up");
+    c!("fanout_broker_reconnects_total", "Broker reconnections");
+    c!("fanout_broker_errors_total", "Broker command errors, by operation");
+    h!("fanout_broker_resubscribe_duration_seconds", Unit::Seconds, "Time to resubscribe every channel after a reconnect");
+    g!("fanout_ready", "1 while /readyz answers 200");
+    g!("fanout_build_info", "Build information");
+}
+
+/// Why a WebSocket connection ended; each has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a Close frame.
+    Client,
+    /// The socket ended or failed without a Close frame.
+    Disconnected,
+    ProtocolError,
+    InvalidUtf8,
+    TooLarge,
+    SlowConsumer,
+    Draining,
+    IdleTimeout,
+    AuthExpired,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Client,
+        CloseReason::Disconnected,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::TooLarge,
+        CloseReason::SlowConsumer,
+        CloseReason::Draining,
+        CloseReason::IdleTimeout,
+        CloseReason::AuthExpired,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Draining => "draining",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::AuthExpired => "auth_expired",
+        }
+    }
+
+    /// The close code the server sends, if it sends one.
+    pub const fn code(self) -> Option<u16> {
+        match self {
+            CloseReason::Client | CloseReason::Disconnected => None,
+            CloseReason::ProtocolError => Some(1002),
+            CloseReason::InvalidUtf8 => Some(1007),
+            CloseReason::TooLarge => Some(1009),
+            CloseReason::SlowConsumer => Some(4008),
+            CloseReason::Draining | CloseReason::IdleTimeout => Some(1001),
+            CloseReason::AuthExpired => Some(1008),
+        }
+    }
+}
+
+/// Why an upgrade was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Draining,
+    NotWebSocket,
+    BadSubprotocol,
+    Unauthorized,
+    Forbidden,
+    TooManyConnections,
+    RateLimited,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 7] = [
+        Rejection::Draining,
+        Rejection::NotWebSocket,
+        Rejection::BadSubprotocol,
+        Rejection::Unauthorized,
+        Rejection::Forbidden,
+        Rejection::TooManyConnections,
+        Rejection::RateLimited,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Draining => "draining",
+            Rejection::NotWebSocket => "not_websocket",
+            Rejection::BadSubprotocol => "bad_subprotocol",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Forbidden => "forbidden",
+            Rejection::TooManyConnections => "too_many_connections",
+            Rejection::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Every handle the server touches after start-up.
+pub struct Metrics {
+    pub connections: Gauge,
+    pub opened: Counter,
+    closed: [Counter; CloseReason::ALL.len()],
+    rejected: [Counter; Rejection::ALL.len()],
+    command_errors: [Counter; ErrorCode::ALL.len()],
+    pub publications_ws: Counter,
+    pub publications_http: Counter,
+    pub deliveries: Counter,
+    pub sent_bytes: Counter,
+    pub slow_consumers: Counter,
+    pub latency: Histogram,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let build_info = metrics::gauge!("fanout_build_info", "version" => env!("CARGO_PKG_VERSION"));
+        build_info.set(1.0);
+        Self {
+            connections: metrics::gauge!("fanout_connections"),
+            opened: metrics::counter!("fanout_connections_opened_total"),
+            closed: CloseReason::ALL.map(|r| metrics::counter!("fanout_connections_closed_total", "reason" => r.as_str())),
+            rejected: Rejection::ALL.map(|r| metrics::counter!("fanout_upgrade_rejections_total", "reason" => r.as_str())),
+            command_errors: ErrorCode::ALL.map(|c| metrics::counter!("fanout_command_errors_total", "code" => c.as_str())),
+            publications_ws: metrics::counter!("fanout_publications_total", "source" => "ws"),
+            publications_http: metrics::counter!("fanout_publications_total", "source" => "http"),
+            deliveries: metrics::counter!("fanout_deliveries_total"),
+            sent_bytes: metrics::counter!("fanout_sent_bytes_total"),
+            slow_consumers: metrics::counter!("fanout_slow_consumer_disconnects_total"),
+            latency: metrics::histogram!("fanout_delivery_latency_seconds"),
+            ready: metrics::gauge!("fanout_ready"),
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0)]
+    }
+
+    pub fn rejected(&self, reason: Rejection) -> &Counter {
+        &self.rejected[Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0)]
+    }
+
+    pub fn command_error(&self, code: ErrorCode) -> &Counter {
+        &self.command_errors[ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0)]
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,148 @@
+//! The public listener: `GET /ws` upgrades into a session, `GET /healthz`.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use fanout_protocol::Encoding;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    listener::{text, Body, Handler},
+    metrics::Rejection,
+    session::{self, Shared},
+};
+
+pub const SUBPROTOCOL_JSON: &str = "fanout.v1.json";
+pub const SUBPROTOCOL_MSGPACK: &str = "fanout.v1.msgpack";
+
+pub struct Public {
+    pub shared: Arc<Shared>,
+    pub draining: Arc<AtomicBool>,
+    /// One permit per open WebSocket connection.
+    pub sessions: Arc<Semaphore>,
+    /// Cancelled on drain: every session closes with 1001.
+    pub sessions_cancel: CancellationToken,
+    pub tracker: TaskTracker,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Handler for Public {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/ws") => self.upgrade(req).unwrap_or_else(|(status, reason, message)| {
+                self.shared.metrics.rejected(reason).increment(1);
+                text(status, message)
+            }),
+            (_, "/ws" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+type Rejected = (StatusCode, Rejection, &'static str);
+
+/// Picks the wire format from `Sec-WebSocket-Protocol`: `Ok(None)` when the header is
+/// absent (JSON, and no header in the response), an error when nothing offered is known.
+pub fn negotiate(headers: &header::HeaderMap) -> Result<Option<(Encoding, &'static str)>, ()> {
+    let mut offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .peekable();
+    if offered.peek().is_none() {
+        return Ok(None);
+    }
+    offered
+        .find_map(|p| match p {
+            SUBPROTOCOL_JSON => Some((Encoding::Json, SUBPROTOCOL_JSON)),
+            SUBPROTOCOL_MSGPACK => Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK)),
+            _ => None,
+        })
+        .map(Some)
+        .ok_or(())
+}
+
+impl Public {
+    fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Rejected> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, Rejection::Draining, "node is draining\n"));
+        }
+        if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+            return Err((StatusCode::UPGRADE_REQUIRED, Rejection::NotWebSocket, "expected a WebSocket upgrade\n"));
+        }
+        let negotiated = negotiate(req.headers()).map_err(|()| {
+            (StatusCode::BAD_REQUEST, Rejection::BadSubprotocol, "unsupported subprotocol: use fanout.v1.json or fanout.v1.msgpack\n")
+        })?;
+        if !self.allowed_origins.is_empty() {
+            if let Some(origin) = req.headers().get(header::ORIGIN) {
+                let allowed = origin.to_str().is_ok_and(|o| self.allowed_origins.iter().any(|a| a == o));
+                if !allowed {
+                    return Err((StatusCode::FORBIDDEN, Rejection::Forbidden, "origin not allowed\n"));
+                }
+            }
+        }
+        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
+            (StatusCode::SERVICE_UNAVAILABLE, Rejection::TooManyConnections, "too many connections\n")
+        })?;
+        let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
+            .map_err(|_| (StatusCode::BAD_REQUEST, Rejection::NotWebSocket, "invalid WebSocket handshake\n"))?;
+        let (mut parts, _) = response.into_parts();
+        let format = match negotiated {
+            Some((format, name)) => {
+                parts.headers.insert(header::SEC_WEBSOCKET_PROTOCOL, header::HeaderValue::from_static(name));
+                format
+            }
+            None => Encoding::Json,
+        };
+        let shared = self.shared.clone();
+        let cancel = self.sessions_cancel.child_token();
+        self.tracker.spawn(async move {
+            let _permit = permit;
+            let ws = match upgrade.await {
+                Ok(ws) => ws,
+                Err(e) => return tracing::debug!(error = %e, "upgrade did not complete"),
+            };
+            // Take the raw TCP stream back: the session reads and writes it directly.
+            match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, cancel).await,
+                Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+            }
+        });
+        Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> header::HeaderMap {
+        let mut h = header::HeaderMap::new();
+        for v in values {
+            h.append(header::SEC_WEBSOCKET_PROTOCOL, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn subprotocol_negotiation() {
+        assert_eq!(negotiate(&headers(&[])), Ok(None));
+        assert_eq!(negotiate(&headers(&["fanout.v1.msgpack"])), Ok(Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK))));
+        assert_eq!(negotiate(&headers(&["chat, fanout.v1.json"])), Ok(Some((Encoding::Json, SUBPROTOCOL_JSON))));
+        assert_eq!(negotiate(&headers(&["x", "fanout.v1.msgpack"])), Ok(Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK))));
+        assert_eq!(negotiate(&headers(&["graphql-ws"])), Err(()));
+    }
+}

@@ -1,0 +1,356 @@
+//! One WebSocket connection: a single task owning the socket, its outbound queue, its
+//! subscriptions and its cancel token, from the upgrade to the close.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    io::{self, IoSlice},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes};
+use fanout_hub::{Hub, LogLimiter, Outbox, Outgoing, Status};
+use fanout_protocol::{
+    close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, Encoding, ErrorCode, OpCode,
+    Publication, Reply,
+};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    metrics::{CloseReason, Metrics},
+    wsframe::{FrameDecoder, FrameError, Incoming},
+};
+
+/// Limits every session applies.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub outbound_queue_bytes: usize,
+    pub max_subscriptions: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What all sessions share.
+pub struct Shared {
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+}
+
+/// How long a closing session keeps trying to flush and say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// A slow consumer gets longer: its socket buffer is full by definition, and the close
+/// frame only goes out once it reads again.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(5);
+/// IoSlices per vectored write (well under IOV_MAX).
+const MAX_IOV: usize = 64;
+
+static BAD_INPUT_LOG: LogLimiter = LogLimiter::new(10_000);
+
+/// How a pass of the event loop ended the session.
+enum End {
+    /// Send this close code (if any) after flushing, then close.
+    Close(CloseReason),
+    /// The client sent Close with this code: echo it.
+    ClientClose(Option<u16>),
+}
+
+/// Runs a session to completion. `leftover` holds bytes the HTTP layer read past the
+/// upgrade request.
+pub async fn run(stream: TcpStream, leftover: Bytes, format: Encoding, shared: Arc<Shared>, cancel: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let m = shared.metrics.clone();
+    m.opened.increment(1);
+    m.connections.increment(1.0);
+    let mut s = Session {
+        outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
+        decoder: FrameDecoder::new(leftover, shared.limits.max_message_size),
+        pending: VecDeque::new(),
+        mid_frame: false,
+        subscriptions: HashSet::new(),
+        format,
+        last_seen: Instant::now(),
+        stream,
+        shared,
+    };
+    let end = s.event_loop(&cancel).await;
+    let reason = s.finish(end).await;
+    m.closed(reason).increment(1);
+    m.connections.decrement(1.0);
+}
+
+struct Session {
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
+    decoder: FrameDecoder,
+    /// Frames taken from the outbox and not yet fully written.
+    pending: VecDeque<Outgoing>,
+    /// The front of `pending` was partly written: it must be finished before any other
+    /// frame (such as a Close) can follow.
+    mid_frame: bool,
+    subscriptions: HashSet<ChannelName>,
+    format: Encoding,
+    last_seen: Instant,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    async fn event_loop(&mut self, cancel: &CancellationToken) -> End {
+        let limits = self.shared.limits.clone();
+        let ping = tokio::time::sleep(limits.ping_interval);
+        tokio::pin!(ping);
+        loop {
+            // Reading the socket is done by readiness + try_read, so every branch here is
+            // cancel-safe and no partially read frame is ever dropped.
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return End::Close(CloseReason::Draining),
+                status = self.outbox.take(&mut self.pending), if self.pending.is_empty() => match status {
+                    Status::Open => {
+                        if self.flush().is_err() {
+                            return End::Close(CloseReason::Disconnected);
+                        }
+                    }
+                    Status::Overflowed => return End::Close(CloseReason::SlowConsumer),
+                    Status::Closed => return End::Close(CloseReason::Draining),
+                },
+                ready = self.stream.writable(), if !self.pending.is_empty() => {
+                    if ready.is_err() || self.flush().is_err() {
+                        return End::Close(CloseReason::Disconnected);
+                    }
+                }
+                ready = self.stream.readable() => {
+                    if ready.is_err() {
+                        return End::Close(CloseReason::Disconnected);
+                    }
+                    if let Some(end) = self.read().await {
+                        return end;
+                    }
+                }
+                () = &mut ping => {
+                    if self.last_seen.elapsed() >= limits.idle_timeout {
+                        return End::Close(CloseReason::IdleTimeout);
+                    }
+                    self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
+                    ping.as_mut().reset(Instant::now() + limits.ping_interval);
+                }
+            }
+        }
+    }
+
+    /// Reads what the socket has and handles every complete frame in it.
+    async fn read(&mut self) -> Option<End> {
+        match self.stream.try_read_buf(self.decoder.read_buf()) {
+            Ok(0) => return Some(End::Close(CloseReason::Disconnected)),
+            Ok(_) => self.last_seen = Instant::now(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(End::Close(CloseReason::Disconnected)),
+        }
+        loop {
+            match self.decoder.next() {
+                Ok(Some(Incoming::Message { binary, payload })) => {
+                    // Commands are accepted in either format; replies use the connection's.
+                    let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
+                    self.command(enc, &payload).await;
+                }
+                Ok(Some(Incoming::Ping(payload))) => {
+                    self.outbox.push(frame(OpCode::Pong, &payload), 0);
+                }
+                Ok(Some(Incoming::Pong)) => {}
+                Ok(Some(Incoming::Close(code))) => return Some(End::ClientClose(code)),
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(suppressed) = BAD_INPUT_LOG.check() {
+                        tracing::info!(peer = ?self.stream.peer_addr().ok(), error = %e, suppressed, "closing connection on a WebSocket protocol error");
+                    }
+                    return Some(End::Close(match e {
+                        FrameError::Protocol(_) => CloseReason::ProtocolError,
+                        FrameError::InvalidUtf8 => CloseReason::InvalidUtf8,
+                        FrameError::TooLarge => CloseReason::TooLarge,
+                    }));
+                }
+            }
+        }
+        self.decoder.shrink_if_idle();
+        None
+    }
+
+    fn reply(&self, reply: &Reply<'_>) {
+        self.outbox.push(encode_reply(self.format, reply), 0);
+    }
+
+    fn error(&self, id: Option<u64>, code: ErrorCode, message: &str) {
+        self.shared.metrics.command_error(code).increment(1);
+        self.reply(&Reply::Error { id, code, message });
+    }
+
+    async fn command(&mut self, enc: Encoding, payload: &[u8]) {
+        let cmd = match decode_command(enc, payload) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                if let Some(suppressed) = BAD_INPUT_LOG.check() {
+                    tracing::info!(peer = ?self.stream.peer_addr().ok(), error = %e, suppressed, "bad client command");
+                }
+                return self.error(e.id, e.code, &e.message);
+            }
+        };
+        let hub = &self.shared.hub;
+        match cmd {
+            Command::Subscribe { id, channel } => {
+                if self.subscriptions.contains(&channel) {
+                    return self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
+                }
+                if self.subscriptions.len() >= self.shared.limits.max_subscriptions {
+                    let msg = format!("at most {} subscriptions per connection", self.shared.limits.max_subscriptions);
+                    return self.error(id, ErrorCode::TooManySubscriptions, &msg);
+                }
+                match hub.subscribe(&channel, &self.outbox).await {
+                    Ok(()) => {
+                        self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
+                        self.subscriptions.insert(channel);
+                    }
+                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+                }
+            }
+            Command::Unsubscribe { id, channel } => {
+                if self.subscriptions.remove(&channel) {
+                    hub.unsubscribe(&channel, self.outbox.id());
+                }
+                self.reply(&Reply::Unsubscribed { id, channel: channel.as_str() });
+            }
+            Command::Publish { id, channel, enc, data } => {
+                if data.len() > self.shared.limits.max_message_size {
+                    return self.error(id, ErrorCode::MessageTooLarge, "data exceeds max_message_size");
+                }
+                let publication = Publication { channel, ts: now_micros(), enc, data };
+                match hub.publish(&publication).await {
+                    Ok(()) => {
+                        self.shared.metrics.publications_ws.increment(1);
+                        self.reply(&Reply::Published { id });
+                    }
+                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+                }
+            }
+            Command::Ping { id } => self.reply(&Reply::Pong { id }),
+            Command::Refresh { id, .. } => self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node"),
+        }
+    }
+
+    /// Writes as much of `pending` as the socket takes now, in vectored writes.
+    fn flush(&mut self) -> io::Result<()> {
+        let m = &self.shared.metrics;
+        let mut delivered = 0u64;
+        let mut oldest_ts = 0u64;
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, out) in slices.iter_mut().zip(self.pending.iter()) {
+                *slot = IoSlice::new(&out.frame);
+                count += 1;
+            }
+            let mut written = match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            self.outbox.written(written);
+            m.sent_bytes.increment(written as u64);
+            while written > 0 {
+                let Some(front) = self.pending.front_mut() else { break };
+                if front.frame.len() > written {
+                    front.frame.advance(written);
+                    self.mid_frame = true;
+                    break;
+                }
+                written -= front.frame.len();
+                if front.ts != 0 {
+                    delivered += 1;
+                    if oldest_ts == 0 {
+                        oldest_ts = front.ts;
+                    }
+                }
+                self.mid_frame = false;
+                self.pending.pop_front();
+            }
+        }
+        if self.pending.is_empty() && self.pending.capacity() > 1024 {
+            // A burst grew the queue; do not keep its memory on an idle connection.
+            self.pending = VecDeque::new();
+        }
+        if delivered > 0 {
+            m.deliveries.increment(delivered);
+            // One latency sample per write keeps the hot path cheap; the oldest frame of
+            // the batch is the one that waited longest.
+            m.latency.record(now_micros().saturating_sub(oldest_ts) as f64 / 1e6);
+        }
+        Ok(())
+    }
+
+    /// Writes everything pending, waiting for the socket as needed.
+    async fn flush_all(&mut self) -> io::Result<()> {
+        loop {
+            self.flush()?;
+            if self.pending.is_empty() {
+                return Ok(());
+            }
+            self.stream.writable().await?;
+        }
+    }
+
+    /// Leaves every channel, says goodbye the way `end` asks, and closes the socket.
+    async fn finish(&mut self, end: End) -> CloseReason {
+        for channel in self.subscriptions.drain() {
+            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+        }
+        let (reason, close) = match end {
+            End::ClientClose(code) => {
+                // Echo the client's code as RFC 6455 asks; 1005 (no code) becomes an empty Close.
+                let f = match code {
+                    Some(c) => close_frame(c, ""),
+                    None => frame(OpCode::Close, &[]),
+                };
+                (CloseReason::Client, Some(f))
+            }
+            End::Close(reason) => (reason, reason.code().map(|c| close_frame(c, reason.as_str()))),
+        };
+        if reason == CloseReason::SlowConsumer {
+            self.shared.metrics.slow_consumers.increment(1);
+            // Drop what the client never read, except a frame already partly on the wire.
+            let keep = usize::from(self.mid_frame);
+            self.pending.truncate(keep);
+        } else if reason != CloseReason::Disconnected {
+            // Deliver what was already queued before saying goodbye.
+            let _ = self.outbox.take_now(&mut self.pending);
+        }
+        self.outbox.close();
+        if let Some(close) = close {
+            self.pending.push_back(Outgoing { frame: close, ts: 0 });
+            let grace = if reason == CloseReason::SlowConsumer { SLOW_CONSUMER_GRACE } else { CLOSE_GRACE };
+            if tokio::time::timeout(grace, self.flush_all()).await.is_ok_and(|r| r.is_ok()) && reason != CloseReason::Client {
+                // Wait briefly for the client's Close (or EOF) so unread input does not
+                // turn our close into a reset that could discard the Close frame.
+                let _ = tokio::time::timeout(CLOSE_GRACE, self.drain_input()).await;
+            }
+        }
+        reason
+    }
+
+    /// Reads and discards input until EOF.
+    async fn drain_input(&mut self) {
+        let mut sink = [0u8; 512];
+        loop {
+            if self.stream.readable().await.is_err() {
+                return;
+            }
+            match self.stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}

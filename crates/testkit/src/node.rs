@@ -1,0 +1,105 @@
+//! A real `fanout serve` process on port 0, its bound addresses read from its log.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+pub struct Node {
+    child: Child,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// Starts `bin serve` on loopback port 0 with extra `args`, and waits for its
+    /// `listening public=… internal=…` line.
+    pub fn start(bin: impl AsRef<Path>, args: &[&str]) -> Self {
+        let mut child = Command::new(bin.as_ref())
+            .args(["serve", "--public-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--log-level", "info"])
+            .args(args)
+            .env_remove("FANOUT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start fanout");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening public=").nth(1) {
+                    let mut parts = rest.split(" internal=");
+                    let public = parts.next().and_then(|p| p.trim().parse().ok());
+                    let internal = parts.next().and_then(|p| p.split_whitespace().next()).and_then(|p| p.trim_end_matches('"').parse().ok());
+                    if let (Some(p), Some(i)) = (public, internal) {
+                        let _ = tx.send((p, i));
+                    }
+                }
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let (public, internal) = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("fanout did not report its addresses; log:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Self { child, public, internal, logs }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.public)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the node logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        crate::signal(self.child.id(), sig);
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The current value of an unlabelled metric (or the sum over its label sets).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = crate::http(self.internal, "GET", "/metrics", &[], b"").await.text();
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
