@@ -1,0 +1,430 @@
+//! `fanout-publisher`: publishing to fanout channels from a Rust backend, through a node's
+//! internal HTTP API or straight into Redis, behind one [`Publisher`] API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fanout_publisher::PublishError> {
+//! use fanout_publisher::{Encoding, Publisher};
+//!
+//! let http = Publisher::http("http://gateway.internal:9090").api_key("secret").build()?;
+//! http.publish("chat:room-1", &serde_json::json!({"text": "hi"})).await?;
+//!
+//! let redis = Publisher::redis("redis://127.0.0.1:6379").encoding(Encoding::MsgPack).connect().await?;
+//! redis.broadcast(&["user:1", "user:2"], &("hello", 1)).await?;
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod error;
+mod http_transport;
+mod redis_transport;
+mod retry;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use error::PublishError;
+pub use fanout_protocol::Encoding;
+pub use retry::RetryPolicy;
+
+use http_transport::HttpTransport;
+use redis_transport::RedisTransport;
+
+/// The Redis channel prefix the gateway uses unless configured otherwise.
+pub const DEFAULT_REDIS_PREFIX: &str = "fanout:";
+
+/// Per-attempt timeout unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most concurrent HTTP requests one [`Publisher::publish_batch`] keeps in flight; more
+/// would only queue inside the connection pool while opening sockets.
+const HTTP_BATCH_CONCURRENCY: usize = 32;
+
+/// A publishing handle. Cloning is cheap and clones share connections.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    encoding: Encoding,
+    retry: RetryPolicy,
+}
+
+enum Transport {
+    Http(HttpTransport),
+    Redis(RedisTransport),
+}
+
+/// One publication of a batch: `data` already encoded as `enc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub channel: String,
+    pub enc: Encoding,
+    pub data: Bytes,
+}
+
+impl Outgoing {
+    pub fn new(channel: impl Into<String>, enc: Encoding, data: impl Into<Bytes>) -> Self {
+        Self {
+            channel: channel.into(),
+            enc,
+            data: data.into(),
+        }
+    }
+}
+
+/// Configures a [`Publisher`] that talks to a node's internal HTTP API.
+#[must_use]
+pub struct HttpBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    encoding: Encoding,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl HttpBuilder {
+    /// Sent as `Authorization: Bearer KEY` on every request.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// How [`Publisher::publish`] serialises values, and so the request `Content-Type`.
+    pub fn encoding(mut self, enc: Encoding) -> Self {
+        self.encoding = enc;
+        self
+    }
+
+    /// Limit on one attempt, connecting included.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Validates the configuration; connections open lazily on the first publish.
+    pub fn build(self) -> Result<Publisher, PublishError> {
+        let transport = HttpTransport::new(&self.base_url, self.api_key.as_deref(), self.timeout)?;
+        Ok(Publisher::from_parts(
+            Transport::Http(transport),
+            self.encoding,
+            self.retry,
+        ))
+    }
+}
+
+/// Configures a [`Publisher`] that writes envelopes straight into Redis.
+#[must_use]
+pub struct RedisBuilder {
+    url: String,
+    prefix: String,
+    encoding: Encoding,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl RedisBuilder {
+    /// Must match the gateway's configured prefix; default `fanout:`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How [`Publisher::publish`] serialises values (the envelope's `enc`).
+    pub fn encoding(mut self, enc: Encoding) -> Self {
+        self.encoding = enc;
+        self
+    }
+
+    /// Limit on connecting and on one attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Validates the URL without connecting; the connection opens on the first publish.
+    pub fn build(self) -> Result<Publisher, PublishError> {
+        let transport = RedisTransport::new(&self.url, self.prefix, self.timeout)?;
+        Ok(Publisher::from_parts(
+            Transport::Redis(transport),
+            self.encoding,
+            self.retry,
+        ))
+    }
+
+    /// Builds and connects now, so a wrong address or password shows at startup.
+    pub async fn connect(self) -> Result<Publisher, PublishError> {
+        let publisher = self.build()?;
+        if let Transport::Redis(r) = &publisher.inner.transport {
+            r.connection().await?;
+        }
+        Ok(publisher)
+    }
+}
+
+impl Publisher {
+    /// A publisher for a node's internal listener, e.g. `http://gateway:9090`.
+    pub fn http(base_url: impl Into<String>) -> HttpBuilder {
+        HttpBuilder {
+            base_url: base_url.into(),
+            api_key: None,
+            encoding: Encoding::Json,
+            timeout: DEFAULT_TIMEOUT,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// A publisher that writes to Redis directly, e.g. `redis://127.0.0.1:6379`.
+    pub fn redis(url: impl Into<String>) -> RedisBuilder {
+        RedisBuilder {
+            url: url.into(),
+            prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            encoding: Encoding::Json,
+            timeout: DEFAULT_TIMEOUT,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    fn from_parts(transport: Transport, encoding: Encoding, retry: RetryPolicy) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                transport,
+                encoding,
+                retry,
+            }),
+        }
+    }
+
+    /// How [`Publisher::publish`] serialises values.
+    pub fn encoding(&self) -> Encoding {
+        self.inner.encoding
+    }
+
+    /// Serialises `value` the way [`Publisher::publish`] would: JSON, or MessagePack with
+    /// field names (so subscribers on either wire format see maps, not arrays).
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, PublishError> {
+        encode(self.inner.encoding, value)
+    }
+
+    /// Publishes `data` to `channel`.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        let bytes = self.encode(data)?;
+        self.publish_raw(channel, self.inner.encoding, bytes).await
+    }
+
+    /// Publishes bytes that already hold exactly one value encoded as `enc`. They are
+    /// sent as they are, unchecked: an invalid value is refused by the HTTP API with 400,
+    /// and dropped (and counted) by the gateway when it came through Redis.
+    pub async fn publish_raw(
+        &self,
+        channel: &str,
+        enc: Encoding,
+        data: Bytes,
+    ) -> Result<(), PublishError> {
+        check_channel(channel)?;
+        match &self.inner.transport {
+            Transport::Http(h) => {
+                let body = h.publish(enc, channel, &data);
+                self.retrying(|| h.send(&body)).await
+            }
+            Transport::Redis(r) => {
+                self.retrying(|| r.publish(std::iter::once((channel, enc, &data[..]))))
+                    .await
+            }
+        }
+    }
+
+    /// Publishes one value to several channels.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        channels: &[&str],
+        data: &T,
+    ) -> Result<(), PublishError> {
+        let bytes = self.encode(data)?;
+        self.broadcast_raw(channels, self.inner.encoding, bytes)
+            .await
+    }
+
+    /// [`Publisher::publish_raw`] to several channels: one `/api/broadcast` request, or
+    /// one Redis pipeline.
+    pub async fn broadcast_raw(
+        &self,
+        channels: &[&str],
+        enc: Encoding,
+        data: Bytes,
+    ) -> Result<(), PublishError> {
+        for c in channels {
+            check_channel(c)?;
+        }
+        if channels.is_empty() {
+            return Ok(());
+        }
+        match &self.inner.transport {
+            Transport::Http(h) => {
+                let body = h.broadcast(enc, channels, &data);
+                self.retrying(|| h.send(&body)).await
+            }
+            Transport::Redis(r) => {
+                self.retrying(|| r.publish(channels.iter().map(|c| (*c, enc, &data[..]))))
+                    .await
+            }
+        }
+    }
+
+    /// Publishes many publications at once: one pipelined round trip to Redis, or
+    /// concurrent requests over HTTP (the API has no batch endpoint). Publications on one
+    /// channel keep their order with Redis; over HTTP concurrent requests may overtake
+    /// each other. On error some of the batch may have been published.
+    pub async fn publish_batch(&self, batch: &[Outgoing]) -> Result<(), PublishError> {
+        for o in batch {
+            check_channel(&o.channel)?;
+        }
+        match &self.inner.transport {
+            Transport::Http(h) => {
+                use futures_util::{stream, TryStreamExt};
+                stream::iter(batch.iter().map(Ok))
+                    .try_for_each_concurrent(HTTP_BATCH_CONCURRENCY, |o| async move {
+                        let body = h.publish(o.enc, &o.channel, &o.data);
+                        self.retrying(|| h.send(&body)).await
+                    })
+                    .await
+            }
+            Transport::Redis(r) => {
+                self.retrying(|| {
+                    r.publish(
+                        batch
+                            .iter()
+                            .map(|o| (o.channel.as_str(), o.enc, &o.data[..])),
+                    )
+                })
+                .await
+            }
+        }
+    }
+
+    async fn retrying<F, Fut>(&self, mut attempt: F) -> Result<(), PublishError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), PublishError>>,
+    {
+        let policy = self.inner.retry;
+        let mut retry = 0;
+        loop {
+            match attempt().await {
+                Err(e) if e.is_retryable() && retry < policy.max_retries => {
+                    tokio::time::sleep(policy.backoff(retry)).await;
+                    retry += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+fn check_channel(channel: &str) -> Result<(), PublishError> {
+    fanout_protocol::ChannelName::validate(channel).map_err(|source| PublishError::InvalidChannel {
+        channel: channel.chars().take(300).collect(),
+        source,
+    })
+}
+
+fn encode<T: Serialize + ?Sized>(enc: Encoding, value: &T) -> Result<Bytes, PublishError> {
+    let encoded = match enc {
+        Encoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
+        Encoding::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
+    };
+    encoded
+        .map(Bytes::from)
+        .map_err(|message| PublishError::Encode {
+            enc: enc.as_str(),
+            message,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Msg<'a> {
+        text: &'a str,
+        n: u32,
+    }
+
+    #[test]
+    fn encodes_json_and_named_msgpack() {
+        let v = Msg { text: "hi", n: 3 };
+        assert_eq!(
+            encode(Encoding::Json, &v).unwrap(),
+            &br#"{"text":"hi","n":3}"#[..]
+        );
+        let mp = encode(Encoding::MsgPack, &v).unwrap();
+        let decoded = rmpv::decode::read_value(&mut &mp[..]).unwrap();
+        assert_eq!(
+            decoded,
+            rmpv::Value::Map(vec![("text".into(), "hi".into()), ("n".into(), 3.into())])
+        );
+        fanout_protocol::validate_data(Encoding::MsgPack, &mp).unwrap();
+    }
+
+    #[test]
+    fn encode_errors_are_typed() {
+        let mut bad = std::collections::HashMap::new();
+        bad.insert(vec![1u8], 1);
+        let e = encode(Encoding::Json, &bad).unwrap_err();
+        assert!(matches!(e, PublishError::Encode { enc: "json", .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn invalid_channels_fail_before_any_io() {
+        // Port 9 (discard) on a TEST-NET address: nothing would answer, so reaching the
+        // network would show up as Unavailable or Timeout instead.
+        let p = Publisher::http("http://192.0.2.1:9")
+            .retry(RetryPolicy::NONE)
+            .build()
+            .unwrap();
+        let e = p.publish("bad name", &1).await.unwrap_err();
+        assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
+        let e = p.broadcast(&["ok", ""], &1).await.unwrap_err();
+        assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
+        let e = p
+            .publish_batch(&[Outgoing::new("x".repeat(256), Encoding::Json, "1")])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
+        let r = Publisher::redis("redis://192.0.2.1:9").build().unwrap();
+        assert!(matches!(
+            r.publish("a*", &1).await,
+            Err(PublishError::InvalidChannel { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_configuration() {
+        assert!(matches!(
+            Publisher::redis("nope://x").build(),
+            Err(PublishError::Config(_))
+        ));
+        assert!(matches!(
+            Publisher::http("ftp://x").build(),
+            Err(PublishError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,117 @@
+//! The direct-Redis transport: `PUBLISH {prefix}{channel} <envelope>` on one multiplexed
+//! connection, replaced after a connection-level failure.
+
+use std::{sync::Mutex, time::Duration};
+
+use fanout_protocol::{encode_envelope, now_micros, Encoding};
+use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RetryMethod};
+
+use crate::PublishError;
+
+pub(crate) struct RedisTransport {
+    client: redis::Client,
+    /// `None` until the first use and after a failure that broke the connection; the
+    /// connection itself is a cheap handle that many publishes share concurrently.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    /// Serialises reconnects so a burst of failing publishes opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisTransport {
+    pub(crate) fn new(url: &str, prefix: String, timeout: Duration) -> Result<Self, PublishError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| PublishError::Config(format!("Redis URL: {e}")))?;
+        Ok(Self {
+            client,
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            prefix,
+            timeout,
+        })
+    }
+
+    fn cached(&self) -> Option<MultiplexedConnection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) async fn connection(&self) -> Result<MultiplexedConnection, PublishError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.fail(e))?;
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One attempt at publishing every `(channel, enc, data)` in one pipeline, each in its
+    /// own envelope stamped now.
+    pub(crate) async fn publish<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, Encoding, &'a [u8])>,
+    ) -> Result<(), PublishError> {
+        let mut pipe = redis::pipe();
+        let mut key = String::new();
+        for (channel, enc, data) in items {
+            key.clear();
+            key.push_str(&self.prefix);
+            key.push_str(channel);
+            pipe.cmd("PUBLISH")
+                .arg(&key)
+                .arg(encode_envelope(now_micros(), enc, data))
+                .ignore();
+        }
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))
+        };
+        tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| {
+                // A silent server may leave requests queued on the connection; start afresh.
+                self.drop_connection();
+                PublishError::Timeout(self.timeout)
+            })?
+    }
+
+    fn drop_connection(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn fail(&self, e: redis::RedisError) -> PublishError {
+        if e.is_unrecoverable_error() || e.is_io_error() {
+            self.drop_connection();
+        }
+        if e.is_timeout() {
+            return PublishError::Timeout(self.timeout);
+        }
+        match e.retry_method() {
+            RetryMethod::NoRetry => PublishError::Rejected {
+                status: None,
+                code: e.code().unwrap_or("ERR").to_owned(),
+                message: e.detail().map_or_else(|| e.to_string(), str::to_owned),
+            },
+            _ => PublishError::Unavailable {
+                status: None,
+                reason: e.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The Redis transport against a real `redis-server`: a plain SUBSCRIBE receives exactly
+//! the envelope bytes, batches are pipelined in order, and a restarted server is reconnected.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use fanout_protocol::{decode_envelope, encode_envelope, now_micros, Encoding};
+use fanout_publisher::{Outgoing, PublishError, Publisher, RetryPolicy};
+use futures_util::StreamExt;
+
+/// A private `redis-server` on a free port, killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::on_port(port)
+    }
+
+    fn on_port(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        let server = Self { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(server.url()).unwrap();
+        loop {
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn subscriber(url: &str, channels: &[&str]) -> redis::aio::PubSub {
+    let mut pubsub = redis::Client::open(url)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    for c in channels {
+        pubsub.subscribe(*c).await.unwrap();
+    }
+    pubsub
+}
+
+async fn next(
+    stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+) -> (String, Vec<u8>) {
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a message within 5s")
+        .unwrap();
+    (
+        msg.get_channel_name().to_owned(),
+        msg.get_payload_bytes().to_vec(),
+    )
+}
+
+/// Checks that `payload` is byte for byte the workspace's envelope of `(enc, data)`,
+/// stamped between `before` and now.
+fn assert_envelope(payload: &[u8], before: u64, enc: Encoding, data: &[u8]) {
+    let (ts, got_enc, got_data) = decode_envelope(payload).unwrap();
+    assert!(
+        ts >= before && ts <= now_micros(),
+        "ts {ts} stamped at publish time"
+    );
+    assert_eq!((got_enc, got_data), (enc, data));
+    assert_eq!(
+        payload,
+        encode_envelope(ts, enc, data),
+        "exactly the protocol crate's envelope"
+    );
+}
+
+#[tokio::test]
+async fn subscriber_receives_exactly_the_envelope() {
+    let redis = RedisServer::start();
+    let mut sub = subscriber(&redis.url(), &["fanout:chat:room-1"]).await;
+    let mut stream = sub.on_message();
+    let p = Publisher::redis(redis.url()).connect().await.unwrap();
+    let before = now_micros();
+    #[derive(serde::Serialize)]
+    struct Chat {
+        text: &'static str,
+        n: [u8; 2],
+    }
+    p.publish(
+        "chat:room-1",
+        &Chat {
+            text: "hi",
+            n: [1, 2],
+        },
+    )
+    .await
+    .unwrap();
+    let (channel, payload) = next(&mut stream).await;
+    assert_eq!(channel, "fanout:chat:room-1");
+    assert_envelope(
+        &payload,
+        before,
+        Encoding::Json,
+        br#"{"text":"hi","n":[1,2]}"#,
+    );
+}
+
+#[tokio::test]
+async fn msgpack_raw_and_custom_prefix() {
+    let redis = RedisServer::start();
+    let mut sub = subscriber(&redis.url(), &["app/x"]).await;
+    let mut stream = sub.on_message();
+    let p = Publisher::redis(redis.url())
+        .prefix("app/")
+        .encoding(Encoding::MsgPack)
+        .connect()
+        .await
+        .unwrap();
+    let before = now_micros();
+    let raw = Bytes::from_static(&[0x92, 0x01, 0xa1, b'z']);
+    p.publish_raw("x", Encoding::MsgPack, raw.clone())
+        .await
+        .unwrap();
+    assert_envelope(&next(&mut stream).await.1, before, Encoding::MsgPack, &raw);
+    p.publish("x", &("a", 2)).await.unwrap();
+    let (_, payload) = next(&mut stream).await;
+    let (_, enc, data) = decode_envelope(&payload).unwrap();
+    assert_eq!(
+        (enc, data),
+        (Encoding::MsgPack, &[0x92, 0xa1, b'a', 0x02][..])
+    );
+}
+
+#[tokio::test]
+async fn batches_are_pipelined_in_order_and_broadcast_reaches_every_channel() {
+    let redis = RedisServer::start();
+    let mut sub = subscriber(&redis.url(), &["fanout:a", "fanout:b", "fanout:c"]).await;
+    let mut stream = sub.on_message();
+    let p = Publisher::redis(redis.url()).connect().await.unwrap();
+    let batch: Vec<_> = (0..200)
+        .map(|i| {
+            Outgoing::new(
+                if i % 2 == 0 { "a" } else { "b" },
+                Encoding::Json,
+                format!("{i}"),
+            )
+        })
+        .collect();
+    let before = now_micros();
+    p.publish_batch(&batch).await.unwrap();
+    for i in 0..200 {
+        let (channel, payload) = next(&mut stream).await;
+        assert_eq!(channel, if i % 2 == 0 { "fanout:a" } else { "fanout:b" });
+        assert_envelope(&payload, before, Encoding::Json, format!("{i}").as_bytes());
+    }
+    p.broadcast(&["a", "b", "c"], &"all").await.unwrap();
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        let (channel, payload) = next(&mut stream).await;
+        assert_envelope(&payload, before, Encoding::Json, br#""all""#);
+        got.push(channel);
+    }
+    got.sort();
+    assert_eq!(got, ["fanout:a", "fanout:b", "fanout:c"]);
+}
+
+#[tokio::test]
+async fn unavailable_while_down_and_reconnects_after_restart() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let p = Publisher::redis(redis.url())
+        .timeout(Duration::from_secs(1))
+        .retry(RetryPolicy {
+            max_retries: 1,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(10),
+        })
+        .connect()
+        .await
+        .unwrap();
+    p.publish("c", &1).await.unwrap();
+    drop(redis);
+    let e = p.publish("c", &2).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        matches!(
+            e,
+            PublishError::Unavailable { status: None, .. } | PublishError::Timeout(_)
+        ),
+        "{e}"
+    );
+
+    let redis = RedisServer::on_port(port);
+    let mut sub = subscriber(&redis.url(), &["fanout:c"]).await;
+    let mut stream = sub.on_message();
+    let before = now_micros();
+    p.publish("c", &3).await.unwrap();
+    assert_envelope(&next(&mut stream).await.1, before, Encoding::Json, b"3");
+}
+
+#[tokio::test]
+async fn connect_fails_fast_when_nothing_listens() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = match Publisher::redis(format!("redis://127.0.0.1:{port}"))
+        .connect()
+        .await
+    {
+        Ok(_) => panic!("connected to nothing"),
+        Err(e) => e,
+    };
+    assert!(e.is_retryable(), "{e}");
+}
