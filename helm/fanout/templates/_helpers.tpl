@@ -1,0 +1,190 @@
+{{/* helm/fanout/templates/_helpers.tpl: owns the chart's names, labels and the value checks shared by all templates. */}}
+
+{{- define "fanout.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fanout.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Names of the derived objects; 54 characters leave room for the suffixes. */}}
+{{- define "fanout.internalName" -}}
+{{- printf "%s-internal" (include "fanout.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+{{- define "fanout.redisName" -}}
+{{- printf "%s-redis" (include "fanout.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "fanout.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fanout.commonLabels" -}}
+helm.sh/chart: {{ include "fanout.chart" . }}
+app.kubernetes.io/name: {{ include "fanout.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fanout
+{{- end }}
+
+{{- define "fanout.labels" -}}
+{{ include "fanout.commonLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "fanout.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fanout.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "fanout.redisLabels" -}}
+{{ include "fanout.commonLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "fanout.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "fanout.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "fanout.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fanout.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "fanout.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+fanout.durationSeconds: a humantime duration made of <integer><unit> parts
+(units h, m, s, ms; e.g. "30s", "1m30s", "1500ms"), rounded up to whole seconds.
+*/}}
+{{- define "fanout.durationSeconds" -}}
+{{- $s := toString . | trim }}
+{{- if not (regexMatch "^([0-9]+(ms|h|m|s) *)+$" $s) }}
+{{- fail (printf "fanout: cannot read the duration %q: write whole numbers with the units h, m, s or ms, e.g. \"30s\" or \"1m30s\"" $s) }}
+{{- end }}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" $s -1 }}
+{{- $n := regexFind "^[0-9]+" . | int }}
+{{- $unit := regexReplaceAll "^[0-9]+" . "" }}
+{{- if eq $unit "ms" }}{{ $ms = add $ms $n }}
+{{- else if eq $unit "s" }}{{ $ms = add $ms (mul $n 1000) }}
+{{- else if eq $unit "m" }}{{ $ms = add $ms (mul $n 60000) }}
+{{- else }}{{ $ms = add $ms (mul $n 3600000) }}
+{{- end }}
+{{- end }}
+{{- div (add $ms 999) 1000 }}
+{{- end }}
+
+{{- define "fanout.preStopSeconds" -}}
+{{- if eq .Values.lifecycle.preStop.mode "none" }}0{{ else }}{{ .Values.lifecycle.preStop.seconds | int }}{{ end }}
+{{- end }}
+
+{{/*
+fanout.terminationGracePeriodSeconds: the pod must outlive preStop + drain,
+otherwise the kubelet SIGKILLs connections the node is still draining.
+*/}}
+{{- define "fanout.terminationGracePeriodSeconds" -}}
+{{- $drain := include "fanout.durationSeconds" .Values.config.drainTimeout | int }}
+{{- $preStop := include "fanout.preStopSeconds" . | int }}
+{{- $needed := add $drain $preStop }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed (.Values.terminationGraceMarginSeconds | int) }}
+{{- else }}
+{{- $grace := .Values.terminationGracePeriodSeconds | int }}
+{{- if le $grace $needed }}
+{{- fail (printf "fanout: terminationGracePeriodSeconds (%d) must be greater than config.drainTimeout (%ds) + lifecycle.preStop.seconds (%ds) = %ds, or the kubelet kills connections that are still draining; raise it or leave it empty to have it computed" $grace $drain $preStop $needed) }}
+{{- end }}
+{{- $grace }}
+{{- end }}
+{{- end }}
+
+{{/* fanout.redisUrl: the broker the gateway uses; empty = embedded single-node broker. */}}
+{{- define "fanout.redisUrl" -}}
+{{- if .Values.redis.url }}
+{{- .Values.redis.url }}
+{{- else if .Values.redis.enabled }}
+{{- printf "redis://%s:6379" (include "fanout.redisName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* fanout.validate: value combinations the schema cannot express. */}}
+{{- define "fanout.validate" -}}
+{{- if and .Values.redis.enabled .Values.redis.url }}
+{{- fail "fanout: set either redis.enabled (bundled Redis) or redis.url (existing Redis), not both" }}
+{{- end }}
+{{- if and (not (include "fanout.redisUrl" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- fail "fanout: more than one replica needs a shared Redis: set redis.url, or redis.enabled=true to try it out" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connections.enabled) }}
+{{- fail "fanout: autoscaling needs at least one metric: targetCPUUtilizationPercentage or connections.enabled" }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "fanout: httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if eq (toString .name) "FANOUT_DRAIN_TIMEOUT" }}
+{{- fail "fanout: set config.drainTimeout instead of FANOUT_DRAIN_TIMEOUT in extraEnv: the chart sizes terminationGracePeriodSeconds from it" }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraArgs }}
+{{- if hasPrefix "--drain-timeout" (toString .) }}
+{{- fail "fanout: set config.drainTimeout instead of --drain-timeout in extraArgs: the chart sizes terminationGracePeriodSeconds from it" }}
+{{- end }}
+{{- end }}
+{{- $_ := include "fanout.terminationGracePeriodSeconds" . }}
+{{- end }}
+
+{{/* fanout.hasSecretValues: true when the chart must create its own Secret. */}}
+{{- define "fanout.hasSecretValues" -}}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.redisPassword .Values.secrets.apiKey .Values.secrets.jwtHmacSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "fanout.secretName" -}}
+{{- default (include "fanout.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/*
+fanout.secretEnv: one env var per credential. With an existing Secret every
+key is optional (a missing key = setting off); with chart values only the set
+ones appear.
+*/}}
+{{- define "fanout.secretEnv" -}}
+{{- $root := . }}
+{{- $pairs := list (list "FANOUT_REDIS_PASSWORD" "redisPassword") (list "FANOUT_API_KEY" "apiKey") (list "FANOUT_JWT_HMAC_SECRET" "jwtHmacSecret") }}
+{{- range $pairs }}
+{{- $env := index . 0 }}
+{{- $field := index . 1 }}
+{{- if or $root.Values.secrets.existingSecret (index $root.Values.secrets $field) }}
+- name: {{ $env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.secretName" $root }}
+      key: {{ index $root.Values.secrets.keys $field }}
+      optional: {{ if $root.Values.secrets.existingSecret }}true{{ else }}false{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
