@@ -4,11 +4,13 @@
 
 mod http;
 mod node;
+mod raw;
 mod redis;
 mod ws;
 
 pub use http::{http, HttpResponse};
 pub use node::Node;
+pub use raw::{client_frame, RawFrame, RawWs};
 pub use redis::{free_port, RedisServer};
 pub use ws::{Event, WsClient};
 

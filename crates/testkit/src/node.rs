@@ -17,9 +17,32 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `bin serve` on loopback port 0 with extra `args`, and waits for its
-    /// `listening public=… internal=…` line.
+    /// Starts `bin serve` on loopback port 0 with extra `args` and waits until `/readyz`
+    /// answers 200 (its broker is connected).
     pub fn start(bin: impl AsRef<Path>, args: &[&str]) -> Self {
+        let node = Self::start_unready(bin, args);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !node.ready_blocking() {
+            assert!(Instant::now() < deadline, "node never became ready; log:\n{}", node.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// Whether `/readyz` answers 200, without needing an async runtime.
+    pub fn ready_blocking(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(self.internal) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out.starts_with(b"HTTP/1.1 200")
+    }
+
+    /// Starts `bin serve` on loopback port 0 with extra `args`, and waits only for its
+    /// `listening public=… internal=…` line.
+    pub fn start_unready(bin: impl AsRef<Path>, args: &[&str]) -> Self {
         let mut child = Command::new(bin.as_ref())
             .args(["serve", "--public-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--log-level", "info"])
             .args(args)

@@ -1,0 +1,118 @@
+//! A raw WebSocket client that writes exactly the bytes a test gives it, for frames no
+//! well-behaved library would send (unmasked, bad UTF-8, oversized, bad fragments).
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A server frame as received: opcode and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a Close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// A masked client frame.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+impl RawWs {
+    /// Performs the HTTP upgrade by hand (JSON subprotocol).
+    pub async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: fanout.v1.json\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.expect("handshake response");
+            buf.push(byte[0]);
+        }
+        assert!(buf.starts_with(b"HTTP/1.1 101"), "upgrade refused: {}", String::from_utf8_lossy(&buf));
+        Self { stream, buf: Vec::new() }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        // The server may close early on a bad header; a failed write is then expected.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next server frame; None on EOF, reset or timeout.
+    pub async fn frame(&mut self, timeout: Duration) -> Option<RawFrame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.buf.len() >= 2 {
+                let len7 = (self.buf[1] & 0x7f) as usize;
+                let (hl, len) = match len7 {
+                    126 if self.buf.len() >= 4 => (4, u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize),
+                    127 if self.buf.len() >= 10 => (10, u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (2, n),
+                };
+                if hl != usize::MAX && self.buf.len() >= hl + len {
+                    let frame = RawFrame { opcode: self.buf[0] & 0x0f, payload: self.buf[hl..hl + len].to_vec() };
+                    self.buf.drain(..hl + len);
+                    return Some(frame);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads frames until a Close arrives and returns its code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        while let Some(f) = self.frame(Duration::from_secs(5)).await {
+            if f.opcode == 8 {
+                return f.close_code();
+            }
+        }
+        None
+    }
+
+    /// The next text frame, parsed.
+    pub async fn json(&mut self) -> serde_json::Value {
+        loop {
+            let f = self.frame(Duration::from_secs(5)).await.expect("no frame");
+            if f.opcode == 1 {
+                return serde_json::from_slice(&f.payload).expect("JSON");
+            }
+        }
+    }
+}
