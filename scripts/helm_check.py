@@ -44,7 +44,7 @@ ALLOWED_METRICS = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_b
 TOML_KEYS = {"public_addr", "internal_addr", "redis_url", "redis_password", "redis_prefix", "log_level",
              "log_format", "drain_timeout", "max_connections", "max_message_size", "outbound_queue_bytes",
              "max_subscriptions", "handshake_timeout", "ping_interval", "idle_timeout", "max_http_body",
-             "api_key", "jwt_hmac_secret", "allowed_origins"}
+             "broker_timeout", "api_key", "jwt_hmac_secret", "allowed_origins"}
 
 SCENARIOS = {
     # name: values files (relative to the chart); None = chart defaults
@@ -74,6 +74,10 @@ MUST_FAIL = [
      ["--set", "securityContext.readOnlyRootFilesystem=false"], "readOnlyRootFilesystem"),
     ("unknown top-level value (schema)",
      ["--set", "replicas=5"], "replicas"),
+    ("idle timeout not above the ping interval",
+     ["--set", "config.idleTimeout=20s"], "idleTimeout"),
+    ("outbound queue smaller than one message + 1 KiB",
+     ["--set", "config.outboundQueueBytes=65536"], "outboundQueueBytes"),
     ("HTTPRoute without a Gateway",
      ["--set", "httpRoute.enabled=true"], "parentRefs"),
 ]

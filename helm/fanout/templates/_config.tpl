@@ -26,6 +26,7 @@ handshake_timeout = {{ $c.handshakeTimeout | toString | toJson }}
 ping_interval = {{ $c.pingInterval | toString | toJson }}
 idle_timeout = {{ $c.idleTimeout | toString | toJson }}
 max_http_body = {{ $c.maxHttpBody | int64 }}
+broker_timeout = {{ $c.brokerTimeout | toString | toJson }}
 allowed_origins = {{ $c.allowedOrigins | default list | toJson }}
 {{- with $c.extraToml }}
 

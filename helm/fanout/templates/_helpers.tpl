@@ -78,10 +78,10 @@ app.kubernetes.io/component: redis
 {{- end }}
 
 {{/*
-fanout.durationSeconds: a humantime duration made of <integer><unit> parts
-(units h, m, s, ms; e.g. "30s", "1m30s", "1500ms"), rounded up to whole seconds.
+fanout.durationMillis: a humantime duration made of <integer><unit> parts
+(units h, m, s, ms; e.g. "30s", "1m30s", "1500ms") in milliseconds.
 */}}
-{{- define "fanout.durationSeconds" -}}
+{{- define "fanout.durationMillis" -}}
 {{- $s := toString . | trim }}
 {{- if not (regexMatch "^([0-9]+(ms|h|m|s) *)+$" $s) }}
 {{- fail (printf "fanout: cannot read the duration %q: write whole numbers with the units h, m, s or ms, e.g. \"30s\" or \"1m30s\"" $s) }}
@@ -96,7 +96,12 @@ fanout.durationSeconds: a humantime duration made of <integer><unit> parts
 {{- else }}{{ $ms = add $ms (mul $n 3600000) }}
 {{- end }}
 {{- end }}
-{{- div (add $ms 999) 1000 }}
+{{- $ms }}
+{{- end }}
+
+{{/* fanout.durationSeconds: the same, rounded up to whole seconds. */}}
+{{- define "fanout.durationSeconds" -}}
+{{- div (add (include "fanout.durationMillis" . | int) 999) 1000 }}
 {{- end }}
 
 {{- define "fanout.preStopSeconds" -}}
@@ -145,6 +150,18 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
 {{- fail "fanout: httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
 {{- end }}
+{{- $c := .Values.config }}
+{{- range list "drainTimeout" "handshakeTimeout" "pingInterval" "idleTimeout" "brokerTimeout" }}
+{{- if eq (include "fanout.durationMillis" (index $c .) | int) 0 }}
+{{- fail (printf "fanout: config.%s must be greater than zero" .) }}
+{{- end }}
+{{- end }}
+{{- if le (include "fanout.durationMillis" $c.idleTimeout | int) (include "fanout.durationMillis" $c.pingInterval | int) }}
+{{- fail (printf "fanout: config.idleTimeout (%s) must be longer than config.pingInterval (%s), or idle clients that answer pings are cut off" $c.idleTimeout $c.pingInterval) }}
+{{- end }}
+{{- if lt (int64 $c.outboundQueueBytes) (add (int64 $c.maxMessageSize) 1024) }}
+{{- fail (printf "fanout: config.outboundQueueBytes (%d) must exceed config.maxMessageSize (%d) by at least 1024, or one large message overflows the queue" (int64 $c.outboundQueueBytes) (int64 $c.maxMessageSize)) }}
+{{- end }}
 {{- range .Values.extraEnv }}
 {{- if eq (toString .name) "FANOUT_DRAIN_TIMEOUT" }}
 {{- fail "fanout: set config.drainTimeout instead of FANOUT_DRAIN_TIMEOUT in extraEnv: the chart sizes terminationGracePeriodSeconds from it" }}
@@ -178,7 +195,10 @@ ones appear.
 {{- range $pairs }}
 {{- $env := index . 0 }}
 {{- $field := index . 1 }}
-{{- if or $root.Values.secrets.existingSecret (index $root.Values.secrets $field) }}
+{{- $wanted := or $root.Values.secrets.existingSecret (index $root.Values.secrets $field) }}
+{{- /* the gateway refuses a Redis password without a Redis URL */}}
+{{- if and (eq $field "redisPassword") (not (include "fanout.redisUrl" $root)) }}{{ $wanted = false }}{{ end }}
+{{- if $wanted }}
 - name: {{ $env }}
   valueFrom:
     secretKeyRef:
