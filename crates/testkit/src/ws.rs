@@ -78,11 +78,13 @@ impl WsClient {
         Self::connect_request(req, subprotocol == Some("fanout.v1.msgpack")).await
     }
 
-    /// Connects with a prepared request, returning the HTTP status on refusal.
+    /// Connects with a prepared request, returning the HTTP status on refusal (0 when the
+    /// TCP connection itself failed).
     pub async fn connect_request(req: tokio_tungstenite::tungstenite::handshake::client::Request, msgpack: bool) -> Result<Self, u16> {
         match tokio_tungstenite::connect_async(req).await {
             Ok((ws, _)) => Ok(Self { ws, msgpack }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(tokio_tungstenite::tungstenite::Error::Io(_)) => Err(0),
             Err(e) => panic!("connect failed: {e}"),
         }
     }
