@@ -776,6 +776,156 @@ def check_deploy(c, compose_schema):
     c.check("deploy/Dockerfile: locked release build, non-root runtime, ports, HEALTHCHECK", dockerfile)
 
 
+# ---------------------------------------------------------------------------- real binary
+def find_binary():
+    """The gateway binary to run the rendered config through: $FANOUT_BIN, else the
+    newest of target/{release,debug}/fanout; None when nothing is built."""
+    if os.environ.get("FANOUT_BIN"):
+        return os.environ["FANOUT_BIN"]
+    found = [p for p in (os.path.join(ROOT, "target", d, "fanout") for d in ("release", "debug"))
+             if os.access(p, os.X_OK)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+class Node:
+    """One `fanout serve` process on loopback ports 0."""
+
+    def __init__(self, binary, config_text, env=None, extra=()):
+        import time
+        self.tmp = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        self.tmp.write(config_text)
+        self.tmp.close()
+        self.log = tempfile.TemporaryFile("w+")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+        clean.update(env or {})
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--config", self.tmp.name, "--public-addr", "127.0.0.1:0",
+             "--internal-addr", "127.0.0.1:0", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env=clean)
+        self.public = self.internal = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            m = re.search(r"listening public=(\S+?) internal=(\S+?)(?:\"|\s|$)", self.output())
+            if m:
+                self.public, self.internal = m.group(1), m.group(2)
+                break
+            time.sleep(0.1)
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def get(self, path):
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen("http://%s%s" % (self.internal, path), timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    def wait_ready(self, seconds=15):
+        import time
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.get("/readyz") == 200:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stop(self, timeout):
+        """SIGTERM; returns the exit code (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            os.unlink(self.tmp.name)
+
+
+def check_binary(c, helm):
+    binary = find_binary()
+    if not binary:
+        print("SKIP real-binary checks: no fanout binary (build it, or set FANOUT_BIN)", flush=True)
+        return
+    print("note: real-binary checks use %s" % binary, flush=True)
+
+    for name, files in SCENARIOS.items():
+        def accepts(files=files):
+            r = helm_template(helm, files, EXTRA_SET)
+            docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+            _, text = rendered_toml(docs)
+            secrets = {}
+            for e in gateway_container(docs).get("env", []):
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    secrets[e["name"]] = "ci-" + e["name"].lower()
+            node = Node(binary, text, secrets)
+            try:
+                assert node.public, "did not start listening: %s" % node.output()[-800:]
+                status = node.get("/healthz")
+                assert status == 200, "/healthz answered %s" % status
+            finally:
+                code = node.stop(timeout=seconds(tomllib.loads(text)["drain_timeout"]) + 5)
+            assert code == 0, "exit code %s after SIGTERM: %s" % (code, node.output()[-800:])
+            return "listened, /healthz 200, exit 0 on SIGTERM"
+        c.check("[%s] the gateway accepts the rendered fanout.toml" % name, accepts)
+
+    redis_server = subprocess.run(["sh", "-c", "command -v redis-server"], capture_output=True, text=True).stdout.strip()
+
+    def round_trip():
+        import socket
+        r = helm_template(helm, [], EXTRA_SET)
+        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        _, text = rendered_toml(docs)
+        env = {"FANOUT_API_KEY": "ci-round-trip-key"}
+        procs, nodes = [], []
+        try:
+            extra = ()
+            how = "embedded broker, one node"
+            if redis_server:
+                with socket.socket() as sk:
+                    sk.bind(("127.0.0.1", 0))
+                    port = sk.getsockname()[1]
+                procs.append(subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1",
+                                               "--save", "", "--appendonly", "no"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                extra = ("--redis-url", "redis://127.0.0.1:%d" % port)
+                how = "two nodes through redis-server"
+            else:
+                text = "\n".join(l for l in text.splitlines() if not l.startswith("redis_url"))
+            for _ in range(2 if redis_server else 1):
+                nodes.append(Node(binary, text, env, extra))
+            for n in nodes:
+                assert n.public, "node did not start: %s" % n.output()[-800:]
+                assert n.wait_ready(), "node never became ready: %s" % n.output()[-800:]
+            sub, pub = nodes[0], nodes[-1]
+            test_env = dict(os.environ, WS_URL="ws://%s/ws" % sub.public, API_URL="http://%s" % pub.internal,
+                            FANOUT_API_KEY=env["FANOUT_API_KEY"], TIMEOUT_SECONDS="20")
+            t = subprocess.run([sys.executable, os.path.join(CHART, "files", "ws-smoke-test.py")],
+                               capture_output=True, text=True, env=test_env, timeout=60)
+            assert t.returncode == 0, (t.stdout + t.stderr)[-1200:]
+            bad = run([sys.executable, os.path.join(CHART, "files", "ws-smoke-test.py")],
+                      env=dict(test_env, FANOUT_API_KEY="wrong-key", TIMEOUT_SECONDS="10"), timeout=60)
+            assert bad.returncode != 0 and "401" in bad.stdout, "a wrong API key was not refused: " + bad.stdout[-400:]
+            codes = [n.stop(timeout=35) for n in nodes]
+            assert codes == [0] * len(nodes), "exit codes after SIGTERM %s" % codes
+            return "%s: %s" % (how, t.stdout.strip().splitlines()[-1].replace("ws-smoke-test: ", ""))
+        finally:
+            for n in nodes:
+                if n.proc.poll() is None:
+                    n.proc.kill()
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+    c.check("helm test script round trip against real nodes (API key on, wrong key refused)", round_trip)
+
+
 EXTRA_SET = []
 
 
@@ -796,6 +946,7 @@ def main():
     check_chart(c, args.helm, kv)
     check_monitoring(c, args.promtool)
     check_deploy(c, args.compose_schema)
+    check_binary(c, args.helm)
     print("helm-check: %d passed, %d failed" % (c.passed, c.failed))
     return 1 if c.failed else 0
 
