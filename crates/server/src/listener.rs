@@ -66,8 +66,12 @@ pub async fn accept_loop<H: Handler>(listener: TcpListener, settings: Accept, ha
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    // Let an upgrade whose 101 is already on the wire complete, so its
+                    // session can close it properly, before asking the rest to finish.
+                    if tokio::time::timeout(Duration::from_millis(500), conn.as_mut()).await.is_err() {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    }
                 }
             }
         });
