@@ -86,7 +86,8 @@ mod tests {
         let sub = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
         hub.subscribe(&channel, &sub).await.unwrap();
         for i in 0..100u64 {
-            let p = Publication { channel: channel.clone(), ts: i, enc: Encoding::Json, data: Bytes::from(i.to_string()) };
+            let p =
+                Publication { channel: channel.clone(), ts: i, enc: Encoding::Json, data: Bytes::from(i.to_string()) };
             hub.publish(&p).await.unwrap();
         }
         let mut q = VecDeque::new();

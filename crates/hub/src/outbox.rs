@@ -182,7 +182,11 @@ impl Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox").field("id", &self.id).field("format", &self.format).field("in_flight", &self.in_flight()).finish()
+        f.debug_struct("Outbox")
+            .field("id", &self.id)
+            .field("format", &self.format)
+            .field("in_flight", &self.in_flight())
+            .finish()
     }
 }
 

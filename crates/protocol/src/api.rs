@@ -31,7 +31,8 @@ fn truncate(s: &str) -> String {
 
 /// Decodes `{"channel":C,"data":V}` (or, when `broadcast`, `{"channels":[C,…],"data":V}`).
 pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result<ApiPublish, CommandError> {
-    let f = fields(enc, body).map_err(|e| CommandError { message: format!("malformed body: {}", e.message).into(), ..e })?;
+    let f = fields(enc, body)
+        .map_err(|e| CommandError { message: format!("malformed body: {}", e.message).into(), ..e })?;
     let channels = if broadcast {
         let names = f.channels.ok_or_else(|| bad(None, "missing field \"channels\""))?;
         if names.is_empty() {
@@ -95,7 +96,10 @@ mod tests {
         let mut mp = Vec::new();
         rmpv::encode::write_value(
             &mut mp,
-            &rmpv::Value::Map(vec![("channels".into(), rmpv::Value::Array(vec!["z".into()])), ("data".into(), rmpv::Value::Binary(vec![9]))]),
+            &rmpv::Value::Map(vec![
+                ("channels".into(), rmpv::Value::Array(vec!["z".into()])),
+                ("data".into(), rmpv::Value::Binary(vec![9])),
+            ]),
         )
         .unwrap();
         let p = decode_api_publish(Encoding::MsgPack, &mp, true).unwrap();
@@ -121,7 +125,10 @@ mod tests {
     #[test]
     fn responses() {
         assert_eq!(encode_api_ok(Encoding::Json), br#"{"ok":true}"#);
-        assert_eq!(encode_api_error(Encoding::Json, ErrorCode::Unavailable, "down"), br#"{"error":{"code":"unavailable","message":"down"}}"#);
+        assert_eq!(
+            encode_api_error(Encoding::Json, ErrorCode::Unavailable, "down"),
+            br#"{"error":{"code":"unavailable","message":"down"}}"#
+        );
         assert_eq!(encode_api_ok(Encoding::MsgPack), [0x81, 0xa2, b'o', b'k', 0xc3]);
     }
 }

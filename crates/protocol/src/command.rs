@@ -7,18 +7,38 @@ use rmpv::ValueRef;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::{channel::ChannelName, error::ErrorCode, message::{Encoding, MAX_DEPTH}};
+use crate::{
+    channel::ChannelName,
+    error::ErrorCode,
+    message::{Encoding, MAX_DEPTH},
+};
 
 /// A well-formed client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Subscribe { id: Option<u64>, channel: ChannelName },
-    Unsubscribe { id: Option<u64>, channel: ChannelName },
+    Subscribe {
+        id: Option<u64>,
+        channel: ChannelName,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: ChannelName,
+    },
     /// `data` is one valid value encoded as `enc` (the connection's format).
-    Publish { id: Option<u64>, channel: ChannelName, enc: Encoding, data: Bytes },
-    Ping { id: Option<u64> },
+    Publish {
+        id: Option<u64>,
+        channel: ChannelName,
+        enc: Encoding,
+        data: Bytes,
+    },
+    Ping {
+        id: Option<u64>,
+    },
     /// Extension: replace the connection's auth token before it expires.
-    Refresh { id: Option<u64>, token: String },
+    Refresh {
+        id: Option<u64>,
+        token: String,
+    },
 }
 
 impl Command {
@@ -103,7 +123,8 @@ pub(crate) fn fields(format: Encoding, payload: &[u8]) -> Result<Fields<'_>, Com
 }
 
 fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
-    let frame: JsonFrame<'_> = serde_json::from_slice(payload).map_err(|e| bad(None, format!("invalid JSON command: {e}")))?;
+    let frame: JsonFrame<'_> =
+        serde_json::from_slice(payload).map_err(|e| bad(None, format!("invalid JSON command: {e}")))?;
     let (id, id_invalid) = match frame.id {
         None => (None, false),
         Some(raw) if raw.get() == "null" => (None, false),
@@ -138,14 +159,32 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         let span = &before[..before.len() - rd.len()];
         let ValueRef::String(key) = key else { continue };
         match key.as_str() {
-            Some("op") => f.op = str_of(&value).or_else(|| { wrong_type = Some("op"); None }),
-            Some("channel") => f.channel = str_of(&value).or_else(|| { wrong_type = Some("channel"); None }),
-            Some("token") => f.token = str_of(&value).or_else(|| { wrong_type = Some("token"); None }),
+            Some("op") => {
+                f.op = str_of(&value).or_else(|| {
+                    wrong_type = Some("op");
+                    None
+                })
+            }
+            Some("channel") => {
+                f.channel = str_of(&value).or_else(|| {
+                    wrong_type = Some("channel");
+                    None
+                })
+            }
+            Some("token") => {
+                f.token = str_of(&value).or_else(|| {
+                    wrong_type = Some("token");
+                    None
+                })
+            }
             Some("data") => f.data = Some(span),
             Some("channels") => match value {
                 ValueRef::Array(items) => {
                     let names: Option<Vec<_>> = items.iter().map(str_of).collect();
-                    f.channels = names.or_else(|| { wrong_type = Some("channels"); None });
+                    f.channels = names.or_else(|| {
+                        wrong_type = Some("channels");
+                        None
+                    });
                 }
                 _ => wrong_type = Some("channels"),
             },
@@ -229,12 +268,26 @@ mod tests {
 
     #[test]
     fn json_commands() {
-        assert_eq!(json(r#"{"op":"subscribe","channel":"a:b","id":1}"#), Ok(Command::Subscribe { id: Some(1), channel: ch("a:b") }));
-        assert_eq!(json(r#"{"op":"unsubscribe","channel":"a"}"#), Ok(Command::Unsubscribe { id: None, channel: ch("a") }));
-        assert_eq!(json(r#"{"op":"ping","id":18446744073709551615,"extra":[1]}"#), Ok(Command::Ping { id: Some(u64::MAX) }));
+        assert_eq!(
+            json(r#"{"op":"subscribe","channel":"a:b","id":1}"#),
+            Ok(Command::Subscribe { id: Some(1), channel: ch("a:b") })
+        );
+        assert_eq!(
+            json(r#"{"op":"unsubscribe","channel":"a"}"#),
+            Ok(Command::Unsubscribe { id: None, channel: ch("a") })
+        );
+        assert_eq!(
+            json(r#"{"op":"ping","id":18446744073709551615,"extra":[1]}"#),
+            Ok(Command::Ping { id: Some(u64::MAX) })
+        );
         assert_eq!(
             json(r#"{"op":"publish","channel":"a","data":{"x": [1, "é"]},"id":2}"#),
-            Ok(Command::Publish { id: Some(2), channel: ch("a"), enc: Encoding::Json, data: Bytes::from_static(r#"{"x": [1, "é"]}"#.as_bytes()) })
+            Ok(Command::Publish {
+                id: Some(2),
+                channel: ch("a"),
+                enc: Encoding::Json,
+                data: Bytes::from_static(r#"{"x": [1, "é"]}"#.as_bytes())
+            })
         );
         assert_eq!(
             json(r#"{"op":"publish","channel":"a","data":null}"#),
@@ -257,7 +310,17 @@ mod tests {
         let e = json(r#"{"op":"publish","channel":"a","id":8}"#).unwrap_err();
         assert!(e.message.contains("data"));
         assert_eq!(json(r#"{"id":9}"#).unwrap_err().id, Some(9));
-        for garbage in ["", "{", "[]", "\"op\"", "null", r#"{"op":1}"#, r#"{"op":"ping","id":-1}"#, r#"{"op":"ping","id":"1"}"#, r#"{"op":"ping","id":1.5}"#] {
+        for garbage in [
+            "",
+            "{",
+            "[]",
+            "\"op\"",
+            "null",
+            r#"{"op":1}"#,
+            r#"{"op":"ping","id":-1}"#,
+            r#"{"op":"ping","id":"1"}"#,
+            r#"{"op":"ping","id":1.5}"#,
+        ] {
             let e = json(garbage).unwrap_err();
             assert_eq!((e.id, e.code), (None, ErrorCode::BadRequest), "{garbage}");
         }

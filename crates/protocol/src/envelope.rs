@@ -64,7 +64,8 @@ pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), Envelop
     let len = rmp::decode::read_map_len(&mut rd).map_err(|_| EnvelopeError::NotAMap)?;
     let (mut v, mut ts, mut enc, mut data) = (None, None, None, None);
     for _ in 0..len {
-        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, 16).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, 16)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::MAX_DEPTH)
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         let ValueRef::String(key) = key else { continue };
@@ -126,8 +127,8 @@ mod tests {
     fn byte_layout_is_the_documented_one() {
         let bytes = encode_envelope(1, Encoding::Json, b"1");
         let expected = [
-            0x84, 0xa1, b'v', 0x01, 0xa2, b't', b's', 0x01, 0xa3, b'e', b'n', b'c', 0xa4, b'j', b's', b'o', b'n', 0xa4, b'd', b'a',
-            b't', b'a', 0xc4, 0x01, b'1',
+            0x84, 0xa1, b'v', 0x01, 0xa2, b't', b's', 0x01, 0xa3, b'e', b'n', b'c', 0xa4, b'j', b's', b'o', b'n', 0xa4,
+            b'd', b'a', b't', b'a', 0xc4, 0x01, b'1',
         ];
         assert_eq!(bytes, expected);
     }
@@ -155,7 +156,15 @@ mod tests {
                 .collect()
         };
         for k in ["v", "ts", "enc", "data"] {
-            assert_eq!(decode_envelope(&enc_value(&V::Map(ok(k)))), Err(EnvelopeError::Missing(match k { "v" => "v", "ts" => "ts", "enc" => "enc", _ => "data" })));
+            assert_eq!(
+                decode_envelope(&enc_value(&V::Map(ok(k)))),
+                Err(EnvelopeError::Missing(match k {
+                    "v" => "v",
+                    "ts" => "ts",
+                    "enc" => "enc",
+                    _ => "data",
+                }))
+            );
         }
         let with = |k: &str, v: V| {
             let mut m = ok(k);

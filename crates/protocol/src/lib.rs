@@ -19,8 +19,5 @@ pub use ws::{close_frame, frame, frame_header, OpCode, MAX_FRAME_HEADER};
 
 /// Microseconds since the Unix epoch: the clock every publication's `ts` is stamped with.
 pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }

@@ -75,9 +75,9 @@ pub enum DataError {
 /// Checks that `data` holds exactly one well-formed value of `enc`, nested at most 128 deep.
 pub fn validate_data(enc: Encoding, data: &[u8]) -> Result<(), DataError> {
     match enc {
-        Encoding::Json => serde_json::from_slice::<serde::de::IgnoredAny>(data)
-            .map(drop)
-            .map_err(|e| DataError::Json(e.to_string())),
+        Encoding::Json => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(data).map(drop).map_err(|e| DataError::Json(e.to_string()))
+        }
         Encoding::MsgPack => {
             let mut rd = data;
             rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
@@ -101,14 +101,12 @@ fn write_data(out: &mut Vec<u8>, from: Encoding, to: Encoding, data: &[u8]) -> R
         (Encoding::Json, _) => {
             let mut de = serde_json::Deserializer::from_slice(data);
             let mut ser = rmp_serde::Serializer::new(&mut *out);
-            serde_transcode::transcode(&mut de, &mut ser)
-                .map_err(|e| DataError::Transcode("msgpack", e.to_string()))
+            serde_transcode::transcode(&mut de, &mut ser).map_err(|e| DataError::Transcode("msgpack", e.to_string()))
         }
         (Encoding::MsgPack, _) => {
             let mut de = rmp_serde::Deserializer::new(data);
             let mut ser = serde_json::Serializer::new(&mut *out);
-            serde_transcode::transcode(&mut de, &mut ser)
-                .map_err(|e| DataError::Transcode("json", e.to_string()))
+            serde_transcode::transcode(&mut de, &mut ser).map_err(|e| DataError::Transcode("json", e.to_string()))
         }
     }
 }
@@ -147,13 +145,30 @@ pub fn encode_message(to: Encoding, p: &Publication) -> Result<Bytes, DataError>
 /// A reply to a client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
-    Subscribed { id: Option<u64>, channel: &'a str },
-    Unsubscribed { id: Option<u64>, channel: &'a str },
-    Published { id: Option<u64> },
-    Pong { id: Option<u64> },
+    Subscribed {
+        id: Option<u64>,
+        channel: &'a str,
+    },
+    Unsubscribed {
+        id: Option<u64>,
+        channel: &'a str,
+    },
+    Published {
+        id: Option<u64>,
+    },
+    Pong {
+        id: Option<u64>,
+    },
     /// Extension: a `refresh` command replaced the connection's token.
-    Refreshed { id: Option<u64>, exp: u64 },
-    Error { id: Option<u64>, code: ErrorCode, message: &'a str },
+    Refreshed {
+        id: Option<u64>,
+        exp: u64,
+    },
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: &'a str,
+    },
 }
 
 #[derive(Serialize)]
@@ -210,7 +225,12 @@ mod tests {
     use super::*;
 
     fn publication(enc: Encoding, data: &[u8]) -> Publication {
-        Publication { channel: ChannelName::new("chat:1").unwrap(), ts: 1_700_000_000_000_000, enc, data: Bytes::copy_from_slice(data) }
+        Publication {
+            channel: ChannelName::new("chat:1").unwrap(),
+            ts: 1_700_000_000_000_000,
+            enc,
+            data: Bytes::copy_from_slice(data),
+        }
     }
 
     /// Strips the (short) frame header that tests' payloads fit in.
@@ -227,7 +247,10 @@ mod tests {
         let f = encode_message(Encoding::Json, &publication(Encoding::Json, br#"{"a":[1,2,"x"]}"#)).unwrap();
         assert_eq!(f[0], 0x81);
         let v: serde_json::Value = serde_json::from_slice(body(&f)).unwrap();
-        assert_eq!(v, serde_json::json!({"op":"message","channel":"chat:1","data":{"a":[1,2,"x"]},"ts":1_700_000_000_000_000u64}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"message","channel":"chat:1","data":{"a":[1,2,"x"]},"ts":1_700_000_000_000_000u64})
+        );
     }
 
     #[test]
@@ -236,7 +259,8 @@ mod tests {
         let f = encode_message(Encoding::MsgPack, &publication(Encoding::Json, data)).unwrap();
         assert_eq!(f[0], 0x82);
         let v: rmpv::Value = rmpv::decode::read_value(&mut body(&f)).unwrap();
-        let map: Vec<(String, rmpv::Value)> = v.as_map().unwrap().iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), v.clone())).collect();
+        let map: Vec<(String, rmpv::Value)> =
+            v.as_map().unwrap().iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), v.clone())).collect();
         assert_eq!(map[0], ("op".into(), rmpv::Value::from("message")));
         assert_eq!(map[1], ("channel".into(), rmpv::Value::from("chat:1")));
         assert_eq!(map[3], ("ts".into(), rmpv::Value::from(1_700_000_000_000_000u64)));
@@ -255,7 +279,10 @@ mod tests {
         let data = [0x81, 0x91, 0x01, 0x02];
         validate_data(Encoding::MsgPack, &data).unwrap();
         assert!(encode_message(Encoding::MsgPack, &publication(Encoding::MsgPack, &data)).is_ok());
-        assert!(matches!(encode_message(Encoding::Json, &publication(Encoding::MsgPack, &data)), Err(DataError::Transcode(..))));
+        assert!(matches!(
+            encode_message(Encoding::Json, &publication(Encoding::MsgPack, &data)),
+            Err(DataError::Transcode(..))
+        ));
     }
 
     #[test]
@@ -275,7 +302,10 @@ mod tests {
         assert_eq!(body(&r), br#"{"op":"subscribed","channel":"a","id":7}"#);
         let r = encode_reply(Encoding::Json, &Reply::Pong { id: None });
         assert_eq!(body(&r), br#"{"op":"pong"}"#);
-        let r = encode_reply(Encoding::Json, &Reply::Error { id: Some(1), code: ErrorCode::BadRequest, message: "no \"op\"" });
+        let r = encode_reply(
+            Encoding::Json,
+            &Reply::Error { id: Some(1), code: ErrorCode::BadRequest, message: "no \"op\"" },
+        );
         let v: serde_json::Value = serde_json::from_slice(body(&r)).unwrap();
         assert_eq!(v, serde_json::json!({"op":"error","code":"bad_request","message":"no \"op\"","id":1}));
         let r = encode_reply(Encoding::MsgPack, &Reply::Published { id: Some(3) });

@@ -10,7 +10,9 @@ use std::{
 
 use bytes::Bytes;
 use fanout_hub::{Hub, LogLimiter};
-use fanout_protocol::{decode_api_publish, encode_api_error, encode_api_ok, now_micros, Encoding, ErrorCode, Publication};
+use fanout_protocol::{
+    decode_api_publish, encode_api_error, encode_api_ok, now_micros, Encoding, ErrorCode, Publication,
+};
 use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -69,7 +71,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn media(value: Option<&header::HeaderValue>) -> Option<Encoding> {
     let v = value?.to_str().ok()?.to_ascii_lowercase();
-    if v.contains("application/msgpack") || v.contains("application/x-msgpack") || v.contains("application/vnd.msgpack") {
+    if v.contains("application/msgpack") || v.contains("application/x-msgpack") || v.contains("application/vnd.msgpack")
+    {
         Some(Encoding::MsgPack)
     } else if v.contains("application/json") || v.contains("*/*") {
         Some(Encoding::Json)
@@ -112,20 +115,46 @@ impl Internal {
 
     async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
         let Ok((request_format, format)) = formats(req.headers()) else {
-            return api_error(Encoding::Json, StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadRequest, "Content-Type must be application/json or application/msgpack");
+            return api_error(
+                Encoding::Json,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadRequest,
+                "Content-Type must be application/json or application/msgpack",
+            );
         };
         if let Some(key) = &self.api_key {
-            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
-                return api_error(format, StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "missing or wrong API key");
+                return api_error(
+                    format,
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "missing or wrong API key",
+                );
             }
         }
         let body = match Limited::new(req.into_body(), self.max_body).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return api_error(format, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, "request body exceeds max_http_body");
+                return api_error(
+                    format,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::MessageTooLarge,
+                    "request body exceeds max_http_body",
+                );
             }
-            Err(_) => return api_error(format, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "could not read the request body"),
+            Err(_) => {
+                return api_error(
+                    format,
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "could not read the request body",
+                )
+            }
         };
         let request = match decode_api_publish(request_format, &body, broadcast) {
             Ok(r) => r,
@@ -137,7 +166,12 @@ impl Internal {
             }
         };
         if request.data.len() > self.max_message_size {
-            return api_error(format, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, "data exceeds max_message_size");
+            return api_error(
+                format,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge,
+                "data exceeds max_message_size",
+            );
         }
         let ts = now_micros();
         for channel in request.channels {

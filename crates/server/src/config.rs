@@ -220,8 +220,10 @@ impl Config {
     pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
             }
             None => FileConfig::default(),
         };
@@ -289,7 +291,10 @@ impl Config {
             }
         }
         if self.idle_timeout <= self.ping_interval {
-            return Err(invalid("idle_timeout", "must be longer than ping_interval, or idle clients that answer pings are cut off"));
+            return Err(invalid(
+                "idle_timeout",
+                "must be longer than ping_interval, or idle clients that answer pings are cut off",
+            ));
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
@@ -298,7 +303,10 @@ impl Config {
             return Err(invalid("max_message_size", "must be between 128 bytes and 64 MiB"));
         }
         if self.outbound_queue_bytes < self.max_message_size + 1024 {
-            return Err(invalid("outbound_queue_bytes", "must exceed max_message_size by at least 1 KiB, or one large message overflows the queue"));
+            return Err(invalid(
+                "outbound_queue_bytes",
+                "must exceed max_message_size by at least 1 KiB, or one large message overflows the queue",
+            ));
         }
         if self.max_subscriptions == 0 {
             return Err(invalid("max_subscriptions", "must be at least 1"));

@@ -54,9 +54,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let hub = Hub::new(registry, broker, config.broker_timeout);
     spawn_upkeep(prometheus.clone(), background.clone());
 
-    let public = TcpListener::bind(config.public_addr).await.with_context(|| format!("binding the public listener on {}", config.public_addr))?;
-    let internal =
-        TcpListener::bind(config.internal_addr).await.with_context(|| format!("binding the internal listener on {}", config.internal_addr))?;
+    let public = TcpListener::bind(config.public_addr)
+        .await
+        .with_context(|| format!("binding the public listener on {}", config.public_addr))?;
+    let internal = TcpListener::bind(config.internal_addr)
+        .await
+        .with_context(|| format!("binding the internal listener on {}", config.internal_addr))?;
     let (public_addr, internal_addr) = (public.local_addr()?, internal.local_addr()?);
     if config.api_key.is_none() && !internal_addr.ip().is_loopback() {
         tracing::warn!(%internal_addr, "no api_key is set and the internal listener is not on loopback: anyone who can reach it can publish");
@@ -104,8 +107,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stop_public.clone(),
         http.clone(),
     ));
-    let internal_loop =
-        tokio::spawn(listener::accept_loop(internal, accept("internal", config.handshake_timeout), internal_handler, stop_internal.clone(), http.clone()));
+    let internal_loop = tokio::spawn(listener::accept_loop(
+        internal,
+        accept("internal", config.handshake_timeout),
+        internal_handler,
+        stop_internal.clone(),
+        http.clone(),
+    ));
 
     tracing::info!("listening public={public_addr} internal={internal_addr}");
     shutdown.await;

@@ -15,7 +15,8 @@ pub type Body = Full<Bytes>;
 
 /// Serves requests of one listener.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+    fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr)
+        -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// Settings of one accept loop.
@@ -29,7 +30,13 @@ pub struct Accept {
 /// Accepts until `stop` is cancelled, then asks open HTTP connections to finish their
 /// current request and close. Upgraded connections are not tracked here: they belong to
 /// their session once the upgrade is done.
-pub async fn accept_loop<H: Handler>(listener: TcpListener, settings: Accept, handler: Arc<H>, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    settings: Accept,
+    handler: Arc<H>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     loop {
         let permit = tokio::select! {

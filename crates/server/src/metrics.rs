@@ -44,14 +44,29 @@ fn describe() {
     c!("fanout_deliveries_total", "Message frames written to client sockets");
     c!("fanout_sent_bytes_total", Unit::Bytes, "Bytes written to client sockets");
     c!("fanout_publications_dropped_total", "Publications not delivered, by reason");
-    c!("fanout_slow_consumer_disconnects_total", "Connections closed with 4008 because their outbound queue overflowed");
+    c!(
+        "fanout_slow_consumer_disconnects_total",
+        "Connections closed with 4008 because their outbound queue overflowed"
+    );
     c!("fanout_command_errors_total", "Client commands answered with an error, by code");
-    h!("fanout_delivery_latency_seconds", Unit::Seconds, "Publication ts to frame written to the socket (sampled once per socket write)");
-    h!("fanout_broadcast_duration_seconds", Unit::Seconds, "Node-local fan-out: publication received to queued for every local subscriber");
+    h!(
+        "fanout_delivery_latency_seconds",
+        Unit::Seconds,
+        "Publication ts to frame written to the socket (sampled once per socket write)"
+    );
+    h!(
+        "fanout_broadcast_duration_seconds",
+        Unit::Seconds,
+        "Node-local fan-out: publication received to queued for every local subscriber"
+    );
     g!("fanout_broker_up", "1 while the broker connection is up");
     c!("fanout_broker_reconnects_total", "Broker reconnections");
     c!("fanout_broker_errors_total", "Broker command errors, by operation");
-    h!("fanout_broker_resubscribe_duration_seconds", Unit::Seconds, "Time to resubscribe every channel after a reconnect");
+    h!(
+        "fanout_broker_resubscribe_duration_seconds",
+        Unit::Seconds,
+        "Time to resubscribe every channel after a reconnect"
+    );
     g!("fanout_ready", "1 while /readyz answers 200");
     g!("fanout_build_info", "Build information");
 }
@@ -172,9 +187,12 @@ impl Metrics {
         Self {
             connections: metrics::gauge!("fanout_connections"),
             opened: metrics::counter!("fanout_connections_opened_total"),
-            closed: CloseReason::ALL.map(|r| metrics::counter!("fanout_connections_closed_total", "reason" => r.as_str())),
-            rejected: Rejection::ALL.map(|r| metrics::counter!("fanout_upgrade_rejections_total", "reason" => r.as_str())),
-            command_errors: ErrorCode::ALL.map(|c| metrics::counter!("fanout_command_errors_total", "code" => c.as_str())),
+            closed: CloseReason::ALL
+                .map(|r| metrics::counter!("fanout_connections_closed_total", "reason" => r.as_str())),
+            rejected: Rejection::ALL
+                .map(|r| metrics::counter!("fanout_upgrade_rejections_total", "reason" => r.as_str())),
+            command_errors: ErrorCode::ALL
+                .map(|c| metrics::counter!("fanout_command_errors_total", "code" => c.as_str())),
             publications_ws: metrics::counter!("fanout_publications_total", "source" => "ws"),
             publications_http: metrics::counter!("fanout_publications_total", "source" => "http"),
             deliveries: metrics::counter!("fanout_deliveries_total"),

@@ -52,9 +52,13 @@ impl Handler for Public {
 
 type Rejected = (StatusCode, Rejection, &'static str);
 
+/// None of the subprotocols a client offered is ours.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnknownSubprotocol;
+
 /// Picks the wire format from `Sec-WebSocket-Protocol`: `Ok(None)` when the header is
 /// absent (JSON, and no header in the response), an error when nothing offered is known.
-pub fn negotiate(headers: &header::HeaderMap) -> Result<Option<(Encoding, &'static str)>, ()> {
+pub fn negotiate(headers: &header::HeaderMap) -> Result<Option<(Encoding, &'static str)>, UnknownSubprotocol> {
     let mut offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -72,7 +76,7 @@ pub fn negotiate(headers: &header::HeaderMap) -> Result<Option<(Encoding, &'stat
             _ => None,
         })
         .map(Some)
-        .ok_or(())
+        .ok_or(UnknownSubprotocol)
 }
 
 impl Public {
@@ -83,8 +87,12 @@ impl Public {
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
             return Err((StatusCode::UPGRADE_REQUIRED, Rejection::NotWebSocket, "expected a WebSocket upgrade\n"));
         }
-        let negotiated = negotiate(req.headers()).map_err(|()| {
-            (StatusCode::BAD_REQUEST, Rejection::BadSubprotocol, "unsupported subprotocol: use fanout.v1.json or fanout.v1.msgpack\n")
+        let negotiated = negotiate(req.headers()).map_err(|UnknownSubprotocol| {
+            (
+                StatusCode::BAD_REQUEST,
+                Rejection::BadSubprotocol,
+                "unsupported subprotocol: use fanout.v1.json or fanout.v1.msgpack\n",
+            )
         })?;
         if !self.allowed_origins.is_empty() {
             if let Some(origin) = req.headers().get(header::ORIGIN) {
@@ -94,9 +102,10 @@ impl Public {
                 }
             }
         }
-        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
-            (StatusCode::SERVICE_UNAVAILABLE, Rejection::TooManyConnections, "too many connections\n")
-        })?;
+        let permit =
+            self.sessions.clone().try_acquire_owned().map_err(|_| {
+                (StatusCode::SERVICE_UNAVAILABLE, Rejection::TooManyConnections, "too many connections\n")
+            })?;
         let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
             .map_err(|_| (StatusCode::BAD_REQUEST, Rejection::NotWebSocket, "invalid WebSocket handshake\n"))?;
         let (mut parts, _) = response.into_parts();
@@ -142,7 +151,10 @@ mod tests {
         assert_eq!(negotiate(&headers(&[])), Ok(None));
         assert_eq!(negotiate(&headers(&["fanout.v1.msgpack"])), Ok(Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK))));
         assert_eq!(negotiate(&headers(&["chat, fanout.v1.json"])), Ok(Some((Encoding::Json, SUBPROTOCOL_JSON))));
-        assert_eq!(negotiate(&headers(&["x", "fanout.v1.msgpack"])), Ok(Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK))));
-        assert_eq!(negotiate(&headers(&["graphql-ws"])), Err(()));
+        assert_eq!(
+            negotiate(&headers(&["x", "fanout.v1.msgpack"])),
+            Ok(Some((Encoding::MsgPack, SUBPROTOCOL_MSGPACK)))
+        );
+        assert_eq!(negotiate(&headers(&["graphql-ws"])), Err(UnknownSubprotocol));
     }
 }

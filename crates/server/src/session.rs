@@ -149,7 +149,7 @@ impl Session {
             Err(_) => return Some(End::Close(CloseReason::Disconnected)),
         }
         loop {
-            match self.decoder.next() {
+            match self.decoder.next_item() {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     // Commands are accepted in either format; replies use the connection's.
                     let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
@@ -234,7 +234,9 @@ impl Session {
                 }
             }
             Command::Ping { id } => self.reply(&Reply::Pong { id }),
-            Command::Refresh { id, .. } => self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node"),
+            Command::Refresh { id, .. } => {
+                self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node")
+            }
         }
     }
 
@@ -329,7 +331,9 @@ impl Session {
         if let Some(close) = close {
             self.pending.push_back(Outgoing { frame: close, ts: 0 });
             let grace = if reason == CloseReason::SlowConsumer { SLOW_CONSUMER_GRACE } else { CLOSE_GRACE };
-            if tokio::time::timeout(grace, self.flush_all()).await.is_ok_and(|r| r.is_ok()) && reason != CloseReason::Client {
+            if tokio::time::timeout(grace, self.flush_all()).await.is_ok_and(|r| r.is_ok())
+                && reason != CloseReason::Client
+            {
                 // Wait briefly for the client's Close (or EOF) so unread input does not
                 // turn our close into a reset that could discard the Close frame.
                 let _ = tokio::time::timeout(CLOSE_GRACE, self.drain_input()).await;

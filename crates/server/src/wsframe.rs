@@ -12,7 +12,10 @@ use bytes::{Buf, Bytes, BytesMut};
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     /// A whole (reassembled) data message; text messages are valid UTF-8.
-    Message { binary: bool, payload: Bytes },
+    Message {
+        binary: bool,
+        payload: Bytes,
+    },
     Ping(Bytes),
     Pong,
     /// The client's Close frame: the code it sent (if any).
@@ -38,6 +41,15 @@ impl FrameError {
             FrameError::TooLarge => 1009,
         }
     }
+}
+
+/// A parsed frame header.
+struct Header {
+    fin: bool,
+    opcode: u8,
+    header_len: usize,
+    payload_len: usize,
+    mask: [u8; 4],
 }
 
 /// Buffers bytes read from the socket and yields [`Incoming`] items.
@@ -71,9 +83,9 @@ impl FrameDecoder {
     }
 
     /// The next complete item, `Ok(None)` when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Incoming>, FrameError> {
+    pub fn next_item(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
-            let Some((fin, opcode, header_len, payload_len, mask)) = self.header()? else { return Ok(None) };
+            let Some(Header { fin, opcode, header_len, payload_len, mask }) = self.header()? else { return Ok(None) };
             let total = header_len + payload_len;
             if self.buf.len() < total {
                 self.buf.reserve(total - self.buf.len());
@@ -88,9 +100,8 @@ impl FrameDecoder {
         }
     }
 
-    /// Parses the header at the front of the buffer: (fin, opcode, header length, payload
-    /// length, mask). Rejects oversized payloads before any of them is buffered.
-    fn header(&self) -> Result<Option<(bool, u8, usize, usize, [u8; 4])>, FrameError> {
+    /// Parses the header at the front of the buffer. Rejects oversized payloads before any of them is buffered.
+    fn header(&self) -> Result<Option<Header>, FrameError> {
         let b = &self.buf[..];
         if b.len() < 2 {
             return Ok(None);
@@ -129,7 +140,7 @@ impl FrameDecoder {
             return Err(FrameError::TooLarge);
         }
         let mask = b[header_len - 4..header_len].try_into().unwrap_or_default();
-        Ok(Some((fin, opcode, header_len, len as usize, mask)))
+        Ok(Some(Header { fin, opcode, header_len, payload_len: len as usize, mask }))
     }
 
     fn frame(&mut self, fin: bool, opcode: u8, payload: BytesMut) -> Result<Option<Incoming>, FrameError> {
@@ -220,7 +231,7 @@ mod tests {
         let mut got = Vec::new();
         for b in wire {
             d.read_buf().extend_from_slice(&[b]);
-            while let Some(item) = d.next().unwrap() {
+            while let Some(item) = d.next_item().unwrap() {
                 got.push(item);
             }
         }
@@ -243,22 +254,22 @@ mod tests {
         wire.extend(client_frame(false, 0, b"ll"));
         wire.extend(client_frame(true, 0, b"o"));
         let mut d = decoder(&wire, 5);
-        assert_eq!(d.next(), Ok(Some(Incoming::Pong)));
-        assert_eq!(d.next(), Ok(Some(Incoming::Message { binary: false, payload: Bytes::from_static(b"hello") })));
+        assert_eq!(d.next_item(), Ok(Some(Incoming::Pong)));
+        assert_eq!(d.next_item(), Ok(Some(Incoming::Message { binary: false, payload: Bytes::from_static(b"hello") })));
         let mut wire = client_frame(false, 1, b"hel");
         wire.extend(client_frame(true, 0, b"lo!"));
-        assert_eq!(decoder(&wire, 5).next(), Err(FrameError::TooLarge));
+        assert_eq!(decoder(&wire, 5).next_item(), Err(FrameError::TooLarge));
     }
 
     #[test]
     fn oversized_frame_rejected_from_its_header() {
         // Only the header is present: the decoder must not wait for (or buffer) the body.
         let frame = client_frame(true, 1, &vec![b'a'; 70_000]);
-        assert_eq!(decoder(&frame[..14], 65_536).next(), Err(FrameError::TooLarge));
+        assert_eq!(decoder(&frame[..14], 65_536).next_item(), Err(FrameError::TooLarge));
         let mut huge = vec![0x81, 0x80 | 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         huge.extend_from_slice(&[0; 4]);
-        assert_eq!(decoder(&huge, 65_536).next(), Err(FrameError::TooLarge));
+        assert_eq!(decoder(&huge, 65_536).next_item(), Err(FrameError::TooLarge));
     }
 
     #[test]
@@ -266,11 +277,24 @@ mod tests {
         let cases: Vec<(Vec<u8>, FrameError)> = vec![
             (vec![0x81, 0x00], FrameError::Protocol("client frames must be masked")),
             (client_frame(true, 3, b""), FrameError::Protocol("unknown opcode")),
-            ({ let mut f = client_frame(true, 1, b"x"); f[0] |= 0x40; f }, FrameError::Protocol("reserved bits set")),
+            (
+                {
+                    let mut f = client_frame(true, 1, b"x");
+                    f[0] |= 0x40;
+                    f
+                },
+                FrameError::Protocol("reserved bits set"),
+            ),
             (client_frame(false, 9, b""), FrameError::Protocol("control frames must be final and at most 125 bytes")),
-            (client_frame(true, 9, &[0; 126]), FrameError::Protocol("control frames must be final and at most 125 bytes")),
+            (
+                client_frame(true, 9, &[0; 126]),
+                FrameError::Protocol("control frames must be final and at most 125 bytes"),
+            ),
             (client_frame(true, 0, b"x"), FrameError::Protocol("continuation frame without a message")),
-            ([client_frame(false, 1, b"x"), client_frame(true, 1, b"y")].concat(), FrameError::Protocol("new data frame inside a fragmented message")),
+            (
+                [client_frame(false, 1, b"x"), client_frame(true, 1, b"y")].concat(),
+                FrameError::Protocol("new data frame inside a fragmented message"),
+            ),
             (client_frame(true, 1, &[0xc3, 0x28]), FrameError::InvalidUtf8),
             ([client_frame(false, 1, &[0xe2, 0x82]), client_frame(true, 0, &[0x28])].concat(), FrameError::InvalidUtf8),
             (client_frame(true, 8, &[3]), FrameError::Protocol("close frame with a 1-byte payload")),
@@ -280,7 +304,7 @@ mod tests {
         for (wire, want) in cases {
             let mut d = decoder(&wire, 1000);
             let got = loop {
-                match d.next() {
+                match d.next_item() {
                     Ok(Some(_)) => continue,
                     Ok(None) => panic!("no error for {wire:?}"),
                     Err(e) => break e,
@@ -288,13 +312,19 @@ mod tests {
             };
             assert_eq!(got, want, "{wire:?}");
         }
-        assert_eq!(decoder(&client_frame(true, 8, &[0x03, 0xe8]), 10).next(), Ok(Some(Incoming::Close(Some(1000)))));
+        assert_eq!(
+            decoder(&client_frame(true, 8, &[0x03, 0xe8]), 10).next_item(),
+            Ok(Some(Incoming::Close(Some(1000))))
+        );
     }
 
     #[test]
     fn utf8_split_across_fragments_is_fine() {
         let mut wire = client_frame(false, 1, &[0xe2, 0x82]);
         wire.extend(client_frame(true, 0, &[0xac]));
-        assert_eq!(decoder(&wire, 10).next(), Ok(Some(Incoming::Message { binary: false, payload: Bytes::from("€") })));
+        assert_eq!(
+            decoder(&wire, 10).next_item(),
+            Ok(Some(Incoming::Message { binary: false, payload: Bytes::from("€") }))
+        );
     }
 }

@@ -23,9 +23,15 @@ async fn command_errors_keep_the_connection_open() {
         (Message::Text(r#"{"id":2}"#.into()), json!({"code":"bad_request","id":2})),
         (Message::Text(r#"{"op":"subscribe","id":3}"#.into()), json!({"code":"bad_request","id":3})),
         (Message::Text(r#"{"op":"publish","channel":"a","id":4}"#.into()), json!({"code":"bad_request","id":4})),
-        (Message::Text(r#"{"op":"subscribe","channel":"has space","id":5}"#.into()), json!({"code":"bad_request","id":5})),
+        (
+            Message::Text(r#"{"op":"subscribe","channel":"has space","id":5}"#.into()),
+            json!({"code":"bad_request","id":5}),
+        ),
         (Message::Text(r#"{"op":"subscribe","channel":"","id":6}"#.into()), json!({"code":"bad_request","id":6})),
-        (Message::Text(format!(r#"{{"op":"subscribe","channel":"{}","id":7}}"#, "x".repeat(256)).into()), json!({"code":"bad_request","id":7})),
+        (
+            Message::Text(format!(r#"{{"op":"subscribe","channel":"{}","id":7}}"#, "x".repeat(256)).into()),
+            json!({"code":"bad_request","id":7}),
+        ),
         (Message::Text(r#"{"op":"subscribe","channel":"é","id":8}"#.into()), json!({"code":"bad_request","id":8})),
         (Message::Text(r#"{"op":"ping","id":-1}"#.into()), json!({"code":"bad_request"})),
         (Message::Binary(vec![0xc1, 0xff].into()), json!({"code":"bad_request"})),
@@ -75,9 +81,21 @@ async fn websocket_violations_get_their_close_codes() {
     let node = node(&[]);
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("invalid UTF-8 text", client_frame(true, 1, &[0xc3, 0x28]), 1007),
-        ("invalid UTF-8 across fragments", [client_frame(false, 1, b"ok"), client_frame(true, 0, &[0xff])].concat(), 1007),
+        (
+            "invalid UTF-8 across fragments",
+            [client_frame(false, 1, b"ok"), client_frame(true, 0, &[0xff])].concat(),
+            1007,
+        ),
         ("unmasked frame", vec![0x81, 0x02, b'h', b'i'], 1002),
-        ("reserved bits", { let mut f = client_frame(true, 1, b"{}"); f[0] |= 0x40; f }, 1002),
+        (
+            "reserved bits",
+            {
+                let mut f = client_frame(true, 1, b"{}");
+                f[0] |= 0x40;
+                f
+            },
+            1002,
+        ),
         ("unknown opcode", client_frame(true, 0x3, b""), 1002),
         ("fragmented ping", client_frame(false, 0x9, b""), 1002),
         ("continuation without start", client_frame(true, 0, b"x"), 1002),
@@ -137,6 +155,12 @@ async fn api_key_is_required_when_configured() {
     let body = br#"{"channel":"a","data":1}"#;
     let r = http(node.internal, "POST", "/api/publish", &[], body).await;
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (401, json!("unauthorized")));
-    assert_eq!(http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer wrong")], body).await.status, 401);
-    assert_eq!(http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer s3cret")], body).await.status, 200);
+    assert_eq!(
+        http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer wrong")], body).await.status,
+        401
+    );
+    assert_eq!(
+        http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer s3cret")], body).await.status,
+        200
+    );
 }

@@ -87,7 +87,11 @@ async fn thousands_of_publications_arrive_in_order_across_nodes() {
     const N: u64 = 3000;
     let redis = RedisServer::start();
     let [a, b] = <[Node; 2]>::try_from(nodes(&redis, 2)).ok().unwrap();
-    let mut subs = vec![WsClient::json(&b.ws_url()).await, WsClient::msgpack(&b.ws_url()).await, WsClient::json(&a.ws_url()).await];
+    let mut subs = vec![
+        WsClient::json(&b.ws_url()).await,
+        WsClient::msgpack(&b.ws_url()).await,
+        WsClient::json(&a.ws_url()).await,
+    ];
     for s in &mut subs {
         s.subscribe("seq").await;
     }
@@ -121,7 +125,10 @@ async fn node_holds_one_redis_subscription_per_channel_and_only_while_wanted() {
     drop(clients);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while redis.cli(&["PUBSUB", "NUMSUB", "fanout:shared"]).lines().nth(1) != Some("0") {
-        assert!(std::time::Instant::now() < deadline, "node kept the Redis subscription after its last subscriber left");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node kept the Redis subscription after its last subscriber left"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -138,7 +145,11 @@ async fn garbage_in_redis_is_counted_and_never_delivered() {
         envelope(1, "json", b"{broken"),
         envelope(1, "xml", b"<a/>"),
         envelope(1, "msgpack", &[0x92, 0x01]),
-        { let mut e = envelope(1, "json", b"1"); e[3] = 2; e }, // v = 2
+        {
+            let mut e = envelope(1, "json", b"1");
+            e[3] = 2;
+            e
+        }, // v = 2
     ];
     for g in &garbage {
         redis_publish(&redis, "fanout:g", g).await;

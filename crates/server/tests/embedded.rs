@@ -59,7 +59,14 @@ async fn http_api_publish_and_broadcast_in_both_formats() {
         json_sub.subscribe(c).await;
         mp_sub.subscribe(c).await;
     }
-    let r = http(node.internal, "POST", "/api/publish", &[("Content-Type", "application/json")], br#"{"channel":"a","data":{"k":"v"}}"#).await;
+    let r = http(
+        node.internal,
+        "POST",
+        "/api/publish",
+        &[("Content-Type", "application/json")],
+        br#"{"channel":"a","data":{"k":"v"}}"#,
+    )
+    .await;
     assert_eq!((r.status, r.json()), (200, json!({"ok":true})));
     for sub in [&mut json_sub, &mut mp_sub] {
         let m = sub.next_value().await;

@@ -37,10 +37,16 @@ async fn redis_restart_resumes_delivery_without_client_reconnects() {
     }
 
     redis.kill();
-    wait_for("readyz 503 on both nodes", Duration::from_secs(5), async || readyz(&a).await == 503 && readyz(&b).await == 503).await;
+    wait_for("readyz 503 on both nodes", Duration::from_secs(5), async || {
+        readyz(&a).await == 503 && readyz(&b).await == 503
+    })
+    .await;
     publisher.send(json!({"op":"publish","channel":"live","data":"lost","id":5})).await;
     let reply = publisher.next_value().await;
-    assert_eq!((reply["op"].clone(), reply["code"].clone(), reply["id"].clone()), (json!("error"), json!("unavailable"), json!(5)));
+    assert_eq!(
+        (reply["op"].clone(), reply["code"].clone(), reply["id"].clone()),
+        (json!("error"), json!("unavailable"), json!(5))
+    );
     let r = http(a.internal, "POST", "/api/publish", &[], br#"{"channel":"live","data":1}"#).await;
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (503, json!("unavailable")));
     let mut late = WsClient::json(&a.ws_url()).await;
@@ -90,7 +96,8 @@ async fn frozen_redis_is_detected_by_the_heartbeat() {
     sub.subscribe("f").await;
     // SIGSTOP keeps the TCP connection open but nothing answers: only a heartbeat notices.
     fanout_testkit::signal(redis.pid(), "STOP");
-    let took = wait_for("readyz 503 with a frozen Redis", Duration::from_secs(10), async || readyz(&node).await == 503).await;
+    let took =
+        wait_for("readyz 503 with a frozen Redis", Duration::from_secs(10), async || readyz(&node).await == 503).await;
     fanout_testkit::signal(redis.pid(), "CONT");
     assert!(took < Duration::from_secs(6), "took {took:?}");
     wait_for("readyz 200 again", Duration::from_secs(10), async || readyz(&node).await == 200).await;
@@ -221,5 +228,8 @@ async fn config_file_environment_and_flags_combine() {
     c.send(json!({"op":"subscribe","channel":"b","id":1})).await;
     assert_eq!(c.next_value().await["code"], "too_many_subscriptions");
     let body = br#"{"channel":"a","data":1}"#;
-    assert_eq!(http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer from-file")], body).await.status, 200);
+    assert_eq!(
+        http(node.internal, "POST", "/api/publish", &[("Authorization", "Bearer from-file")], body).await.status,
+        200
+    );
 }

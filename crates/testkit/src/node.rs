@@ -60,7 +60,10 @@ impl Node {
                 if let Some(rest) = line.split("listening public=").nth(1) {
                     let mut parts = rest.split(" internal=");
                     let public = parts.next().and_then(|p| p.trim().parse().ok());
-                    let internal = parts.next().and_then(|p| p.split_whitespace().next()).and_then(|p| p.trim_end_matches('"').parse().ok());
+                    let internal = parts
+                        .next()
+                        .and_then(|p| p.split_whitespace().next())
+                        .and_then(|p| p.trim_end_matches('"').parse().ok());
                     if let (Some(p), Some(i)) = (public, internal) {
                         let _ = tx.send((p, i));
                     }

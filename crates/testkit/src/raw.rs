@@ -78,7 +78,9 @@ impl RawWs {
                 let len7 = (self.buf[1] & 0x7f) as usize;
                 let (hl, len) = match len7 {
                     126 if self.buf.len() >= 4 => (4, u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize),
-                    127 if self.buf.len() >= 10 => (10, u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize),
+                    127 if self.buf.len() >= 10 => {
+                        (10, u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize)
+                    }
                     126 | 127 => (usize::MAX, 0),
                     n => (2, n),
                 };

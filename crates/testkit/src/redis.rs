@@ -75,7 +75,11 @@ impl RedisServer {
 
     /// Runs a command through `redis-cli`, returning its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli not found");
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli not found");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

@@ -49,7 +49,11 @@ pub fn msgpack_to_json(v: &rmpv::Value) -> serde_json::Value {
         V::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
         V::Binary(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
         V::Array(a) => J::Array(a.iter().map(msgpack_to_json).collect()),
-        V::Map(m) => J::Object(m.iter().map(|(k, v)| (k.as_str().map(String::from).unwrap_or_else(|| k.to_string()), msgpack_to_json(v))).collect()),
+        V::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().map(String::from).unwrap_or_else(|| k.to_string()), msgpack_to_json(v)))
+                .collect(),
+        ),
         V::Ext(_, b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
     }
 }
@@ -61,7 +65,11 @@ pub fn json_to_msgpack(v: &serde_json::Value) -> rmpv::Value {
     match v {
         J::Null => V::Nil,
         J::Bool(b) => V::Boolean(*b),
-        J::Number(n) => n.as_u64().map(V::from).or_else(|| n.as_i64().map(V::from)).unwrap_or_else(|| V::F64(n.as_f64().unwrap_or(0.0))),
+        J::Number(n) => n
+            .as_u64()
+            .map(V::from)
+            .or_else(|| n.as_i64().map(V::from))
+            .unwrap_or_else(|| V::F64(n.as_f64().unwrap_or(0.0))),
         J::String(s) => V::from(s.as_str()),
         J::Array(a) => V::Array(a.iter().map(json_to_msgpack).collect()),
         J::Object(o) => V::Map(o.iter().map(|(k, v)| (V::from(k.as_str()), json_to_msgpack(v))).collect()),
@@ -80,7 +88,10 @@ impl WsClient {
 
     /// Connects with a prepared request, returning the HTTP status on refusal (0 when the
     /// TCP connection itself failed).
-    pub async fn connect_request(req: tokio_tungstenite::tungstenite::handshake::client::Request, msgpack: bool) -> Result<Self, u16> {
+    pub async fn connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+        msgpack: bool,
+    ) -> Result<Self, u16> {
         match tokio_tungstenite::connect_async(req).await {
             Ok((ws, _)) => Ok(Self { ws, msgpack }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
