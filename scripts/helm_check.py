@@ -775,6 +775,47 @@ def check_deploy(c, compose_schema):
         return "%d stages, final %s as %s" % (len(stages), final["from"].split()[0], ops["USER"])
     c.check("deploy/Dockerfile: locked release build, non-root runtime, ports, HEALTHCHECK", dockerfile)
 
+    def build_context():
+        """Copies what `docker build .` would send (honouring .dockerignore) and asks
+        cargo whether the workspace is complete in it."""
+        import fnmatch
+        import shutil
+        cargo = shutil.which("cargo")
+        with open(os.path.join(ROOT, ".dockerignore")) as f:
+            patterns = [l.strip().rstrip("/") for l in f if l.strip() and not l.startswith("#")]
+
+        def ignored(rel):
+            for pat in patterns:
+                if fnmatch.fnmatch(rel, pat) or (pat.startswith("**/") and fnmatch.fnmatch(os.path.basename(rel), pat[3:])):
+                    return True
+            return False
+        with open(os.path.join(ROOT, "Cargo.toml"), "rb") as f:
+            ws = tomllib.load(f)["workspace"]
+        import glob
+        members = [m for pat in ws.get("members", []) for m in glob.glob(os.path.join(ROOT, pat))]
+        for m in members:
+            rel = os.path.relpath(m, ROOT)
+            assert not ignored(rel), ".dockerignore drops workspace member %s" % rel
+        if not cargo:
+            return "%d workspace members kept (cargo not found, metadata not checked)" % len(members)
+        with tempfile.TemporaryDirectory() as tmp:
+            for dirpath, dirnames, filenames in os.walk(ROOT):
+                rel_dir = os.path.relpath(dirpath, ROOT)
+                dirnames[:] = [d for d in dirnames
+                               if not ignored(os.path.normpath(os.path.join(rel_dir, d)))]
+                for fn in filenames:
+                    rel = os.path.normpath(os.path.join(rel_dir, fn))
+                    if ignored(rel) or os.path.islink(os.path.join(dirpath, fn)):
+                        continue
+                    os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+                    shutil.copy2(os.path.join(dirpath, fn), os.path.join(tmp, rel))
+            r = run([cargo, "metadata", "--no-deps", "--format-version", "1", "--offline"], cwd=tmp)
+            assert r.returncode == 0, "cargo cannot load the workspace from the build context: " + r.stderr[-600:]
+            pkgs = [p["name"] for p in json.loads(r.stdout)["packages"]]
+            assert "fanout-server" in pkgs, "fanout-server not in the build context's workspace"
+            return "%d packages load from the context" % len(pkgs)
+    c.check("docker build context (.dockerignore) keeps the whole Cargo workspace", build_context)
+
 
 # ---------------------------------------------------------------------------- real binary
 def find_binary():
