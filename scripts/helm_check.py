@@ -954,6 +954,15 @@ def check_binary(c, helm):
             bad = run([sys.executable, os.path.join(CHART, "files", "ws-smoke-test.py")],
                       env=dict(test_env, FANOUT_API_KEY="wrong-key", TIMEOUT_SECONDS="10"), timeout=60)
             assert bad.returncode != 0 and "401" in bad.stdout, "a wrong API key was not refused: " + bad.stdout[-400:]
+            # Informational: metrics the rules/dashboard expect that this build does not export
+            # (series appear lazily, so a quiet node may lack some; not a failure).
+            import urllib.request
+            with urllib.request.urlopen("http://%s/metrics" % sub.internal, timeout=5) as resp:
+                exported = {l.split("{")[0].split(" ")[0] for l in resp.read().decode().splitlines()
+                            if l and not l.startswith("#")}
+            missing = sorted(ALLOWED_METRICS - exported - {h + "_sum" for h in HISTOGRAMS} - {h + "_count" for h in HISTOGRAMS})
+            if missing:
+                print("note: this gateway build does not (yet) export: %s" % ", ".join(missing), flush=True)
             codes = [n.stop(timeout=35) for n in nodes]
             assert codes == [0] * len(nodes), "exit codes after SIGTERM %s" % codes
             return "%s: %s" % (how, t.stdout.strip().splitlines()[-1].replace("ws-smoke-test: ", ""))
