@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# scripts/test.sh: the project's one test command. Installs what the tests need when it
+# is missing (redis-server; helm-check.sh installs its own tools), then runs every test:
+# the Rust workspace (unit, property and integration tests against real redis-server
+# processes and real fanout nodes) and the Helm chart / deploy checks.
+# Ends with one line "tests: N passed, M failed" and exits non-zero on any failure.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '== %s\n' "$*" >&2; }
+
+need_redis() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
+  log "redis-server is missing: installing it from Debian's packages"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  # The tests start their own servers; the packaged service is not needed.
+  $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
+  command -v redis-server >/dev/null || { echo "tests: 0 passed, 1 failed"; exit 1; }
+}
+
+need_redis
+
+failed_steps=()
+log_dir="$(mktemp -d)"
+trap 'rm -rf "$log_dir"' EXIT
+
+log "cargo test --workspace"
+cargo test --workspace --locked 2>&1 | tee "$log_dir/cargo.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("cargo test")
+
+log "helm chart and deploy checks"
+scripts/helm-check.sh 2>&1 | tee "$log_dir/helm.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("helm-check")
+
+sum() { awk -v want="$2" '{ for (i = 1; i < NF; i++) if ($(i+1) ~ "^" want) s += $i } END { print s + 0 }' "$1"; }
+passed=$(( $(grep -h '^test result:' "$log_dir/cargo.log" | sum /dev/stdin passed) + $(grep -h '^helm-check: [0-9]' "$log_dir/helm.log" | sum /dev/stdin passed) ))
+failed=$(( $(grep -h '^test result:' "$log_dir/cargo.log" | sum /dev/stdin failed) + $(grep -h '^helm-check: [0-9]' "$log_dir/helm.log" | sum /dev/stdin failed) ))
+if [ ${#failed_steps[@]} -gt 0 ] && [ "$failed" -eq 0 ]; then failed=${#failed_steps[@]}; fi
+[ ${#failed_steps[@]} -eq 0 ] || log "failed: ${failed_steps[*]}"
+echo "tests: $passed passed, $failed failed"
+[ ${#failed_steps[@]} -eq 0 ]
