@@ -19,6 +19,8 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     pub fn new(registry: Arc<Registry>) -> Self {
+        // The embedded broker is always connected.
+        metrics::gauge!("fanout_broker_up").set(1.0);
         Self { registry, channels: metrics::gauge!("fanout_broker_channels") }
     }
 }

@@ -26,6 +26,8 @@ pub struct Internal {
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub prometheus: PrometheusHandle,
+    /// Process metrics (memory, CPU, file descriptors) are read at scrape time.
+    pub process: metrics_process::Collector,
     pub draining: Arc<AtomicBool>,
     pub api_key: Option<String>,
     pub max_body: usize,
@@ -51,6 +53,7 @@ impl Handler for Internal {
             }
             (&Method::GET, "/metrics") => {
                 self.metrics.ready.set(if self.is_ready() { 1.0 } else { 0.0 });
+                self.process.collect();
                 respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.prometheus.render())
             }
             (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,

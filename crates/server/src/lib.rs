@@ -94,6 +94,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         hub,
         metrics: m.clone(),
         prometheus,
+        process: {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        },
         draining: draining.clone(),
         api_key: config.api_key.clone(),
         max_body: config.max_http_body,
