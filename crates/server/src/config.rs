@@ -32,6 +32,10 @@ pub struct Cli {
 pub enum Command {
     /// Run a gateway node.
     Serve(Box<ServeArgs>),
+    /// Publish to channels through a node's HTTP API or straight into Redis.
+    Publish(crate::cli::PublishArgs),
+    /// Subscribe to channels on a node and print what arrives as JSON lines.
+    Subscribe(crate::cli::SubscribeArgs),
 }
 
 /// Every setting is optional here: unset flags fall back to the environment (handled by

@@ -5,6 +5,7 @@
 //! future that resolves when the node should drain.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod listener;
 pub mod metrics;

@@ -44,6 +44,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Publish(args) => client_runtime(fanout_server::cli::publish(args)),
+        Command::Subscribe(args) => client_runtime(fanout_server::cli::subscribe(args)),
+    }
+}
+
+/// The client commands need only a small runtime.
+fn client_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("fanout: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,335 @@
+//! The operator commands `fanout publish` and `fanout subscribe`: scripts and humans
+//! talking to a live cluster.
+
+use std::{io::BufRead as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use bytes::Bytes;
+use clap::Args;
+use fanout_protocol::Encoding;
+use fanout_publisher::{PublishError, Publisher};
+use fastwebsockets::{FragmentCollector, Frame, OpCode};
+use http_body_util::Empty;
+use hyper::{header, Request};
+
+/// Exit codes, from sysexits.h where one fits.
+pub mod exit {
+    /// The server refused the request (4xx: bad data, bad key, too large).
+    pub const REJECTED: u8 = 1;
+    /// Bad flags or unreadable input.
+    pub const USAGE: u8 = 64;
+    /// Input that is not valid JSON.
+    pub const DATA: u8 = 65;
+    /// The gateway or Redis is unreachable, unavailable or too slow.
+    pub const UNAVAILABLE: u8 = 69;
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Channel to publish to; repeat for a broadcast (one publication, same ts).
+    #[arg(long = "channel", short = 'c', required = true, value_name = "CHANNEL")]
+    pub channels: Vec<String>,
+    /// The data: one JSON value. Without --data or --file, every non-empty line of
+    /// standard input is published, in order.
+    #[arg(long, short = 'd', value_name = "JSON", conflicts_with = "file")]
+    pub data: Option<String>,
+    /// Read the data (one JSON value) from this file.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A node's internal listener.
+    #[arg(long, env = "FANOUT_API_URL", default_value = "http://127.0.0.1:9090", value_name = "URL")]
+    pub api_url: String,
+    /// API key for the HTTP API.
+    #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Publish straight into Redis instead of through the HTTP API (--api-key is then unused).
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Redis channel prefix (with --redis-url).
+    #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:", value_name = "PREFIX")]
+    pub redis_prefix: String,
+    /// Send the data as MessagePack instead of JSON.
+    #[arg(long)]
+    pub msgpack: bool,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub timeout: humantime::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// A node's WebSocket endpoint.
+    #[arg(long, env = "FANOUT_WS_URL", default_value = "ws://127.0.0.1:8080/ws", value_name = "URL")]
+    pub url: String,
+    /// Channels to subscribe to.
+    #[arg(required = true, value_name = "CHANNEL")]
+    pub channels: Vec<String>,
+    /// Connection token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "FANOUT_TOKEN", hide_env_values = true, value_name = "JWT")]
+    pub token: Option<String>,
+    /// Speak MessagePack on the wire (output is JSON either way).
+    #[arg(long)]
+    pub msgpack: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Print every event (replies, errors), not only messages.
+    #[arg(long)]
+    pub all: bool,
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("fanout: {message}");
+    ExitCode::from(code)
+}
+
+fn publish_exit(e: &PublishError) -> u8 {
+    if e.is_retryable() {
+        exit::UNAVAILABLE
+    } else if matches!(e, PublishError::Config(_) | PublishError::InvalidChannel { .. }) {
+        exit::USAGE
+    } else {
+        exit::REJECTED
+    }
+}
+
+/// Encodes one JSON text as the publication's data.
+fn encode(text: &str, msgpack: bool) -> Result<Bytes, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("data is not valid JSON: {e}"))?;
+    if msgpack {
+        rmp_serde_bytes(&value)
+    } else {
+        Ok(Bytes::from(value.to_string()))
+    }
+}
+
+fn rmp_serde_bytes(value: &serde_json::Value) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    rmpv::encode::write_value(&mut buf, &json_to_msgpack(value)).map_err(|e| e.to_string())?;
+    Ok(Bytes::from(buf))
+}
+
+fn json_to_msgpack(v: &serde_json::Value) -> rmpv::Value {
+    use rmpv::Value as V;
+    use serde_json::Value as J;
+    match v {
+        J::Null => V::Nil,
+        J::Bool(b) => V::Boolean(*b),
+        J::Number(n) => n
+            .as_u64()
+            .map(V::from)
+            .or_else(|| n.as_i64().map(V::from))
+            .unwrap_or_else(|| V::F64(n.as_f64().unwrap_or(0.0))),
+        J::String(s) => V::from(s.as_str()),
+        J::Array(a) => V::Array(a.iter().map(json_to_msgpack).collect()),
+        J::Object(o) => V::Map(o.iter().map(|(k, v)| (V::from(k.as_str()), json_to_msgpack(v))).collect()),
+    }
+}
+
+/// `fanout publish`.
+pub async fn publish(args: PublishArgs) -> ExitCode {
+    let enc = if args.msgpack { Encoding::MsgPack } else { Encoding::Json };
+    let timeout = Duration::from(args.timeout);
+    let publisher = match &args.redis_url {
+        Some(url) => Publisher::redis(url).prefix(&args.redis_prefix).encoding(enc).timeout(timeout).connect().await,
+        None => {
+            let mut b = Publisher::http(&args.api_url).encoding(enc).timeout(timeout);
+            if let Some(key) = &args.api_key {
+                b = b.api_key(key);
+            }
+            b.build()
+        }
+    };
+    let publisher = match publisher {
+        Ok(p) => p,
+        Err(e) => return fail(publish_exit(&e), e),
+    };
+    let channels: Vec<&str> = args.channels.iter().map(String::as_str).collect();
+    let send = |data: Bytes| {
+        let publisher = publisher.clone();
+        let channels = channels.clone();
+        async move {
+            if channels.len() == 1 {
+                publisher.publish_raw(channels[0], enc, data).await
+            } else {
+                publisher.broadcast_raw(&channels, enc, data).await
+            }
+        }
+    };
+    let single = match (&args.data, &args.file) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(text) => Some(text),
+            Err(e) => return fail(exit::USAGE, format!("cannot read {}: {e}", f.display())),
+        },
+        (None, None) => None,
+    };
+    if let Some(text) = single {
+        let data = match encode(&text, args.msgpack) {
+            Ok(d) => d,
+            Err(e) => return fail(exit::DATA, e),
+        };
+        return match send(data).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(publish_exit(&e), e),
+        };
+    }
+    // One publication per line of standard input; stop at the first failure so the
+    // exit code tells a script where things stand.
+    let mut published = 0u64;
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return fail(exit::USAGE, format!("reading standard input: {e}")),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let data = match encode(&line, args.msgpack) {
+            Ok(d) => d,
+            Err(e) => return fail(exit::DATA, format!("line {}: {e} ({published} published)", n + 1)),
+        };
+        if let Err(e) = send(data).await {
+            return fail(publish_exit(&e), format!("line {}: {e} ({published} published)", n + 1));
+        }
+        published += 1;
+    }
+    ExitCode::SUCCESS
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+/// `fanout subscribe`: prints one JSON object per line on standard output.
+pub async fn subscribe(args: SubscribeArgs) -> ExitCode {
+    let uri: hyper::Uri = match args.url.parse() {
+        Ok(u) => u,
+        Err(e) => return fail(exit::USAGE, format!("invalid --url: {e}")),
+    };
+    if uri.scheme_str() != Some("ws") {
+        return fail(
+            exit::USAGE,
+            "--url must be a ws:// URL (terminate TLS in front of the CLI, e.g. with a port-forward)",
+        );
+    }
+    let Some(host) = uri.host().map(str::to_owned) else { return fail(exit::USAGE, "--url has no host") };
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(exit::UNAVAILABLE, format!("cannot connect to {host}:{port}: {e}")),
+        Err(_) => return fail(exit::UNAVAILABLE, format!("connecting to {host}:{port} timed out")),
+    };
+    let protocol = if args.msgpack { "fanout.v1.msgpack" } else { "fanout.v1.json" };
+    let mut req = Request::builder()
+        .method("GET")
+        .uri(uri.path_and_query().map_or("/ws", |p| p.as_str()))
+        .header(header::HOST, format!("{host}:{port}"))
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::SEC_WEBSOCKET_KEY, fastwebsockets::handshake::generate_key())
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    if let Some(token) = &args.token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = match req.body(Empty::<Bytes>::new()) {
+        Ok(r) => r,
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let ws = match fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await {
+        Ok((ws, _)) => ws,
+        Err(e) => return fail(exit::UNAVAILABLE, format!("WebSocket upgrade failed: {e}")),
+    };
+    let mut ws = FragmentCollector::new(ws);
+    for (i, channel) in args.channels.iter().enumerate() {
+        let cmd = serde_json::json!({"op":"subscribe","channel":channel,"id":i});
+        let payload = if args.msgpack {
+            rmp_serde_bytes(&cmd).unwrap_or_default().to_vec()
+        } else {
+            cmd.to_string().into_bytes()
+        };
+        let frame = if args.msgpack { Frame::binary(payload.into()) } else { Frame::text(payload.into()) };
+        if let Err(e) = ws.write_frame(frame).await {
+            return fail(exit::UNAVAILABLE, format!("sending subscribe: {e}"));
+        }
+    }
+    let mut pending = args.channels.len();
+    let mut messages = 0u64;
+    loop {
+        let frame = match ws.read_frame().await {
+            Ok(f) => f,
+            Err(e) => return fail(exit::UNAVAILABLE, format!("connection lost: {e}")),
+        };
+        let value: serde_json::Value = match frame.opcode {
+            OpCode::Text => match serde_json::from_slice(&frame.payload) {
+                Ok(v) => v,
+                Err(e) => return fail(exit::DATA, format!("server sent invalid JSON: {e}")),
+            },
+            OpCode::Binary => match rmpv::decode::read_value(&mut &frame.payload[..]) {
+                Ok(v) => msgpack_to_json(&v),
+                Err(e) => return fail(exit::DATA, format!("server sent invalid MessagePack: {e}")),
+            },
+            OpCode::Close => {
+                let code = (frame.payload.len() >= 2).then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                return match code {
+                    Some(1000) | None => ExitCode::SUCCESS,
+                    Some(c) => fail(exit::UNAVAILABLE, format!("server closed the connection with {c}")),
+                };
+            }
+            _ => continue,
+        };
+        let op = value["op"].as_str().unwrap_or_default();
+        match op {
+            "error" if pending > 0 => return fail(exit::REJECTED, format!("subscribe failed: {value}")),
+            "subscribed" => {
+                pending = pending.saturating_sub(1);
+                if pending == 0 {
+                    eprintln!("fanout: subscribed to {}", args.channels.join(", "));
+                }
+            }
+            _ => {}
+        }
+        if op == "message" || args.all {
+            println!("{value}");
+        }
+        if op == "message" {
+            messages += 1;
+            if args.count.is_some_and(|n| messages >= n) {
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}
+
+fn msgpack_to_json(v: &rmpv::Value) -> serde_json::Value {
+    use rmpv::Value as V;
+    use serde_json::Value as J;
+    match v {
+        V::Nil => J::Null,
+        V::Boolean(b) => J::Bool(*b),
+        V::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
+        V::F32(f) => J::from(f64::from(*f)),
+        V::F64(f) => J::from(*f),
+        V::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
+        V::Binary(b) | V::Ext(_, b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
+        V::Array(a) => J::Array(a.iter().map(msgpack_to_json).collect()),
+        V::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().map(String::from).unwrap_or_else(|| k.to_string()), msgpack_to_json(v)))
+                .collect(),
+        ),
+    }
+}
