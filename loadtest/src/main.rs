@@ -1,5 +1,244 @@
-//! `fanout-loadtest`: the command line of the load generator.
+//! `fanout-loadtest`: the command line of the load generator (issue 4). Answers "how many
+//! connections and deliveries per second does this cluster hold, at what latency".
+
+mod metrics;
+mod plot;
+mod publish;
+mod report;
+mod run;
+mod scan;
+mod scenario;
+mod sub;
+mod sys;
+mod ws;
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::scenario::Transport;
+
+#[derive(Parser)]
+#[command(
+    name = "fanout-loadtest",
+    version,
+    about = "Load generator for fanout clusters: connections, deliveries/s, end-to-end latency"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a scenario (a built-in name, or a path to a .toml file).
+    Run(Box<RunArgs>),
+    /// Lists the built-in scenarios.
+    List,
+    /// Prints a scenario with the given overrides applied, as TOML.
+    Show {
+        scenario: String,
+        #[command(flatten)]
+        overrides: Overrides,
+        #[arg(long)]
+        scenario_dir: Option<PathBuf>,
+    },
+}
+
+/// Scenario values a flag may override.
+#[derive(Args, Clone, Default)]
+struct Overrides {
+    /// Subscriber connections.
+    #[arg(long, short = 'n')]
+    subscribers: Option<usize>,
+    /// Channels publications rotate over.
+    #[arg(long, short = 'c')]
+    channels: Option<usize>,
+    /// Channels each subscriber is on.
+    #[arg(long, short = 'k')]
+    channels_per_subscriber: Option<usize>,
+    /// Publications per second, over all channels (0: hold idle).
+    #[arg(long, short = 'r')]
+    rate: Option<f64>,
+    /// How long to publish (or hold), e.g. 30s, 2m.
+    #[arg(long, short = 'd', value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Size of each publication's data in bytes.
+    #[arg(long)]
+    payload: Option<usize>,
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
+    /// Churn clients started per second.
+    #[arg(long)]
+    churn_rate: Option<f64>,
+    /// How long each churn client stays.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    churn_hold: Option<Duration>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Built-in scenario name (see `list`) or path to a scenario .toml file.
+    scenario: String,
+    #[command(flatten)]
+    overrides: Overrides,
+    /// Read NAME.toml from this directory before falling back to the built-in scenarios.
+    #[arg(long)]
+    scenario_dir: Option<PathBuf>,
+    /// Gateway WebSocket URL(s); subscribers are spread round-robin. Repeatable or comma-separated.
+    #[arg(long = "url", short = 'u', value_delimiter = ',', env = "FANOUT_LOADTEST_URLS")]
+    urls: Vec<String>,
+    /// A node's internal listener for --transport http, e.g. http://127.0.0.1:9090.
+    #[arg(long)]
+    http_url: Option<String>,
+    /// API key for the HTTP transport.
+    #[arg(long, env = "FANOUT_API_KEY")]
+    api_key: Option<String>,
+    /// Redis for --transport redis.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Redis channel prefix the gateway uses.
+    #[arg(long, default_value = fanout_publisher::DEFAULT_REDIS_PREFIX)]
+    redis_prefix: String,
+    /// Worker threads for subscribers (0: one per available core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// New connections per second (0: as fast as possible).
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Limit for connecting, upgrading and subscribing one connection.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Local addresses to bind before connecting (round-robin), to go past ~28k
+    /// connections per source address: 127.0.0.1,127.0.0.2,…
+    #[arg(long, value_delimiter = ',')]
+    source_addrs: Vec<IpAddr>,
+    /// Pause between the last subscription and the first publication, so every node's
+    /// Redis subscriptions are in place.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Longest wait for outstanding deliveries after the last publication.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// WebSocket publisher connections (each channel always uses the same one).
+    #[arg(long, default_value_t = 1)]
+    ws_publishers: usize,
+    /// Concurrent HTTP publish requests (each channel always uses the same lane).
+    #[arg(long, default_value_t = 32)]
+    http_concurrency: usize,
+    /// A node's internal /metrics to scrape before and after. Repeatable.
+    #[arg(long = "metrics-url")]
+    metrics_urls: Vec<String>,
+    /// Gateway process id(s) whose RSS to measure before and after connecting. Repeatable.
+    #[arg(long = "gateway-pid")]
+    gateway_pids: Vec<u32>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Write the latency percentile curve as SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Exit with status 2 when any delivery was lost.
+    #[arg(long)]
+    fail_on_loss: bool,
+}
+
+fn apply(mut s: scenario::Scenario, o: &Overrides) -> scenario::Scenario {
+    if let Some(v) = o.subscribers {
+        s.subscribers = v;
+    }
+    if let Some(v) = o.channels {
+        s.channels = v;
+        s.channels_per_subscriber = s.channels_per_subscriber.min(v.max(1));
+    }
+    if let Some(v) = o.channels_per_subscriber {
+        s.channels_per_subscriber = v;
+    }
+    if let Some(v) = o.rate {
+        s.rate = v;
+    }
+    if let Some(v) = o.duration {
+        s.duration = v;
+    }
+    if let Some(v) = o.payload {
+        s.payload = v;
+    }
+    if let Some(v) = o.transport {
+        s.transport = v;
+    }
+    if let Some(v) = o.churn_rate {
+        s.churn_rate = v;
+    }
+    if let Some(v) = o.churn_hold {
+        s.churn_hold = v;
+    }
+    s
+}
 
 fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::List => {
+            for (name, description) in scenario::builtin() {
+                println!("{name:<10} {description}");
+            }
+            Ok(())
+        }
+        Command::Show { scenario: name, overrides, scenario_dir } => {
+            let s = apply(scenario::load(&name, scenario_dir.as_deref())?, &overrides);
+            print!("{}", toml::to_string(&s)?);
+            Ok(())
+        }
+        Command::Run(args) => run_command(*args),
+    }
+}
+
+fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let s = apply(scenario::load(&args.scenario, args.scenario_dir.as_deref())?, &args.overrides);
+    let name = args.scenario.trim_end_matches(".toml").rsplit('/').next().unwrap_or(&args.scenario).to_owned();
+    let cfg = run::RunConfig {
+        name,
+        scenario: s,
+        urls: args.urls,
+        http_url: args.http_url,
+        api_key: args.api_key,
+        redis_url: args.redis_url,
+        redis_prefix: args.redis_prefix,
+        threads: args.threads,
+        connect_rate: args.connect_rate,
+        connect_concurrency: args.connect_concurrency,
+        connect_timeout: args.connect_timeout,
+        source_addrs: args.source_addrs,
+        settle: args.settle,
+        drain: args.drain,
+        ws_publishers: args.ws_publishers,
+        http_concurrency: args.http_concurrency,
+        metrics_urls: args.metrics_urls,
+        gateway_pids: args.gateway_pids,
+        quiet: args.quiet,
+    };
+    // The control loop is light; the subscriber workers and the publisher run their own
+    // runtimes on their own threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (report, latency) = rt.block_on(run::run(cfg))?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!("{}: end-to-end latency, {} deliveries", report.scenario, report.deliveries.delivered);
+        std::fs::write(path, plot::svg(&latency, &title)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.fail_on_loss && report.deliveries.lost > 0 {
+        eprintln!("fanout-loadtest: {} deliveries lost", report.deliveries.lost);
+        std::process::exit(2);
+    }
     Ok(())
 }

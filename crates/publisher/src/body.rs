@@ -83,11 +83,8 @@ struct ErrorInner {
 /// `(code, message)` from an error response; a body that is not the documented shape
 /// (a proxy's HTML page, say) becomes `http_STATUS` and a cut-down copy of its text.
 pub(crate) fn error_of(status: u16, content_type: Option<&str>, body: &[u8]) -> (String, String) {
-    let msgpack = content_type.is_some_and(|ct| {
-        ct.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("application/msgpack")
-    });
+    let msgpack =
+        content_type.is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/msgpack"));
     let parsed = if msgpack {
         rmp_serde::from_slice::<ErrorBody>(body).ok()
     } else {
@@ -116,12 +113,8 @@ mod tests {
             publish_body(Encoding::Json, "chat:1", br#"{"a": [1, 2]}"#),
             br#"{"channel":"chat:1","data":{"a": [1, 2]}}"#
         );
-        assert_eq!(
-            broadcast_body(Encoding::Json, &["a", "b"], b"null"),
-            br#"{"channels":["a","b"],"data":null}"#
-        );
-        let v: serde_json::Value =
-            serde_json::from_slice(&broadcast_body(Encoding::Json, &["x"], b"1")).unwrap();
+        assert_eq!(broadcast_body(Encoding::Json, &["a", "b"], b"null"), br#"{"channels":["a","b"],"data":null}"#);
+        let v: serde_json::Value = serde_json::from_slice(&broadcast_body(Encoding::Json, &["x"], b"1")).unwrap();
         assert_eq!(v, serde_json::json!({"channels":["x"],"data":1}));
     }
 
@@ -142,38 +135,21 @@ mod tests {
         let v = rmpv::decode::read_value(&mut &body[..]).unwrap();
         assert_eq!(
             v,
-            V::Map(vec![
-                (
-                    V::from("channels"),
-                    V::Array(vec![V::from("a"), V::from("b")])
-                ),
-                (V::from("data"), V::Nil)
-            ])
+            V::Map(vec![(V::from("channels"), V::Array(vec![V::from("a"), V::from("b")])), (V::from("data"), V::Nil)])
         );
     }
 
     #[test]
     fn error_bodies() {
         let json = br#"{"error":{"code":"bad_request","message":"invalid channel"}}"#;
-        assert_eq!(
-            error_of(400, Some("application/json"), json),
-            ("bad_request".into(), "invalid channel".into())
-        );
-        let mp = rmp_serde::to_vec_named(
-            &serde_json::json!({"error": {"code": "unavailable", "message": "down"}}),
-        )
-        .unwrap();
-        assert_eq!(
-            error_of(503, Some("application/msgpack"), &mp),
-            ("unavailable".into(), "down".into())
-        );
+        assert_eq!(error_of(400, Some("application/json"), json), ("bad_request".into(), "invalid channel".into()));
+        let mp =
+            rmp_serde::to_vec_named(&serde_json::json!({"error": {"code": "unavailable", "message": "down"}})).unwrap();
+        assert_eq!(error_of(503, Some("application/msgpack"), &mp), ("unavailable".into(), "down".into()));
         assert_eq!(
             error_of(502, Some("text/html"), b"<h1>Bad Gateway</h1>\n"),
             ("http_502".into(), "<h1>Bad Gateway</h1>".into())
         );
-        assert_eq!(
-            error_of(500, None, b""),
-            ("http_500".into(), "no error body".into())
-        );
+        assert_eq!(error_of(500, None, b""), ("http_500".into(), "no error body".into()));
     }
 }

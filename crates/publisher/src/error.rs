@@ -24,11 +24,7 @@ pub enum PublishError {
     /// `status` is the HTTP status, `None` when Redis answered; `code` is the gateway's
     /// error code (`bad_request`, `unauthorized`, …) or Redis's (`NOAUTH`, …).
     #[error("{}", rejected(*status, code, message))]
-    Rejected {
-        status: Option<u16>,
-        code: String,
-        message: String,
-    },
+    Rejected { status: Option<u16>, code: String, message: String },
     /// The gateway answered 503 (broker down, node draining) or 429/502/504, or the
     /// connection failed. `status` is `None` for connection-level failures.
     #[error("unavailable{}: {reason}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
@@ -53,18 +49,13 @@ impl PublishError {
     /// True for failures that may pass on a later attempt (unavailability, timeouts);
     /// false for those that will fail the same way again.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            PublishError::Unavailable { .. } | PublishError::Timeout(_)
-        )
+        matches!(self, PublishError::Unavailable { .. } | PublishError::Timeout(_))
     }
 
     /// The HTTP status the gateway answered with, when there was one.
     pub fn status(&self) -> Option<u16> {
         match self {
-            PublishError::Rejected { status, .. } | PublishError::Unavailable { status, .. } => {
-                *status
-            }
+            PublishError::Rejected { status, .. } | PublishError::Unavailable { status, .. } => *status,
             _ => None,
         }
     }
@@ -76,46 +67,20 @@ mod tests {
 
     #[test]
     fn retryable_classification() {
-        let unavailable = PublishError::Unavailable {
-            status: Some(503),
-            reason: "unavailable: broker down".into(),
-        };
+        let unavailable = PublishError::Unavailable { status: Some(503), reason: "unavailable: broker down".into() };
         assert!(unavailable.is_retryable());
         assert_eq!(unavailable.status(), Some(503));
         assert!(PublishError::Timeout(Duration::from_secs(1)).is_retryable());
-        let rejected = PublishError::Rejected {
-            status: Some(400),
-            code: "bad_request".into(),
-            message: "nope".into(),
-        };
+        let rejected = PublishError::Rejected { status: Some(400), code: "bad_request".into(), message: "nope".into() };
         assert!(!rejected.is_retryable());
-        assert_eq!(
-            rejected.to_string(),
-            "rejected with HTTP 400: bad_request: nope"
-        );
-        assert!(!PublishError::InvalidChannel {
-            channel: "a b".into(),
-            source: ChannelError::BadChar
-        }
-        .is_retryable());
-        assert!(!PublishError::Encode {
-            enc: "json",
-            message: "x".into()
-        }
-        .is_retryable());
+        assert_eq!(rejected.to_string(), "rejected with HTTP 400: bad_request: nope");
+        assert!(!PublishError::InvalidChannel { channel: "a b".into(), source: ChannelError::BadChar }.is_retryable());
+        assert!(!PublishError::Encode { enc: "json", message: "x".into() }.is_retryable());
         assert!(!PublishError::Config("x".into()).is_retryable());
-        let redis = PublishError::Rejected {
-            status: None,
-            code: "NOAUTH".into(),
-            message: "auth".into(),
-        };
+        let redis = PublishError::Rejected { status: None, code: "NOAUTH".into(), message: "auth".into() };
         assert_eq!(redis.to_string(), "rejected by Redis: NOAUTH: auth");
         assert_eq!(
-            PublishError::Unavailable {
-                status: None,
-                reason: "refused".into()
-            }
-            .to_string(),
+            PublishError::Unavailable { status: None, reason: "refused".into() }.to_string(),
             "unavailable: refused"
         );
     }

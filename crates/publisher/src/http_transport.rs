@@ -29,30 +29,19 @@ pub(crate) struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub(crate) fn new(
-        base_url: &str,
-        api_key: Option<&str>,
-        timeout: Duration,
-    ) -> Result<Self, PublishError> {
-        let base: Uri = base_url
-            .parse()
-            .map_err(|e| PublishError::Config(format!("base URL {base_url:?}: {e}")))?;
+    pub(crate) fn new(base_url: &str, api_key: Option<&str>, timeout: Duration) -> Result<Self, PublishError> {
+        let base: Uri = base_url.parse().map_err(|e| PublishError::Config(format!("base URL {base_url:?}: {e}")))?;
         match base.scheme_str() {
             Some("http") => {}
             Some(other) => {
-                return Err(PublishError::Config(format!(
-                    "base URL scheme {other:?} is not supported (only http)"
-                )))
+                return Err(PublishError::Config(format!("base URL scheme {other:?} is not supported (only http)")))
             }
             None => {
-                return Err(PublishError::Config(format!(
-                    "base URL {base_url:?} has no scheme (http://host:port)"
-                )))
+                return Err(PublishError::Config(format!("base URL {base_url:?} has no scheme (http://host:port)")))
             }
         }
-        let authority = base
-            .authority()
-            .ok_or_else(|| PublishError::Config(format!("base URL {base_url:?} has no host")))?;
+        let authority =
+            base.authority().ok_or_else(|| PublishError::Config(format!("base URL {base_url:?} has no host")))?;
         let prefix = base.path().trim_end_matches('/');
         let uri = |path: &str| -> Result<Uri, PublishError> {
             format!("http://{authority}{prefix}{path}")
@@ -72,32 +61,16 @@ impl HttpTransport {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Ok(Self {
-            client,
-            publish_uri: uri("/api/publish")?,
-            broadcast_uri: uri("/api/broadcast")?,
-            auth,
-            timeout,
-        })
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
+        Ok(Self { client, publish_uri: uri("/api/publish")?, broadcast_uri: uri("/api/broadcast")?, auth, timeout })
     }
 
     pub(crate) fn publish(&self, enc: Encoding, channel: &str, data: &[u8]) -> Body {
-        Body {
-            uri: self.publish_uri.clone(),
-            enc,
-            bytes: Bytes::from(body::publish_body(enc, channel, data)),
-        }
+        Body { uri: self.publish_uri.clone(), enc, bytes: Bytes::from(body::publish_body(enc, channel, data)) }
     }
 
     pub(crate) fn broadcast(&self, enc: Encoding, channels: &[&str], data: &[u8]) -> Body {
-        Body {
-            uri: self.broadcast_uri.clone(),
-            enc,
-            bytes: Bytes::from(body::broadcast_body(enc, channels, data)),
-        }
+        Body { uri: self.broadcast_uri.clone(), enc, bytes: Bytes::from(body::broadcast_body(enc, channels, data)) }
     }
 
     /// One attempt: sends `body` and classifies the answer.
@@ -115,35 +88,21 @@ impl HttpTransport {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| PublishError::Unavailable {
-                    status: None,
-                    reason: chain(&e),
-                })?;
+                .map_err(|e| PublishError::Unavailable { status: None, reason: chain(&e) })?;
             let status = resp.status();
             if status.is_success() {
                 // Drain the body so the connection goes back to the pool.
-                let _ = Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
-                    .collect()
-                    .await;
+                let _ = Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect().await;
                 return Ok(());
             }
-            let content_type = resp
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let bytes = match Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
-                .collect()
-                .await
-            {
+            let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let bytes = match Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => Bytes::new(),
             };
             Err(classify(status, content_type.as_deref(), &bytes))
         };
-        tokio::time::timeout(self.timeout, attempt)
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))?
+        tokio::time::timeout(self.timeout, attempt).await.map_err(|_| PublishError::Timeout(self.timeout))?
     }
 }
 
@@ -160,15 +119,10 @@ fn classify(status: StatusCode, content_type: Option<&str>, body: &[u8]) -> Publ
         StatusCode::SERVICE_UNAVAILABLE
         | StatusCode::TOO_MANY_REQUESTS
         | StatusCode::BAD_GATEWAY
-        | StatusCode::GATEWAY_TIMEOUT => PublishError::Unavailable {
-            status: Some(status.as_u16()),
-            reason: format!("{code}: {message}"),
-        },
-        _ => PublishError::Rejected {
-            status: Some(status.as_u16()),
-            code,
-            message,
-        },
+        | StatusCode::GATEWAY_TIMEOUT => {
+            PublishError::Unavailable { status: Some(status.as_u16()), reason: format!("{code}: {message}") }
+        }
+        _ => PublishError::Rejected { status: Some(status.as_u16()), code, message },
     }
 }
 
@@ -199,15 +153,9 @@ mod tests {
             StatusCode::PAYLOAD_TOO_LARGE,
             StatusCode::INTERNAL_SERVER_ERROR,
         ] {
-            let e = classify(
-                s,
-                Some("application/json"),
-                br#"{"error":{"code":"x","message":"y"}}"#,
-            );
+            let e = classify(s, Some("application/json"), br#"{"error":{"code":"x","message":"y"}}"#);
             assert!(!e.is_retryable(), "{s}");
-            assert!(
-                matches!(e, PublishError::Rejected { status: Some(_), ref code, .. } if code == "x")
-            );
+            assert!(matches!(e, PublishError::Rejected { status: Some(_), ref code, .. } if code == "x"));
         }
     }
 
@@ -215,23 +163,12 @@ mod tests {
     fn urls() {
         let t = HttpTransport::new("http://127.0.0.1:9090", None, Duration::from_secs(1)).unwrap();
         assert_eq!(t.publish_uri, "http://127.0.0.1:9090/api/publish");
-        let t = HttpTransport::new(
-            "http://gw.internal:9090/prefix/",
-            Some("k"),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        assert_eq!(
-            t.broadcast_uri,
-            "http://gw.internal:9090/prefix/api/broadcast"
-        );
+        let t = HttpTransport::new("http://gw.internal:9090/prefix/", Some("k"), Duration::from_secs(1)).unwrap();
+        assert_eq!(t.broadcast_uri, "http://gw.internal:9090/prefix/api/broadcast");
         assert!(t.auth.as_ref().unwrap().is_sensitive());
         for bad in ["https://x", "127.0.0.1:9090", "http://", "not a url"] {
             assert!(
-                matches!(
-                    HttpTransport::new(bad, None, Duration::from_secs(1)),
-                    Err(PublishError::Config(_))
-                ),
+                matches!(HttpTransport::new(bad, None, Duration::from_secs(1)), Err(PublishError::Config(_))),
                 "{bad}"
             );
         }

@@ -68,11 +68,7 @@ pub struct Outgoing {
 
 impl Outgoing {
     pub fn new(channel: impl Into<String>, enc: Encoding, data: impl Into<Bytes>) -> Self {
-        Self {
-            channel: channel.into(),
-            enc,
-            data: data.into(),
-        }
+        Self { channel: channel.into(), enc, data: data.into() }
     }
 }
 
@@ -113,11 +109,7 @@ impl HttpBuilder {
     /// Validates the configuration; connections open lazily on the first publish.
     pub fn build(self) -> Result<Publisher, PublishError> {
         let transport = HttpTransport::new(&self.base_url, self.api_key.as_deref(), self.timeout)?;
-        Ok(Publisher::from_parts(
-            Transport::Http(transport),
-            self.encoding,
-            self.retry,
-        ))
+        Ok(Publisher::from_parts(Transport::Http(transport), self.encoding, self.retry))
     }
 }
 
@@ -158,11 +150,7 @@ impl RedisBuilder {
     /// Validates the URL without connecting; the connection opens on the first publish.
     pub fn build(self) -> Result<Publisher, PublishError> {
         let transport = RedisTransport::new(&self.url, self.prefix, self.timeout)?;
-        Ok(Publisher::from_parts(
-            Transport::Redis(transport),
-            self.encoding,
-            self.retry,
-        ))
+        Ok(Publisher::from_parts(Transport::Redis(transport), self.encoding, self.retry))
     }
 
     /// Builds and connects now, so a wrong address or password shows at startup.
@@ -199,13 +187,7 @@ impl Publisher {
     }
 
     fn from_parts(transport: Transport, encoding: Encoding, retry: RetryPolicy) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                transport,
-                encoding,
-                retry,
-            }),
-        }
+        Self { inner: Arc::new(Inner { transport, encoding, retry }) }
     }
 
     /// How [`Publisher::publish`] serialises values.
@@ -220,11 +202,7 @@ impl Publisher {
     }
 
     /// Publishes `data` to `channel`.
-    pub async fn publish<T: Serialize + ?Sized>(
-        &self,
-        channel: &str,
-        data: &T,
-    ) -> Result<(), PublishError> {
+    pub async fn publish<T: Serialize + ?Sized>(&self, channel: &str, data: &T) -> Result<(), PublishError> {
         let bytes = self.encode(data)?;
         self.publish_raw(channel, self.inner.encoding, bytes).await
     }
@@ -232,44 +210,26 @@ impl Publisher {
     /// Publishes bytes that already hold exactly one value encoded as `enc`. They are
     /// sent as they are, unchecked: an invalid value is refused by the HTTP API with 400,
     /// and dropped (and counted) by the gateway when it came through Redis.
-    pub async fn publish_raw(
-        &self,
-        channel: &str,
-        enc: Encoding,
-        data: Bytes,
-    ) -> Result<(), PublishError> {
+    pub async fn publish_raw(&self, channel: &str, enc: Encoding, data: Bytes) -> Result<(), PublishError> {
         check_channel(channel)?;
         match &self.inner.transport {
             Transport::Http(h) => {
                 let body = h.publish(enc, channel, &data);
                 self.retrying(|| h.send(&body)).await
             }
-            Transport::Redis(r) => {
-                self.retrying(|| r.publish(std::iter::once((channel, enc, &data[..]))))
-                    .await
-            }
+            Transport::Redis(r) => self.retrying(|| r.publish(std::iter::once((channel, enc, &data[..])))).await,
         }
     }
 
     /// Publishes one value to several channels.
-    pub async fn broadcast<T: Serialize + ?Sized>(
-        &self,
-        channels: &[&str],
-        data: &T,
-    ) -> Result<(), PublishError> {
+    pub async fn broadcast<T: Serialize + ?Sized>(&self, channels: &[&str], data: &T) -> Result<(), PublishError> {
         let bytes = self.encode(data)?;
-        self.broadcast_raw(channels, self.inner.encoding, bytes)
-            .await
+        self.broadcast_raw(channels, self.inner.encoding, bytes).await
     }
 
     /// [`Publisher::publish_raw`] to several channels: one `/api/broadcast` request, or
     /// one Redis pipeline.
-    pub async fn broadcast_raw(
-        &self,
-        channels: &[&str],
-        enc: Encoding,
-        data: Bytes,
-    ) -> Result<(), PublishError> {
+    pub async fn broadcast_raw(&self, channels: &[&str], enc: Encoding, data: Bytes) -> Result<(), PublishError> {
         for c in channels {
             check_channel(c)?;
         }
@@ -281,10 +241,7 @@ impl Publisher {
                 let body = h.broadcast(enc, channels, &data);
                 self.retrying(|| h.send(&body)).await
             }
-            Transport::Redis(r) => {
-                self.retrying(|| r.publish(channels.iter().map(|c| (*c, enc, &data[..]))))
-                    .await
-            }
+            Transport::Redis(r) => self.retrying(|| r.publish(channels.iter().map(|c| (*c, enc, &data[..])))).await,
         }
     }
 
@@ -307,14 +264,7 @@ impl Publisher {
                     .await
             }
             Transport::Redis(r) => {
-                self.retrying(|| {
-                    r.publish(
-                        batch
-                            .iter()
-                            .map(|o| (o.channel.as_str(), o.enc, &o.data[..])),
-                    )
-                })
-                .await
+                self.retrying(|| r.publish(batch.iter().map(|o| (o.channel.as_str(), o.enc, &o.data[..])))).await
             }
         }
     }
@@ -339,10 +289,8 @@ impl Publisher {
 }
 
 fn check_channel(channel: &str) -> Result<(), PublishError> {
-    fanout_protocol::ChannelName::validate(channel).map_err(|source| PublishError::InvalidChannel {
-        channel: channel.chars().take(300).collect(),
-        source,
-    })
+    fanout_protocol::ChannelName::validate(channel)
+        .map_err(|source| PublishError::InvalidChannel { channel: channel.chars().take(300).collect(), source })
 }
 
 fn encode<T: Serialize + ?Sized>(enc: Encoding, value: &T) -> Result<Bytes, PublishError> {
@@ -350,12 +298,7 @@ fn encode<T: Serialize + ?Sized>(enc: Encoding, value: &T) -> Result<Bytes, Publ
         Encoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
         Encoding::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
     };
-    encoded
-        .map(Bytes::from)
-        .map_err(|message| PublishError::Encode {
-            enc: enc.as_str(),
-            message,
-        })
+    encoded.map(Bytes::from).map_err(|message| PublishError::Encode { enc: enc.as_str(), message })
 }
 
 #[cfg(test)]
@@ -371,16 +314,10 @@ mod tests {
     #[test]
     fn encodes_json_and_named_msgpack() {
         let v = Msg { text: "hi", n: 3 };
-        assert_eq!(
-            encode(Encoding::Json, &v).unwrap(),
-            &br#"{"text":"hi","n":3}"#[..]
-        );
+        assert_eq!(encode(Encoding::Json, &v).unwrap(), &br#"{"text":"hi","n":3}"#[..]);
         let mp = encode(Encoding::MsgPack, &v).unwrap();
         let decoded = rmpv::decode::read_value(&mut &mp[..]).unwrap();
-        assert_eq!(
-            decoded,
-            rmpv::Value::Map(vec![("text".into(), "hi".into()), ("n".into(), 3.into())])
-        );
+        assert_eq!(decoded, rmpv::Value::Map(vec![("text".into(), "hi".into()), ("n".into(), 3.into())]));
         fanout_protocol::validate_data(Encoding::MsgPack, &mp).unwrap();
     }
 
@@ -396,35 +333,20 @@ mod tests {
     async fn invalid_channels_fail_before_any_io() {
         // Port 9 (discard) on a TEST-NET address: nothing would answer, so reaching the
         // network would show up as Unavailable or Timeout instead.
-        let p = Publisher::http("http://192.0.2.1:9")
-            .retry(RetryPolicy::NONE)
-            .build()
-            .unwrap();
+        let p = Publisher::http("http://192.0.2.1:9").retry(RetryPolicy::NONE).build().unwrap();
         let e = p.publish("bad name", &1).await.unwrap_err();
         assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
         let e = p.broadcast(&["ok", ""], &1).await.unwrap_err();
         assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
-        let e = p
-            .publish_batch(&[Outgoing::new("x".repeat(256), Encoding::Json, "1")])
-            .await
-            .unwrap_err();
+        let e = p.publish_batch(&[Outgoing::new("x".repeat(256), Encoding::Json, "1")]).await.unwrap_err();
         assert!(matches!(e, PublishError::InvalidChannel { .. }), "{e}");
         let r = Publisher::redis("redis://192.0.2.1:9").build().unwrap();
-        assert!(matches!(
-            r.publish("a*", &1).await,
-            Err(PublishError::InvalidChannel { .. })
-        ));
+        assert!(matches!(r.publish("a*", &1).await, Err(PublishError::InvalidChannel { .. })));
     }
 
     #[test]
     fn bad_configuration() {
-        assert!(matches!(
-            Publisher::redis("nope://x").build(),
-            Err(PublishError::Config(_))
-        ));
-        assert!(matches!(
-            Publisher::http("ftp://x").build(),
-            Err(PublishError::Config(_))
-        ));
+        assert!(matches!(Publisher::redis("nope://x").build(), Err(PublishError::Config(_))));
+        assert!(matches!(Publisher::http("ftp://x").build(), Err(PublishError::Config(_))));
     }
 }

@@ -21,15 +21,8 @@ pub(crate) struct RedisTransport {
 
 impl RedisTransport {
     pub(crate) fn new(url: &str, prefix: String, timeout: Duration) -> Result<Self, PublishError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| PublishError::Config(format!("Redis URL: {e}")))?;
-        Ok(Self {
-            client,
-            conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            prefix,
-            timeout,
-        })
+        let client = redis::Client::open(url).map_err(|e| PublishError::Config(format!("Redis URL: {e}")))?;
+        Ok(Self { client, conn: Mutex::new(None), connecting: tokio::sync::Mutex::new(()), prefix, timeout })
     }
 
     fn cached(&self) -> Option<MultiplexedConnection> {
@@ -47,11 +40,7 @@ impl RedisTransport {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let conn = self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| self.fail(e))?;
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
@@ -68,27 +57,20 @@ impl RedisTransport {
             key.clear();
             key.push_str(&self.prefix);
             key.push_str(channel);
-            pipe.cmd("PUBLISH")
-                .arg(&key)
-                .arg(encode_envelope(now_micros(), enc, data))
-                .ignore();
+            pipe.cmd("PUBLISH").arg(&key).arg(encode_envelope(now_micros(), enc, data)).ignore();
         }
         if pipe.is_empty() {
             return Ok(());
         }
         let attempt = async {
             let mut conn = self.connection().await?;
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| self.fail(e))
+            pipe.query_async::<()>(&mut conn).await.map_err(|e| self.fail(e))
         };
-        tokio::time::timeout(self.timeout, attempt)
-            .await
-            .map_err(|_| {
-                // A silent server may leave requests queued on the connection; start afresh.
-                self.drop_connection();
-                PublishError::Timeout(self.timeout)
-            })?
+        tokio::time::timeout(self.timeout, attempt).await.map_err(|_| {
+            // A silent server may leave requests queued on the connection; start afresh.
+            self.drop_connection();
+            PublishError::Timeout(self.timeout)
+        })?
     }
 
     fn drop_connection(&self) {
@@ -108,10 +90,7 @@ impl RedisTransport {
                 code: e.code().unwrap_or("ERR").to_owned(),
                 message: e.detail().map_or_else(|| e.to_string(), str::to_owned),
             },
-            _ => PublishError::Unavailable {
-                status: None,
-                reason: e.to_string(),
-            },
+            _ => PublishError::Unavailable { status: None, reason: e.to_string() },
         }
     }
 }

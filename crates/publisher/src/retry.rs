@@ -18,28 +18,19 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            max_retries: 3,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-        }
+        Self { max_retries: 3, initial_backoff: Duration::from_millis(50), max_backoff: Duration::from_secs(2) }
     }
 }
 
 impl RetryPolicy {
     /// One attempt only: what an open-loop load generator or an at-most-once caller wants.
-    pub const NONE: RetryPolicy = RetryPolicy {
-        max_retries: 0,
-        initial_backoff: Duration::ZERO,
-        max_backoff: Duration::ZERO,
-    };
+    pub const NONE: RetryPolicy =
+        RetryPolicy { max_retries: 0, initial_backoff: Duration::ZERO, max_backoff: Duration::ZERO };
 
     /// The wait before retry number `retry` (0 for the first retry).
     pub fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .initial_backoff
-            .saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX))
-            .min(self.max_backoff);
+        let ceiling =
+            self.initial_backoff.saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX)).min(self.max_backoff);
         let half = ceiling / 2;
         let spread = (ceiling - half).as_nanos() as u64;
         if spread == 0 {
@@ -70,20 +61,11 @@ mod tests {
         };
         for _ in 0..100 {
             let b0 = p.backoff(0);
-            assert!(
-                b0 >= Duration::from_millis(50) && b0 <= Duration::from_millis(100),
-                "{b0:?}"
-            );
+            assert!(b0 >= Duration::from_millis(50) && b0 <= Duration::from_millis(100), "{b0:?}");
             let b2 = p.backoff(2);
-            assert!(
-                b2 >= Duration::from_millis(200) && b2 <= Duration::from_millis(400),
-                "{b2:?}"
-            );
+            assert!(b2 >= Duration::from_millis(200) && b2 <= Duration::from_millis(400), "{b2:?}");
             let big = p.backoff(40);
-            assert!(
-                big >= Duration::from_millis(500) && big <= Duration::from_secs(1),
-                "{big:?}"
-            );
+            assert!(big >= Duration::from_millis(500) && big <= Duration::from_secs(1), "{big:?}");
         }
         assert_eq!(RetryPolicy::NONE.backoff(3), Duration::ZERO);
     }

@@ -32,11 +32,7 @@ struct Reply {
 }
 
 fn reply(status: u16, body: &'static str) -> Reply {
-    Reply {
-        status,
-        body,
-        delay: Duration::ZERO,
-    }
+    Reply { status, body, delay: Duration::ZERO }
 }
 
 #[derive(Default)]
@@ -47,10 +43,7 @@ struct Script {
 
 /// A server answering with `replies` in order (then 200), recording every request.
 async fn server(replies: Vec<Reply>) -> (String, Arc<Mutex<Script>>) {
-    let script = Arc::new(Mutex::new(Script {
-        replies: replies.into(),
-        seen: Vec::new(),
-    }));
+    let script = Arc::new(Mutex::new(Script { replies: replies.into(), seen: Vec::new() }));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = script.clone();
@@ -62,32 +55,15 @@ async fn server(replies: Vec<Reply>) -> (String, Arc<Mutex<Script>>) {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let s = s.clone();
                     async move {
-                        let header = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .map(|v| v.to_str().unwrap().to_owned())
-                        };
-                        let (method, path) =
-                            (req.method().to_string(), req.uri().path().to_owned());
-                        let (content_type, accept, authorization) = (
-                            header("content-type"),
-                            header("accept"),
-                            header("authorization"),
-                        );
+                        let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+                        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+                        let (content_type, accept, authorization) =
+                            (header("content-type"), header("accept"), header("authorization"));
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let next = {
                             let mut s = s.lock().unwrap();
-                            s.seen.push(Seen {
-                                method,
-                                path,
-                                content_type,
-                                accept,
-                                authorization,
-                                body,
-                            });
-                            s.replies
-                                .pop_front()
-                                .unwrap_or_else(|| reply(200, r#"{"ok":true}"#))
+                            s.seen.push(Seen { method, path, content_type, accept, authorization, body });
+                            s.replies.pop_front().unwrap_or_else(|| reply(200, r#"{"ok":true}"#))
                         };
                         tokio::time::sleep(next.delay).await;
                         let resp = Response::builder()
@@ -98,9 +74,7 @@ async fn server(replies: Vec<Reply>) -> (String, Arc<Mutex<Script>>) {
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -108,11 +82,7 @@ async fn server(replies: Vec<Reply>) -> (String, Arc<Mutex<Script>>) {
 }
 
 fn fast_retry(max_retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_retries,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-    }
+    RetryPolicy { max_retries, initial_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(5) }
 }
 
 fn seen(script: &Arc<Mutex<Script>>) -> Vec<Seen> {
@@ -123,35 +93,22 @@ fn seen(script: &Arc<Mutex<Script>>) -> Vec<Seen> {
 async fn publish_sends_the_documented_json_request() {
     let (url, script) = server(vec![]).await;
     let p = Publisher::http(&url).api_key("k3y").build().unwrap();
-    p.publish("chat:room-1", &serde_json::json!({"text": "hi"}))
-        .await
-        .unwrap();
+    p.publish("chat:room-1", &serde_json::json!({"text": "hi"})).await.unwrap();
     let seen = seen(&script);
     assert_eq!(seen.len(), 1);
     let r = &seen[0];
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        ("POST", "/api/publish")
-    );
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/api/publish"));
     assert_eq!(r.content_type.as_deref(), Some("application/json"));
     assert_eq!(r.accept.as_deref(), Some("application/json"));
     assert_eq!(r.authorization.as_deref(), Some("Bearer k3y"));
-    assert_eq!(
-        &r.body[..],
-        br#"{"channel":"chat:room-1","data":{"text":"hi"}}"#
-    );
+    assert_eq!(&r.body[..], br#"{"channel":"chat:room-1","data":{"text":"hi"}}"#);
 }
 
 #[tokio::test]
 async fn broadcast_in_msgpack_without_api_key() {
     let (url, script) = server(vec![]).await;
-    let p = Publisher::http(format!("{url}/"))
-        .encoding(Encoding::MsgPack)
-        .build()
-        .unwrap();
-    p.broadcast(&["a", "b:c"], &serde_json::json!({"n": 1}))
-        .await
-        .unwrap();
+    let p = Publisher::http(format!("{url}/")).encoding(Encoding::MsgPack).build().unwrap();
+    p.broadcast(&["a", "b:c"], &serde_json::json!({"n": 1})).await.unwrap();
     let r = &seen(&script)[0];
     assert_eq!(r.path, "/api/broadcast");
     assert_eq!(r.content_type.as_deref(), Some("application/msgpack"));
@@ -161,10 +118,7 @@ async fn broadcast_in_msgpack_without_api_key() {
     assert_eq!(
         v,
         V::Map(vec![
-            (
-                V::from("channels"),
-                V::Array(vec![V::from("a"), V::from("b:c")])
-            ),
+            (V::from("channels"), V::Array(vec![V::from("a"), V::from("b:c")])),
             (V::from("data"), V::Map(vec![(V::from("n"), V::from(1))]))
         ])
     );
@@ -174,17 +128,8 @@ async fn broadcast_in_msgpack_without_api_key() {
 async fn raw_bytes_are_sent_verbatim() {
     let (url, script) = server(vec![]).await;
     let p = Publisher::http(&url).build().unwrap();
-    p.publish_raw(
-        "c",
-        Encoding::Json,
-        Bytes::from_static(br#"{"s":1, "t":2}"#),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        &seen(&script)[0].body[..],
-        br#"{"channel":"c","data":{"s":1, "t":2}}"#
-    );
+    p.publish_raw("c", Encoding::Json, Bytes::from_static(br#"{"s":1, "t":2}"#)).await.unwrap();
+    assert_eq!(&seen(&script)[0].body[..], br#"{"channel":"c","data":{"s":1, "t":2}}"#);
 }
 
 #[tokio::test]
@@ -195,9 +140,7 @@ async fn retries_on_503_then_succeeds() {
     p.publish("c", &1).await.unwrap();
     let seen = seen(&script);
     assert_eq!(seen.len(), 3);
-    assert!(seen
-        .iter()
-        .all(|r| &r.body[..] == br#"{"channel":"c","data":1}"#));
+    assert!(seen.iter().all(|r| &r.body[..] == br#"{"channel":"c","data":1}"#));
 }
 
 #[tokio::test]
@@ -216,26 +159,15 @@ async fn gives_up_after_max_retries_with_a_retryable_error() {
 
 #[tokio::test]
 async fn no_retry_on_client_errors() {
-    for (status, code) in [
-        (400, "bad_request"),
-        (401, "unauthorized"),
-        (413, "message_too_large"),
-    ] {
+    for (status, code) in [(400, "bad_request"), (401, "unauthorized"), (413, "message_too_large")] {
         let body: &'static str =
             Box::leak(format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_boxed_str());
         let (url, script) = server(vec![reply(status, body)]).await;
         let p = Publisher::http(&url).retry(fast_retry(3)).build().unwrap();
         let e = p.publish("c", &1).await.unwrap_err();
         match &e {
-            PublishError::Rejected {
-                status: s,
-                code: c,
-                message,
-            } => {
-                assert_eq!(
-                    (*s, c.as_str(), message.as_str()),
-                    (Some(status), code, "m")
-                );
+            PublishError::Rejected { status: s, code: c, message } => {
+                assert_eq!((*s, c.as_str(), message.as_str()), (Some(status), code, "m"));
             }
             other => panic!("{status}: {other}"),
         }
@@ -246,63 +178,37 @@ async fn no_retry_on_client_errors() {
 
 #[tokio::test]
 async fn times_out_and_retries_timeouts() {
-    let slow = || Reply {
-        status: 200,
-        body: r#"{"ok":true}"#,
-        delay: Duration::from_millis(400),
-    };
+    let slow = || Reply { status: 200, body: r#"{"ok":true}"#, delay: Duration::from_millis(400) };
     let (url, script) = server(vec![slow(), slow()]).await;
-    let p = Publisher::http(&url)
-        .timeout(Duration::from_millis(100))
-        .retry(fast_retry(1))
-        .build()
-        .unwrap();
+    let p = Publisher::http(&url).timeout(Duration::from_millis(100)).retry(fast_retry(1)).build().unwrap();
     let e = p.publish("c", &1).await.unwrap_err();
-    assert!(
-        matches!(e, PublishError::Timeout(d) if d == Duration::from_millis(100)),
-        "{e}"
-    );
+    assert!(matches!(e, PublishError::Timeout(d) if d == Duration::from_millis(100)), "{e}");
     assert_eq!(seen(&script).len(), 2);
 }
 
 #[tokio::test]
 async fn connection_refused_is_unavailable_and_retried() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let p = Publisher::http(format!("http://{addr}"))
-        .retry(fast_retry(2))
-        .build()
-        .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let p = Publisher::http(format!("http://{addr}")).retry(fast_retry(2)).build().unwrap();
     let started = std::time::Instant::now();
     let e = p.publish("c", &1).await.unwrap_err();
     assert!(
         matches!(e, PublishError::Unavailable { status: None, ref reason } if reason.to_lowercase().contains("refused")),
         "{e}"
     );
-    assert!(
-        started.elapsed() >= Duration::from_millis(1),
-        "backed off between attempts"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(1), "backed off between attempts");
 }
 
 #[tokio::test]
 async fn batch_sends_every_publication() {
     let (url, script) = server(vec![]).await;
     let p = Publisher::http(&url).build().unwrap();
-    let batch: Vec<_> = (0..50)
-        .map(|i| Outgoing::new(format!("ch:{}", i % 5), Encoding::Json, format!("{i}")))
-        .collect();
+    let batch: Vec<_> =
+        (0..50).map(|i| Outgoing::new(format!("ch:{}", i % 5), Encoding::Json, format!("{i}"))).collect();
     p.publish_batch(&batch).await.unwrap();
-    let mut bodies: Vec<String> = seen(&script)
-        .iter()
-        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
-        .collect();
+    let mut bodies: Vec<String> = seen(&script).iter().map(|r| String::from_utf8(r.body.to_vec()).unwrap()).collect();
     bodies.sort();
-    let mut expected: Vec<String> = (0..50)
-        .map(|i| format!(r#"{{"channel":"ch:{}","data":{i}}}"#, i % 5))
-        .collect();
+    let mut expected: Vec<String> = (0..50).map(|i| format!(r#"{{"channel":"ch:{}","data":{i}}}"#, i % 5)).collect();
     expected.sort();
     assert_eq!(bodies, expected);
 }

@@ -19,26 +19,13 @@ struct RedisServer {
 
 impl RedisServer {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         Self::on_port(port)
     }
 
     fn on_port(port: u16) -> Self {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -52,10 +39,7 @@ impl RedisServer {
                     return server;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
+            assert!(Instant::now() < deadline, "redis-server did not answer PING");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -73,44 +57,25 @@ impl Drop for RedisServer {
 }
 
 async fn subscriber(url: &str, channels: &[&str]) -> redis::aio::PubSub {
-    let mut pubsub = redis::Client::open(url)
-        .unwrap()
-        .get_async_pubsub()
-        .await
-        .unwrap();
+    let mut pubsub = redis::Client::open(url).unwrap().get_async_pubsub().await.unwrap();
     for c in channels {
         pubsub.subscribe(*c).await.unwrap();
     }
     pubsub
 }
 
-async fn next(
-    stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
-) -> (String, Vec<u8>) {
-    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("a message within 5s")
-        .unwrap();
-    (
-        msg.get_channel_name().to_owned(),
-        msg.get_payload_bytes().to_vec(),
-    )
+async fn next(stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin)) -> (String, Vec<u8>) {
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("a message within 5s").unwrap();
+    (msg.get_channel_name().to_owned(), msg.get_payload_bytes().to_vec())
 }
 
 /// Checks that `payload` is byte for byte the workspace's envelope of `(enc, data)`,
 /// stamped between `before` and now.
 fn assert_envelope(payload: &[u8], before: u64, enc: Encoding, data: &[u8]) {
     let (ts, got_enc, got_data) = decode_envelope(payload).unwrap();
-    assert!(
-        ts >= before && ts <= now_micros(),
-        "ts {ts} stamped at publish time"
-    );
+    assert!(ts >= before && ts <= now_micros(), "ts {ts} stamped at publish time");
     assert_eq!((got_enc, got_data), (enc, data));
-    assert_eq!(
-        payload,
-        encode_envelope(ts, enc, data),
-        "exactly the protocol crate's envelope"
-    );
+    assert_eq!(payload, encode_envelope(ts, enc, data), "exactly the protocol crate's envelope");
 }
 
 #[tokio::test]
@@ -125,23 +90,10 @@ async fn subscriber_receives_exactly_the_envelope() {
         text: &'static str,
         n: [u8; 2],
     }
-    p.publish(
-        "chat:room-1",
-        &Chat {
-            text: "hi",
-            n: [1, 2],
-        },
-    )
-    .await
-    .unwrap();
+    p.publish("chat:room-1", &Chat { text: "hi", n: [1, 2] }).await.unwrap();
     let (channel, payload) = next(&mut stream).await;
     assert_eq!(channel, "fanout:chat:room-1");
-    assert_envelope(
-        &payload,
-        before,
-        Encoding::Json,
-        br#"{"text":"hi","n":[1,2]}"#,
-    );
+    assert_envelope(&payload, before, Encoding::Json, br#"{"text":"hi","n":[1,2]}"#);
 }
 
 #[tokio::test]
@@ -149,25 +101,15 @@ async fn msgpack_raw_and_custom_prefix() {
     let redis = RedisServer::start();
     let mut sub = subscriber(&redis.url(), &["app/x"]).await;
     let mut stream = sub.on_message();
-    let p = Publisher::redis(redis.url())
-        .prefix("app/")
-        .encoding(Encoding::MsgPack)
-        .connect()
-        .await
-        .unwrap();
+    let p = Publisher::redis(redis.url()).prefix("app/").encoding(Encoding::MsgPack).connect().await.unwrap();
     let before = now_micros();
     let raw = Bytes::from_static(&[0x92, 0x01, 0xa1, b'z']);
-    p.publish_raw("x", Encoding::MsgPack, raw.clone())
-        .await
-        .unwrap();
+    p.publish_raw("x", Encoding::MsgPack, raw.clone()).await.unwrap();
     assert_envelope(&next(&mut stream).await.1, before, Encoding::MsgPack, &raw);
     p.publish("x", &("a", 2)).await.unwrap();
     let (_, payload) = next(&mut stream).await;
     let (_, enc, data) = decode_envelope(&payload).unwrap();
-    assert_eq!(
-        (enc, data),
-        (Encoding::MsgPack, &[0x92, 0xa1, b'a', 0x02][..])
-    );
+    assert_eq!((enc, data), (Encoding::MsgPack, &[0x92, 0xa1, b'a', 0x02][..]));
 }
 
 #[tokio::test]
@@ -176,15 +118,8 @@ async fn batches_are_pipelined_in_order_and_broadcast_reaches_every_channel() {
     let mut sub = subscriber(&redis.url(), &["fanout:a", "fanout:b", "fanout:c"]).await;
     let mut stream = sub.on_message();
     let p = Publisher::redis(redis.url()).connect().await.unwrap();
-    let batch: Vec<_> = (0..200)
-        .map(|i| {
-            Outgoing::new(
-                if i % 2 == 0 { "a" } else { "b" },
-                Encoding::Json,
-                format!("{i}"),
-            )
-        })
-        .collect();
+    let batch: Vec<_> =
+        (0..200).map(|i| Outgoing::new(if i % 2 == 0 { "a" } else { "b" }, Encoding::Json, format!("{i}"))).collect();
     let before = now_micros();
     p.publish_batch(&batch).await.unwrap();
     for i in 0..200 {
@@ -221,13 +156,7 @@ async fn unavailable_while_down_and_reconnects_after_restart() {
     drop(redis);
     let e = p.publish("c", &2).await.unwrap_err();
     assert!(e.is_retryable(), "{e}");
-    assert!(
-        matches!(
-            e,
-            PublishError::Unavailable { status: None, .. } | PublishError::Timeout(_)
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, PublishError::Unavailable { status: None, .. } | PublishError::Timeout(_)), "{e}");
 
     let redis = RedisServer::on_port(port);
     let mut sub = subscriber(&redis.url(), &["fanout:c"]).await;
@@ -239,15 +168,8 @@ async fn unavailable_while_down_and_reconnects_after_restart() {
 
 #[tokio::test]
 async fn connect_fails_fast_when_nothing_listens() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let e = match Publisher::redis(format!("redis://127.0.0.1:{port}"))
-        .connect()
-        .await
-    {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = match Publisher::redis(format!("redis://127.0.0.1:{port}")).connect().await {
         Ok(_) => panic!("connected to nothing"),
         Err(e) => e,
     };

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs a load-test scenario against a local cluster: one redis-server and two fanout nodes
+# pinned to one CPU, the generator pinned to another, so the gateway's per-core figures
+# are not polluted by the generator. Everything started here is stopped on exit.
+#
+#   loadtest/run-local.sh broadcast --rate 200 --duration 10s
+#   loadtest/run-local.sh idle --subscribers 20000 --json-out idle.json
+#
+# Environment: NODES (default 2), GATEWAY_CPUS (default 0), LOADTEST_CPUS (default 1),
+# FANOUT_BIN, LOADTEST_BIN (default target/release/...), BUILD=0 to skip cargo build,
+# NODE_ARGS (extra flags for `fanout serve`).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+SCENARIO=${1:?usage: loadtest/run-local.sh SCENARIO [fanout-loadtest run flags...]}
+shift
+
+NODES=${NODES:-2}
+GATEWAY_CPUS=${GATEWAY_CPUS:-0}
+LOADTEST_CPUS=${LOADTEST_CPUS:-1}
+FANOUT_BIN=${FANOUT_BIN:-target/release/fanout}
+LOADTEST_BIN=${LOADTEST_BIN:-target/release/fanout-loadtest}
+NODE_ARGS=${NODE_ARGS:-}
+
+if [[ "${BUILD:-1}" != 0 ]]; then
+    cargo build --release -p fanout-server -p fanout-loadtest >&2
+fi
+
+# Prefixes that pin a command to CPUs, empty when taskset or those CPUs are missing.
+# (Arrays, not a function: a backgrounded function would run in a subshell and $!
+# would be that subshell's pid rather than the server's.)
+ncpu=$(nproc)
+pin_prefix() {
+    if command -v taskset >/dev/null && [[ "${1%%[,-]*}" -lt "$ncpu" ]]; then
+        echo "taskset -c $1"
+    fi
+}
+read -r -a PIN_GATEWAY <<<"$(pin_prefix "$GATEWAY_CPUS")"
+read -r -a PIN_LOADTEST <<<"$(pin_prefix "$LOADTEST_CPUS")"
+
+work=$(mktemp -d -t fanout-loadtest.XXXXXX)
+pids=()
+cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $status -ne 0 ]]; then
+        for log in "$work"/*.log; do
+            [[ -f "$log" ]] && { echo "--- $log" >&2; tail -n 20 "$log" >&2; }
+        done
+    fi
+    rm -rf "$work"
+    exit $status
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Redis.
+redis_port=$(free_port)
+"${PIN_GATEWAY[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+    redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break
+    sleep 0.05
+done
+redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis-server did not start" >&2; exit 1; }
+
+# Gateway nodes: port 0, addresses read from the `listening public=… internal=…` line.
+urls=()
+metrics=()
+gateway_pids=()
+first_internal=""
+for i in $(seq 1 "$NODES"); do
+    log="$work/node$i.log"
+    # shellcheck disable=SC2086
+    "${PIN_GATEWAY[@]}" "$FANOUT_BIN" serve --redis-url "redis://127.0.0.1:$redis_port" \
+        --public-addr 127.0.0.1:0 --internal-addr 127.0.0.1:0 $NODE_ARGS >"$log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    gateway_pids+=("$pid")
+    line=""
+    for _ in $(seq 200); do
+        line=$(grep -m1 -o 'listening public=[^ ]* internal=[^ "]*' "$log" 2>/dev/null || true)
+        [[ -n "$line" ]] && break
+        kill -0 "$pid" 2>/dev/null || { echo "fanout node $i exited" >&2; exit 1; }
+        sleep 0.05
+    done
+    [[ -n "$line" ]] || { echo "fanout node $i did not report its addresses" >&2; exit 1; }
+    public=${line#listening public=}
+    public=${public%% *}
+    internal=${line##*internal=}
+    urls+=("ws://$public/ws")
+    metrics+=(--metrics-url "http://$internal/metrics")
+    [[ -n "$first_internal" ]] || first_internal=$internal
+    echo "node $i: pid $pid public $public internal $internal" >&2
+done
+
+args=(run "$SCENARIO" --url "$(IFS=,; echo "${urls[*]}")" "${metrics[@]}"
+    --http-url "http://$first_internal" --redis-url "redis://127.0.0.1:$redis_port")
+for pid in "${gateway_pids[@]}"; do
+    args+=(--gateway-pid "$pid")
+done
+
+# Not exec: the trap must still tear the cluster down afterwards.
+"${PIN_LOADTEST[@]}" "$LOADTEST_BIN" "${args[@]}" "$@"

@@ -1,0 +1,448 @@
+//! The open-loop publisher: a scheduler thread stamps publication `seq` with its intended
+//! send time `start + seq/rate` and hands it to a transport lane, never waiting for a
+//! reply. Subscribers measure latency from that intended time, so a stalled publisher or
+//! gateway shows up as latency instead of silently lowering the offered load
+//! (coordinated omission).
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use fanout_protocol::now_micros;
+use fanout_publisher::{Encoding, Outgoing, PublishError, Publisher, RetryPolicy};
+use hdrhistogram::Histogram;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
+};
+
+use crate::{
+    scan::{self, Incoming, Scanner},
+    scenario::{Scenario, Transport},
+    sub::new_histogram,
+    ws::{self, Rng, WsUrl},
+};
+
+pub struct PubConfig {
+    pub transport: Transport,
+    pub rate: f64,
+    pub total: u64,
+    pub payload: usize,
+    pub channel_names: Arc<Vec<String>>,
+    /// WebSocket publisher connections go to these, round-robin.
+    pub ws_urls: Vec<(WsUrl, SocketAddr)>,
+    pub ws_publishers: usize,
+    pub http_url: Option<String>,
+    pub api_key: Option<String>,
+    pub http_concurrency: usize,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub timeout: Duration,
+}
+
+/// Live figures for the progress line.
+#[derive(Default)]
+pub struct PubLive {
+    pub scheduled: AtomicU64,
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct PubResult {
+    pub scheduled: u64,
+    pub sent: u64,
+    pub failed: u64,
+    /// Publications per channel index that the transport accepted.
+    pub ok_per_channel: Vec<u64>,
+    pub errors: BTreeMap<String, u64>,
+    /// Microseconds from a publication's intended send time to its hand-off to the
+    /// transport: how far the generator fell behind its own schedule.
+    pub lag: Histogram<u64>,
+    /// Time from the first intended send to the last hand-off.
+    pub elapsed: Duration,
+}
+
+struct Item {
+    seq: u64,
+    intended_us: u64,
+    data: Bytes,
+}
+
+struct Stats {
+    channels: usize,
+    sent: u64,
+    failed: u64,
+    ok_per_channel: Vec<u64>,
+    errors: BTreeMap<String, u64>,
+    lag: Histogram<u64>,
+    live: Arc<PubLive>,
+}
+
+impl Stats {
+    fn handed_off(&mut self, item: &Item, now_us: u64) {
+        self.lag.saturating_record(now_us.saturating_sub(item.intended_us));
+    }
+
+    fn ok(&mut self, seq: u64) {
+        self.sent += 1;
+        self.ok_per_channel[Scenario::channel_of_seq(seq, self.channels) as usize] += 1;
+        self.live.sent.fetch_add(1, Relaxed);
+    }
+
+    fn fail(&mut self, kind: impl Into<String>) {
+        self.failed += 1;
+        *self.errors.entry(kind.into()).or_default() += 1;
+        self.live.failed.fetch_add(1, Relaxed);
+    }
+
+    /// A publication counted as sent was refused later (an `error` reply over WebSocket).
+    fn refused(&mut self, seq: u64, kind: &str) {
+        let c = Scenario::channel_of_seq(seq, self.channels) as usize;
+        self.ok_per_channel[c] = self.ok_per_channel[c].saturating_sub(1);
+        self.sent = self.sent.saturating_sub(1);
+        self.live.sent.fetch_sub(1, Relaxed);
+        self.fail(kind);
+    }
+}
+
+fn publish_error_kind(e: &PublishError) -> String {
+    match e {
+        PublishError::Rejected { status: Some(s), .. } | PublishError::Unavailable { status: Some(s), .. } => {
+            format!("http_{s}")
+        }
+        PublishError::Rejected { code, .. } => format!("redis_{code}"),
+        PublishError::Unavailable { .. } => "unavailable".into(),
+        PublishError::Timeout(_) => "timeout".into(),
+        other => format!("{other}"),
+    }
+}
+
+/// Starts the publisher thread. It connects its transport first, then `started` fires and
+/// the schedule begins; it returns when every publication was handed off and answered.
+pub fn start(
+    cfg: PubConfig,
+    live: Arc<PubLive>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<PubResult>> {
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(cfg, live, stop))
+        })
+        .expect("spawning the publisher thread")
+}
+
+async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyhow::Result<PubResult> {
+    let channels = cfg.channel_names.len();
+    let stats = Rc::new(RefCell::new(Stats {
+        channels,
+        sent: 0,
+        failed: 0,
+        ok_per_channel: vec![0; channels],
+        errors: BTreeMap::new(),
+        lag: new_histogram(),
+        live: live.clone(),
+    }));
+    let lanes = match cfg.transport {
+        Transport::Ws => cfg.ws_publishers.max(1),
+        Transport::Http => cfg.http_concurrency.max(1),
+        Transport::Redis => 1,
+    };
+    let mut senders = Vec::with_capacity(lanes);
+    let mut tasks = Vec::with_capacity(lanes);
+    match cfg.transport {
+        Transport::Ws => {
+            anyhow::ensure!(!cfg.ws_urls.is_empty(), "the ws transport needs --url");
+            for lane in 0..lanes {
+                let (url, addr) = cfg.ws_urls[lane % cfg.ws_urls.len()].clone();
+                let mut rng = Rng::new(now_micros() ^ lane as u64);
+                let mut stream =
+                    TcpStream::connect(addr).await.with_context(|| format!("publisher connection to {url}"))?;
+                let _ = stream.set_nodelay(true);
+                let early = ws::handshake(&mut stream, &url, &mut rng, cfg.timeout)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publisher upgrade at {url}: {e}"))?;
+                let (tx, rx) = unbounded_channel();
+                senders.push(tx);
+                tasks.push(tokio::task::spawn_local(ws_lane(
+                    stream,
+                    early,
+                    rng,
+                    rx,
+                    cfg.channel_names.clone(),
+                    stats.clone(),
+                )));
+            }
+        }
+        Transport::Http => {
+            let url =
+                cfg.http_url.clone().context("the http transport needs --http-url (a node's internal address)")?;
+            let mut builder = Publisher::http(url).timeout(cfg.timeout).retry(RetryPolicy::NONE);
+            if let Some(k) = &cfg.api_key {
+                builder = builder.api_key(k);
+            }
+            let publisher = builder.build()?;
+            for _ in 0..lanes {
+                let (tx, rx) = unbounded_channel();
+                senders.push(tx);
+                tasks.push(tokio::task::spawn_local(http_lane(
+                    publisher.clone(),
+                    rx,
+                    cfg.channel_names.clone(),
+                    stats.clone(),
+                )));
+            }
+        }
+        Transport::Redis => {
+            let url = cfg.redis_url.clone().context("the redis transport needs --redis-url")?;
+            let publisher = Publisher::redis(url)
+                .prefix(cfg.redis_prefix.clone())
+                .timeout(cfg.timeout)
+                .retry(RetryPolicy::NONE)
+                .connect()
+                .await
+                .context("connecting to Redis")?;
+            let (tx, rx) = unbounded_channel();
+            senders.push(tx);
+            tasks.push(tokio::task::spawn_local(redis_lane(publisher, rx, cfg.channel_names.clone(), stats.clone())));
+        }
+    }
+
+    let (rate, total, payload) = (cfg.rate, cfg.total, cfg.payload);
+    let scheduler = std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || schedule(rate, total, payload, channels, lanes, senders, &live, &stop))
+        .context("spawning the scheduler thread")?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (scheduled, elapsed) = scheduler.join().map_err(|_| anyhow::anyhow!("the scheduler panicked"))?;
+    let stats = Rc::try_unwrap(stats).map_err(|_| anyhow::anyhow!("lanes still running"))?.into_inner();
+    Ok(PubResult {
+        scheduled,
+        sent: stats.sent,
+        failed: stats.failed,
+        ok_per_channel: stats.ok_per_channel,
+        errors: stats.errors,
+        lag: stats.lag,
+        elapsed,
+    })
+}
+
+/// The open-loop clock. Sleeps until the next publication is due and then hands off all
+/// that are due; when it falls behind it catches up in a burst instead of stretching the
+/// schedule, so the offered rate stays what was asked for.
+#[allow(clippy::too_many_arguments)]
+fn schedule(
+    rate: f64,
+    total: u64,
+    payload: usize,
+    channels: usize,
+    lanes: usize,
+    senders: Vec<UnboundedSender<Item>>,
+    live: &PubLive,
+    stop: &AtomicBool,
+) -> (u64, Duration) {
+    let start = Instant::now();
+    let start_us = now_micros();
+    let period = 1.0 / rate;
+    let mut buf = Vec::with_capacity(payload + 64);
+    let mut seq = 0;
+    while seq < total && !stop.load(Relaxed) {
+        let due = Duration::from_secs_f64(seq as f64 * period);
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            std::thread::sleep((due - elapsed).min(Duration::from_millis(50)));
+            continue;
+        }
+        let intended_us = start_us + due.as_micros() as u64;
+        buf.clear();
+        scan::payload(&mut buf, seq, intended_us, payload);
+        let channel = Scenario::channel_of_seq(seq, channels) as usize;
+        // Pinning a channel to one lane keeps each channel's publications in order.
+        let _ = senders[channel % lanes].send(Item { seq, intended_us, data: Bytes::copy_from_slice(&buf) });
+        live.scheduled.fetch_add(1, Relaxed);
+        seq += 1;
+    }
+    (seq, start.elapsed())
+}
+
+async fn ws_lane(
+    stream: TcpStream,
+    early: Vec<u8>,
+    mut rng: Rng,
+    mut rx: UnboundedReceiver<Item>,
+    names: Arc<Vec<String>>,
+    stats: Rc<RefCell<Stats>>,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (pong_tx, mut pong_rx) = unbounded_channel::<Vec<u8>>();
+    let outstanding = Rc::new(std::cell::Cell::new(0u64));
+    let reader = {
+        let (stats, outstanding) = (stats.clone(), outstanding.clone());
+        tokio::task::spawn_local(async move {
+            let scanner = Scanner::default();
+            let mut buf = early;
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let mut used = 0;
+                while let Ok(Some((frame, n))) = ws::parse_frame(&buf[used..], 16 << 20) {
+                    used += n;
+                    match frame.opcode {
+                        ws::OP_TEXT => match scanner.classify(frame.payload) {
+                            Incoming::Published => outstanding.set(outstanding.get().saturating_sub(1)),
+                            Incoming::Error { id } => {
+                                outstanding.set(outstanding.get().saturating_sub(1));
+                                match id {
+                                    Some(seq) => stats.borrow_mut().refused(seq, "publish_error_reply"),
+                                    None => stats.borrow_mut().fail("error_reply_without_id"),
+                                }
+                            }
+                            _ => {}
+                        },
+                        ws::OP_PING => {
+                            let mut pong = Vec::new();
+                            ws::client_frame(&mut pong, ws::OP_PONG, frame.payload, [0x5a, 0xa5, 0x3c, 0xc3]);
+                            let _ = pong_tx.send(pong);
+                        }
+                        ws::OP_CLOSE => return,
+                        _ => {}
+                    }
+                }
+                buf.drain(..used);
+                match rd.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+    };
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut batch: Vec<Item> = Vec::new();
+    let mut dead = false;
+    let mut cmd = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some(item) => batch.push(item),
+                None => break,
+            },
+            Some(pong) = pong_rx.recv() => { let _ = wr.write_all(&pong).await; continue; }
+        }
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        if dead {
+            for _ in batch.drain(..) {
+                stats.borrow_mut().fail("ws_publisher_closed");
+            }
+            continue;
+        }
+        out.clear();
+        let now = now_micros();
+        for item in &batch {
+            stats.borrow_mut().handed_off(item, now);
+            cmd.clear();
+            cmd.extend_from_slice(b"{\"op\":\"publish\",\"channel\":\"");
+            cmd.extend_from_slice(names[Scenario::channel_of_seq(item.seq, names.len()) as usize].as_bytes());
+            cmd.extend_from_slice(b"\",\"data\":");
+            cmd.extend_from_slice(&item.data);
+            cmd.extend_from_slice(format!(",\"id\":{}}}", item.seq).as_bytes());
+            ws::client_frame(&mut out, ws::OP_TEXT, &cmd, rng.mask());
+        }
+        let written = wr.write_all(&out).await;
+        let mut s = stats.borrow_mut();
+        for item in batch.drain(..) {
+            match written {
+                Ok(()) => {
+                    s.ok(item.seq);
+                    outstanding.set(outstanding.get() + 1);
+                }
+                Err(_) => s.fail("ws_write"),
+            }
+        }
+        dead = written.is_err();
+    }
+    // Wait briefly for the last replies so late `error`s are still counted.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while outstanding.get() > 0 && !reader.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut bye = Vec::new();
+    ws::close_frame(&mut bye, 1000, rng.mask());
+    let _ = wr.write_all(&bye).await;
+    reader.abort();
+}
+
+async fn http_lane(
+    publisher: Publisher,
+    mut rx: UnboundedReceiver<Item>,
+    names: Arc<Vec<String>>,
+    stats: Rc<RefCell<Stats>>,
+) {
+    while let Some(item) = rx.recv().await {
+        stats.borrow_mut().handed_off(&item, now_micros());
+        let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
+        let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
+        let mut s = stats.borrow_mut();
+        match result {
+            Ok(()) => s.ok(item.seq),
+            Err(e) => s.fail(publish_error_kind(&e)),
+        }
+    }
+}
+
+async fn redis_lane(
+    publisher: Publisher,
+    mut rx: UnboundedReceiver<Item>,
+    names: Arc<Vec<String>>,
+    stats: Rc<RefCell<Stats>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let now = now_micros();
+        let outgoing: Vec<Outgoing> = batch
+            .iter()
+            .map(|item| {
+                stats.borrow_mut().handed_off(item, now);
+                Outgoing::new(
+                    names[Scenario::channel_of_seq(item.seq, names.len()) as usize].clone(),
+                    Encoding::Json,
+                    item.data.clone(),
+                )
+            })
+            .collect();
+        let result = publisher.publish_batch(&outgoing).await;
+        let mut s = stats.borrow_mut();
+        for item in batch.drain(..) {
+            match &result {
+                Ok(()) => s.ok(item.seq),
+                Err(e) => s.fail(publish_error_kind(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The run's report: one serialisable document (written with `--json-out`) and the
+//! human-readable table printed at the end.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::metrics::NodeView;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub run_id: String,
+    pub config: ConfigView,
+    pub connect: ConnectView,
+    pub publish: PublishView,
+    pub deliveries: DeliveryView,
+    /// End-to-end latency: receive time minus the publication's intended send time.
+    pub latency_ms: Percentiles,
+    pub disconnects: DisconnectView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<ChurnView>,
+    pub generator: GeneratorView,
+    pub gateway: GatewayView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryView>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ConfigView {
+    pub subscribers: usize,
+    pub channels: usize,
+    pub channels_per_subscriber: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub payload_bytes: usize,
+    pub transport: String,
+    pub urls: Vec<String>,
+    pub threads: usize,
+    pub source_addrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ConnectView {
+    pub attempted: u64,
+    pub established: u64,
+    pub failed: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// From the first attempt to the last connection subscribed or failed.
+    pub duration_s: f64,
+    pub per_second: f64,
+    /// TCP connect + upgrade + every `subscribed` reply.
+    pub latency_ms: Percentiles,
+    pub nofile_limit: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PublishView {
+    pub scheduled: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub achieved_rate: f64,
+    /// How late publications were handed to the transport relative to their schedule.
+    pub schedule_lag_ms: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DeliveryView {
+    /// Sum over ready subscribers of the publications accepted on their channels.
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub loss_ratio: f64,
+    pub subscribers_with_loss: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Messages on our channels that did not carry our fields, or for channels a
+    /// connection had not subscribed to.
+    pub foreign: u64,
+    /// Delivered over the time from the first publication to the last delivery.
+    pub per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds, in milliseconds.
+    pub fn of_micros(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |v: u64| h.highest_equivalent(v) as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DisconnectView {
+    /// Ready subscribers whose connection ended before the run stopped it.
+    pub total: u64,
+    pub slow_consumer_4008: u64,
+    pub draining_1001: u64,
+    pub other_close_codes: BTreeMap<String, u64>,
+    /// Ended without a Close frame (reset, EOF: a killed node).
+    pub eof: u64,
+    pub protocol_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ChurnView {
+    pub rate: f64,
+    pub hold_s: f64,
+    pub cycles: u64,
+    pub failed: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub connect_latency_ms: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct GeneratorView {
+    /// CPU seconds (user + system) over the measured window (publishing and draining,
+    /// or holding for an idle run).
+    pub cpu_seconds: f64,
+    pub user_seconds: f64,
+    pub system_seconds: f64,
+    pub window_s: f64,
+    pub cores: usize,
+    /// Share of the available cores used over the window.
+    pub cpu_percent: f64,
+    pub busiest_second_percent: f64,
+    pub deliveries_per_cpu_second: f64,
+    pub max_rss_bytes: u64,
+    pub saturated: bool,
+    pub saturation_reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct GatewayView {
+    pub nodes: Vec<NodeView>,
+    pub deliveries: Option<f64>,
+    pub slow_consumer_disconnects: Option<f64>,
+    /// Estimated from the delivery-latency histogram's bucket deltas over the run.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct MemoryView {
+    pub gateway_pids: Vec<u32>,
+    pub gateway_rss_before_bytes: u64,
+    pub gateway_rss_connected_bytes: u64,
+    pub gateway_bytes_per_connection: f64,
+    pub generator_bytes_per_connection: f64,
+}
+
+fn count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3} ms"))
+}
+
+fn pct_line(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".to_owned();
+    }
+    format!("p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms", p.p50, p.p90, p.p99, p.p999, p.max)
+}
+
+fn map_line(m: &BTreeMap<String, u64>) -> String {
+    m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+impl Report {
+    /// The table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let row = |t: &mut String, k: &str, v: String| {
+            let _ = writeln!(t, "  {k:<24} {v}");
+        };
+        let c = &self.config;
+        let _ = writeln!(t, "\nfanout-loadtest: {} ({})", self.scenario, self.description);
+        row(
+            &mut t,
+            "layout",
+            format!(
+                "{} subscribers, {} channels, {} per subscriber, {} pub/s for {:.0}s, {} B payload, via {}",
+                count(c.subscribers as u64),
+                c.channels,
+                c.channels_per_subscriber,
+                c.rate,
+                c.duration_s,
+                c.payload_bytes,
+                c.transport
+            ),
+        );
+        let k = &self.connect;
+        row(
+            &mut t,
+            "connections",
+            format!(
+                "{} of {} in {:.2}s ({:.0}/s), {} failed",
+                count(k.established),
+                count(k.attempted),
+                k.duration_s,
+                k.per_second,
+                k.failed
+            ),
+        );
+        if !k.errors.is_empty() {
+            row(&mut t, "connect errors", map_line(&k.errors));
+        }
+        row(&mut t, "connect latency", pct_line(&k.latency_ms));
+        let p = &self.publish;
+        row(
+            &mut t,
+            "published",
+            format!(
+                "{} of {} scheduled ({:.1}/s), {} failed",
+                count(p.sent),
+                count(p.scheduled),
+                p.achieved_rate,
+                p.failed
+            ),
+        );
+        if !p.errors.is_empty() {
+            row(&mut t, "publish errors", map_line(&p.errors));
+        }
+        row(&mut t, "schedule lag", pct_line(&p.schedule_lag_ms));
+        let d = &self.deliveries;
+        row(
+            &mut t,
+            "deliveries",
+            format!("{} of {} expected, {:.0}/s", count(d.delivered), count(d.expected), d.per_second),
+        );
+        row(
+            &mut t,
+            "lost",
+            format!(
+                "{} ({:.4}%) on {} subscribers; {} duplicates, {} reordered, {} foreign",
+                count(d.lost),
+                d.loss_ratio * 100.0,
+                d.subscribers_with_loss,
+                d.duplicates,
+                d.reordered,
+                d.foreign
+            ),
+        );
+        row(&mut t, "latency (end to end)", pct_line(&self.latency_ms));
+        let x = &self.disconnects;
+        let mut disc = format!(
+            "{} (4008 slow consumer {}, 1001 draining {}, eof {}",
+            x.total, x.slow_consumer_4008, x.draining_1001, x.eof
+        );
+        if !x.other_close_codes.is_empty() {
+            let _ = write!(disc, ", {}", map_line(&x.other_close_codes));
+        }
+        disc.push(')');
+        row(&mut t, "disconnects", disc);
+        if let Some(ch) = &self.churn {
+            row(
+                &mut t,
+                "churn",
+                format!(
+                    "{} cycles at {}/s held {:.1}s, {} failed {}",
+                    ch.cycles,
+                    ch.rate,
+                    ch.hold_s,
+                    ch.failed,
+                    map_line(&ch.errors)
+                ),
+            );
+            row(&mut t, "churn connect latency", pct_line(&ch.connect_latency_ms));
+        }
+        let g = &self.generator;
+        row(
+            &mut t,
+            "generator cpu",
+            format!(
+                "{:.2}s over {:.1}s on {} cores = {:.0}% (busiest second {:.0}%), {:.0} deliveries per cpu-second",
+                g.cpu_seconds,
+                g.window_s,
+                g.cores,
+                g.cpu_percent,
+                g.busiest_second_percent,
+                g.deliveries_per_cpu_second
+            ),
+        );
+        if g.saturated {
+            row(&mut t, "GENERATOR SATURATED", g.saturation_reasons.join("; "));
+        }
+        let gw = &self.gateway;
+        if !gw.nodes.is_empty() {
+            row(
+                &mut t,
+                "gateway deliveries",
+                format!(
+                    "{} (slow-consumer disconnects {})",
+                    gw.deliveries.map_or("-".into(), |v| count(v as u64)),
+                    gw.slow_consumer_disconnects.map_or("-".into(), |v| count(v as u64))
+                ),
+            );
+            row(
+                &mut t,
+                "gateway latency",
+                format!("p50 {}  p99 {}", opt_ms(gw.latency_p50_ms), opt_ms(gw.latency_p99_ms)),
+            );
+            for n in gw.nodes.iter().filter(|n| n.error.is_some()) {
+                row(&mut t, "  scrape failed", format!("{}: {}", n.url, n.error.as_deref().unwrap_or_default()));
+            }
+        }
+        if let Some(m) = &self.memory {
+            row(
+                &mut t,
+                "gateway memory",
+                format!(
+                    "RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per connection (generator: {:.0})",
+                    m.gateway_rss_before_bytes as f64 / 1048576.0,
+                    m.gateway_rss_connected_bytes as f64 / 1048576.0,
+                    m.gateway_bytes_per_connection,
+                    m.generator_bytes_per_connection
+                ),
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_ordered_and_in_ms() {
+        let mut h = crate::sub::new_histogram();
+        for v in [1000u64, 2000, 3000, 100_000] {
+            h.record(v).unwrap();
+        }
+        let p = Percentiles::of_micros(&h);
+        assert_eq!(p.count, 4);
+        assert!(p.p50 >= 1.0 && p.p50 <= p.p99 && p.p99 <= p.max);
+        assert!((p.max - 100.0).abs() < 0.1);
+        assert_eq!(Percentiles::of_micros(&crate::sub::new_histogram()), Percentiles::default());
+    }
+
+    #[test]
+    fn table_mentions_the_essentials() {
+        let mut r = Report { scenario: "broadcast".into(), ..Default::default() };
+        r.deliveries.delivered = 1_234_567;
+        r.generator.saturated = true;
+        r.generator.saturation_reasons = vec!["cpu".into()];
+        let t = r.table();
+        assert!(t.contains("1,234,567") && t.contains("GENERATOR SATURATED") && t.contains("broadcast"));
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1000), "1,000");
+    }
+}

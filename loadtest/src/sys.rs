@@ -1,0 +1,90 @@
+//! What the generator asks of the operating system: a higher open-file limit, its own CPU
+//! time, and the resident memory of gateway processes.
+
+use std::time::Duration;
+
+use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
+
+/// CPU time this process used so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub user: Duration,
+    pub system: Duration,
+    /// Peak resident set size in bytes.
+    pub max_rss: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Self {
+        let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) else { return Self::default() };
+        let tv = |t: nix::sys::time::TimeVal| {
+            Duration::from_secs(t.tv_sec().max(0) as u64) + Duration::from_micros(t.tv_usec().max(0) as u64)
+        };
+        Self { user: tv(u.user_time()), system: tv(u.system_time()), max_rss: u.max_rss().max(0) as u64 * 1024 }
+    }
+
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+
+    /// CPU seconds used since `earlier`.
+    pub fn since(&self, earlier: &CpuTimes) -> f64 {
+        self.total().saturating_sub(earlier.total()).as_secs_f64()
+    }
+}
+
+/// Cores this process may run on (its affinity mask and cgroup quota included).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// VmRSS of process `pid` in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vmrss(&status)
+}
+
+fn parse_vmrss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_figures() {
+        assert!(raise_nofile_limit() > 0);
+        let before = CpuTimes::now();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        std::hint::black_box(x);
+        let after = CpuTimes::now();
+        assert!(after.since(&before) > 0.0);
+        assert!(after.max_rss > 0);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(available_cores() >= 1);
+    }
+
+    #[test]
+    fn vmrss_line() {
+        assert_eq!(parse_vmrss("Name:\tx\nVmRSS:\t   1234 kB\n"), Some(1234 * 1024));
+        assert_eq!(parse_vmrss("Name:\tx\n"), None);
+    }
+}
