@@ -1,10 +1,13 @@
 //! Node configuration: command-line flags, `FANOUT_*` environment variables and a TOML
 //! file, merged in that order of precedence and validated before anything is bound.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr as _, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
+
+use crate::auth::{self, AuthSettings};
 
 /// A configuration problem; `main` prints it and exits with code 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,10 @@ pub enum Command {
 /// clap), then to the config file, then to the built-in default.
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
-    /// TOML file holding any of the settings below (flags and environment win over it).
+    /// TOML file holding any of the settings below (flags and environment win over it), plus
+    /// the `[auth]` table (algorithms, public_key_file, jwks_file, required, leeway, audience,
+    /// issuer) and `[namespaces.NAME]` tables (anonymous_subscribe, client_publish,
+    /// max_message_size, publish_rate, publish_burst); see docs/security.md.
     #[arg(long, env = "FANOUT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -119,9 +125,29 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// HS256 secret for connection tokens; turns authentication on.
+    /// HS256 secret for connection tokens; turns authentication on (other algorithms and
+    /// key files: the config file's `[auth]` table).
     #[arg(long, env = "FANOUT_JWT_HMAC_SECRET", value_name = "SECRET", hide_env_values = true)]
     pub jwt_hmac_secret: Option<String>,
+
+    /// New WebSocket connections per second from one client address (IPv6: one /64); over it
+    /// upgrades get 429. 0 turns the limit off [default: 100]
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_IP_PER_SECOND", value_name = "RATE")]
+    pub max_connections_per_ip_per_second: Option<f64>,
+
+    /// Connections one client address may open in a burst before its per-second rate applies [default: 200]
+    #[arg(long, env = "FANOUT_CONNECTION_RATE_BURST", value_name = "N")]
+    pub connection_rate_burst: Option<u32>,
+
+    /// Commands per second one connection may send; over it they get a rate_limited error, and
+    /// a client sending over three times the rate is closed with 1008. 0 turns the limit off [default: 100]
+    #[arg(long, env = "FANOUT_COMMAND_RATE", value_name = "RATE")]
+    pub command_rate: Option<f64>,
+
+    /// Commands one connection may send in a burst before its per-second rate applies; keep it at
+    /// least max_subscriptions so a reconnecting client can resubscribe at once [default: 1000]
+    #[arg(long, env = "FANOUT_COMMAND_BURST", value_name = "N")]
+    pub command_burst: Option<u32>,
 
     /// Allowed `Origin` values for browser upgrades, comma-separated (unset: any).
     #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
@@ -164,6 +190,88 @@ pub struct FileConfig {
     pub api_key: Option<String>,
     pub jwt_hmac_secret: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
+    pub max_connections_per_ip_per_second: Option<f64>,
+    pub connection_rate_burst: Option<u32>,
+    pub command_rate: Option<f64>,
+    pub command_burst: Option<u32>,
+    pub auth: Option<AuthFile>,
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// Accepted `alg` values; default: what the configured keys can verify (HS256 for the
+    /// secret, RS256, ES256 or EdDSA for public keys).
+    pub algorithms: Option<Vec<String>>,
+    /// PEM public key (RSA, EC or Ed25519).
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS document, re-read when its modification time or size changes.
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub jwks_reload_interval: Option<Duration>,
+    /// Whether a token is required (default when a key is configured) or optional.
+    pub required: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub leeway: Option<Duration>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+/// A `[namespaces.NAME]` table. `NAME` is the part of a channel name before its first `:`;
+/// `""` is the namespace of names without one, `"*"` applies to every namespace not listed.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Anonymous connections (auth on, token optional, none given) may subscribe [default: false]
+    pub anonymous_subscribe: Option<bool>,
+    /// WebSocket clients may publish here at all (tokens still need a matching pattern) [default: true]
+    pub client_publish: Option<bool>,
+    /// Largest `data` a client may publish here, bytes (at most the global max_message_size).
+    pub max_message_size: Option<usize>,
+    /// Publications per second one connection may make here (token bucket).
+    pub publish_rate: Option<f64>,
+    /// Burst of that bucket [default: publish_rate rounded up].
+    pub publish_burst: Option<u32>,
+}
+
+/// The rule of a namespace nobody configured.
+pub const DEFAULT_NAMESPACE_RULE: NamespaceConfig = NamespaceConfig {
+    anonymous_subscribe: None,
+    client_publish: None,
+    max_message_size: None,
+    publish_rate: None,
+    publish_burst: None,
+};
+
+/// Resolved `[auth]` settings (the HMAC secret stays in [`Config::jwt_hmac_secret`]).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub algorithms: Vec<Algorithm>,
+    pub public_key_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_reload_interval: Duration,
+    pub required: bool,
+    pub leeway: Duration,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithms: Vec::new(),
+            public_key_file: None,
+            jwks_file: None,
+            jwks_reload_interval: Duration::from_secs(5),
+            required: true,
+            leeway: Duration::from_secs(5),
+            audience: None,
+            issuer: None,
+        }
+    }
 }
 
 /// A complete, validated node configuration.
@@ -190,6 +298,14 @@ pub struct Config {
     pub api_key: Option<String>,
     pub jwt_hmac_secret: Option<String>,
     pub allowed_origins: Vec<String>,
+    /// 0: no per-IP limit.
+    pub max_connections_per_ip_per_second: f64,
+    pub connection_rate_burst: u32,
+    /// 0: no per-connection command limit.
+    pub command_rate: f64,
+    pub command_burst: u32,
+    pub auth: AuthConfig,
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
 }
 
 impl Default for Config {
@@ -215,6 +331,12 @@ impl Default for Config {
             api_key: None,
             jwt_hmac_secret: None,
             allowed_origins: Vec::new(),
+            max_connections_per_ip_per_second: 100.0,
+            connection_rate_burst: 200,
+            command_rate: 100.0,
+            command_burst: 1000,
+            auth: AuthConfig::default(),
+            namespaces: BTreeMap::new(),
         }
     }
 }
@@ -238,6 +360,8 @@ impl Config {
         let d = Config::default();
         let dur = |x: Option<humantime::Duration>| x.map(Duration::from);
         let redis_url = a.redis_url.or(f.redis_url);
+        let jwt_hmac_secret = a.jwt_hmac_secret.or(f.jwt_hmac_secret).filter(|s| !s.is_empty());
+        let auth = resolve_auth(f.auth.unwrap_or_default(), jwt_hmac_secret.as_deref())?;
         let config = Config {
             public_addr: a.public_addr.or(f.public_addr).unwrap_or(d.public_addr),
             internal_addr: a.internal_addr.or(f.internal_addr).unwrap_or(d.internal_addr),
@@ -260,8 +384,20 @@ impl Config {
             max_http_body: a.max_http_body.or(f.max_http_body).unwrap_or(d.max_http_body),
             broker_timeout: dur(a.broker_timeout).or(f.broker_timeout).unwrap_or(d.broker_timeout),
             api_key: a.api_key.or(f.api_key).filter(|s| !s.is_empty()),
-            jwt_hmac_secret: a.jwt_hmac_secret.or(f.jwt_hmac_secret).filter(|s| !s.is_empty()),
+            jwt_hmac_secret,
             allowed_origins: a.allowed_origins.or(f.allowed_origins).unwrap_or_default(),
+            max_connections_per_ip_per_second: a
+                .max_connections_per_ip_per_second
+                .or(f.max_connections_per_ip_per_second)
+                .unwrap_or(d.max_connections_per_ip_per_second),
+            connection_rate_burst: a
+                .connection_rate_burst
+                .or(f.connection_rate_burst)
+                .unwrap_or(d.connection_rate_burst),
+            command_rate: a.command_rate.or(f.command_rate).unwrap_or(d.command_rate),
+            command_burst: a.command_burst.or(f.command_burst).unwrap_or(d.command_burst),
+            auth,
+            namespaces: f.namespaces,
         };
         config.validate()?;
         Ok(config)
@@ -321,8 +457,163 @@ impl Config {
         if let Some(o) = self.allowed_origins.iter().find(|o| o.trim().is_empty() || o.contains(char::is_whitespace)) {
             return Err(invalid("allowed_origins", format!("{o:?} is not an origin")));
         }
+        let rates = [
+            ("max_connections_per_ip_per_second", self.max_connections_per_ip_per_second, self.connection_rate_burst),
+            ("command_rate", self.command_rate, self.command_burst),
+        ];
+        for (key, rate, burst) in rates {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(invalid(key, "must be a number of at least 0 (0 turns the limit off)"));
+            }
+            if rate > 0.0 && burst == 0 {
+                return Err(invalid(key, "its burst must be at least 1"));
+            }
+        }
+        self.validate_auth()?;
+        self.validate_namespaces()
+    }
+
+    /// The token verification settings, when authentication is on.
+    pub fn auth_settings(&self) -> Option<AuthSettings> {
+        let a = &self.auth;
+        if self.jwt_hmac_secret.is_none() && a.public_key_file.is_none() && a.jwks_file.is_none() {
+            return None;
+        }
+        Some(AuthSettings {
+            algorithms: a.algorithms.clone(),
+            hmac_secret: self.jwt_hmac_secret.clone(),
+            public_key_file: a.public_key_file.clone(),
+            jwks_file: a.jwks_file.clone(),
+            leeway: a.leeway,
+            audience: a.audience.clone(),
+            issuer: a.issuer.clone(),
+        })
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let Some(settings) = self.auth_settings() else { return Ok(()) };
+        let families = auth::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
+        if settings.algorithms.is_empty() {
+            return Err(invalid("auth.algorithms", "must name at least one algorithm"));
+        }
+        for alg in &settings.algorithms {
+            if !families.contains(&alg.family()) {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("{alg:?} is accepted but no configured key verifies it"),
+                ));
+            }
+        }
+        for family in &families {
+            if !settings.algorithms.iter().any(|a| a.family() == *family) {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("a {family:?} key is configured but no algorithm uses it"),
+                ));
+            }
+        }
+        if self.auth.jwks_reload_interval.is_zero() {
+            return Err(invalid("auth.jwks_reload_interval", "must be greater than zero"));
+        }
+        if self.auth.leeway > Duration::from_secs(300) {
+            return Err(invalid("auth.leeway", "at most 5 minutes"));
+        }
         Ok(())
     }
+
+    fn validate_namespaces(&self) -> Result<(), ConfigError> {
+        for (name, ns) in &self.namespaces {
+            let ok_name = name == "*"
+                || name.is_empty()
+                || (!name.contains(':') && fanout_protocol::ChannelName::validate(name).is_ok());
+            if !ok_name {
+                return Err(invalid("namespaces", format!("{name:?} is not a namespace (channel characters, no ':')")));
+            }
+            if ns.max_message_size.is_some_and(|m| m == 0 || m > self.max_message_size) {
+                return Err(invalid(
+                    "namespaces.max_message_size",
+                    format!(
+                        "[namespaces.{name:?}]: must be between 1 and max_message_size ({})",
+                        self.max_message_size
+                    ),
+                ));
+            }
+            if ns.publish_rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+                return Err(invalid("namespaces.publish_rate", format!("[namespaces.{name:?}]: must be above 0")));
+            }
+            if ns.publish_burst == Some(0) {
+                return Err(invalid("namespaces.publish_burst", format!("[namespaces.{name:?}]: must be at least 1")));
+            }
+            if ns.publish_burst.is_some() && ns.publish_rate.is_none() {
+                return Err(invalid(
+                    "namespaces.publish_burst",
+                    format!("[namespaces.{name:?}]: set without publish_rate"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves the `[auth]` table: algorithm names, and the defaults that depend on which
+/// keys are configured.
+fn resolve_auth(f: AuthFile, hmac_secret: Option<&str>) -> Result<AuthConfig, ConfigError> {
+    let d = AuthConfig::default();
+    let any_key = hmac_secret.is_some() || f.public_key_file.is_some() || f.jwks_file.is_some();
+    let configured = f.algorithms.is_some()
+        || f.required.is_some()
+        || f.leeway.is_some()
+        || f.audience.is_some()
+        || f.issuer.is_some()
+        || f.jwks_reload_interval.is_some();
+    if configured && !any_key {
+        return Err(invalid("auth", "set without a key: add jwt_hmac_secret, auth.public_key_file or auth.jwks_file"));
+    }
+    let algorithms = match f.algorithms {
+        Some(names) => names
+            .iter()
+            .map(|n| match Algorithm::from_str(n) {
+                Ok(a) if auth::SUPPORTED.contains(&a) => Ok(a),
+                _ => Err(invalid("auth.algorithms", format!("{n:?} is not one of {:?}", auth::SUPPORTED))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None if any_key => {
+            let settings = AuthSettings {
+                algorithms: Vec::new(),
+                hmac_secret: hmac_secret.map(String::from),
+                public_key_file: f.public_key_file.clone(),
+                jwks_file: f.jwks_file.clone(),
+                leeway: Duration::ZERO,
+                audience: None,
+                issuer: None,
+            };
+            let families = auth::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
+            let mut algorithms = Vec::new();
+            for family in families {
+                let alg = match family {
+                    AlgorithmFamily::Hmac => Algorithm::HS256,
+                    AlgorithmFamily::Rsa => Algorithm::RS256,
+                    AlgorithmFamily::Ec => Algorithm::ES256,
+                    AlgorithmFamily::Ed => Algorithm::EdDSA,
+                };
+                if !algorithms.contains(&alg) {
+                    algorithms.push(alg);
+                }
+            }
+            algorithms
+        }
+        None => Vec::new(),
+    };
+    Ok(AuthConfig {
+        algorithms,
+        public_key_file: f.public_key_file,
+        jwks_file: f.jwks_file,
+        jwks_reload_interval: f.jwks_reload_interval.unwrap_or(d.jwks_reload_interval),
+        required: f.required.unwrap_or(d.required),
+        leeway: f.leeway.unwrap_or(d.leeway),
+        audience: f.audience,
+        issuer: f.issuer,
+    })
 }
 
 #[cfg(test)]

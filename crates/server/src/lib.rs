@@ -5,10 +5,13 @@
 //! future that resolves when the node should drain.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod limit;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod public;
 pub mod session;
 pub mod wsframe;
@@ -66,6 +69,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracing::warn!(%internal_addr, "no api_key is set and the internal listener is not on loopback: anyone who can reach it can publish");
     }
 
+    let verifier = match config.auth_settings() {
+        Some(settings) => {
+            let verifier = Arc::new(auth::Verifier::new(&settings).context("loading the token keys")?);
+            if config.jwt_hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
+                tracing::warn!(
+                    "jwt_hmac_secret is shorter than 32 bytes: HS256 secrets that short can be brute-forced"
+                );
+            }
+            tokio::spawn(verifier.clone().watch_jwks(
+                config.auth.jwks_reload_interval,
+                background.child_token(),
+                m.jwks_reloads.clone(),
+            ));
+            tracing::info!(algorithms = ?config.auth.algorithms, required = config.auth.required, "connection tokens are verified");
+            Some(verifier)
+        }
+        None => None,
+    };
+
     let draining = Arc::new(AtomicBool::new(false));
     let sessions = TaskTracker::new();
     let http = TaskTracker::new();
@@ -83,13 +105,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 max_subscriptions: config.max_subscriptions,
                 ping_interval: config.ping_interval,
                 idle_timeout: config.idle_timeout,
+                command_rate: (config.command_rate > 0.0)
+                    .then(|| limit::Rate::new(config.command_rate, config.command_burst)),
             },
+            policy: policy::Policy::new(&config.namespaces, config.max_message_size),
+            verifier,
         }),
         draining: draining.clone(),
         sessions: Arc::new(Semaphore::new(config.max_connections)),
         sessions_cancel: sessions_cancel.clone(),
         tracker: sessions.clone(),
         allowed_origins: config.allowed_origins.clone(),
+        auth_required: config.auth.required,
+        ip_limiter: (config.max_connections_per_ip_per_second > 0.0)
+            .then(|| limit::IpRateLimiter::new(config.max_connections_per_ip_per_second, config.connection_rate_burst)),
     });
     let internal_handler = Arc::new(api::Internal {
         hub,

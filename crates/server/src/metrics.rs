@@ -68,6 +68,9 @@ fn describe() {
         "Time to resubscribe every channel after a reconnect"
     );
     g!("fanout_ready", "1 while /readyz answers 200");
+    c!("fanout_token_refreshes_total", "refresh commands, by result (ok, rejected)");
+    c!("fanout_jwks_reloads_total", "JWKS file reloads after a change, by result (ok, error)");
+    g!("fanout_rate_limited_ips", "Client addresses the per-IP connection rate limiter is tracking");
     g!("fanout_build_info", "Build information");
 }
 
@@ -85,10 +88,12 @@ pub enum CloseReason {
     Draining,
     IdleTimeout,
     AuthExpired,
+    /// The client kept sending commands far over its rate limit.
+    RateLimited,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Client,
         CloseReason::Disconnected,
         CloseReason::ProtocolError,
@@ -98,6 +103,7 @@ impl CloseReason {
         CloseReason::Draining,
         CloseReason::IdleTimeout,
         CloseReason::AuthExpired,
+        CloseReason::RateLimited,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -111,6 +117,7 @@ impl CloseReason {
             CloseReason::Draining => "draining",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::AuthExpired => "auth_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -123,7 +130,7 @@ impl CloseReason {
             CloseReason::TooLarge => Some(1009),
             CloseReason::SlowConsumer => Some(4008),
             CloseReason::Draining | CloseReason::IdleTimeout => Some(1001),
-            CloseReason::AuthExpired => Some(1008),
+            CloseReason::AuthExpired | CloseReason::RateLimited => Some(1008),
         }
     }
 }
@@ -178,6 +185,17 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub latency: Histogram,
     pub ready: Gauge,
+    pub refreshes_ok: Counter,
+    pub refreshes_rejected: Counter,
+    pub jwks_reloads: Reloads,
+    pub rate_limited_ips: Gauge,
+}
+
+/// Outcomes of reloading a key file.
+#[derive(Clone)]
+pub struct Reloads {
+    pub ok: Counter,
+    pub failed: Counter,
 }
 
 impl Metrics {
@@ -200,6 +218,13 @@ impl Metrics {
             slow_consumers: metrics::counter!("fanout_slow_consumer_disconnects_total"),
             latency: metrics::histogram!("fanout_delivery_latency_seconds"),
             ready: metrics::gauge!("fanout_ready"),
+            refreshes_ok: metrics::counter!("fanout_token_refreshes_total", "result" => "ok"),
+            refreshes_rejected: metrics::counter!("fanout_token_refreshes_total", "result" => "rejected"),
+            jwks_reloads: Reloads {
+                ok: metrics::counter!("fanout_jwks_reloads_total", "result" => "ok"),
+                failed: metrics::counter!("fanout_jwks_reloads_total", "result" => "error"),
+            },
+            rate_limited_ips: metrics::gauge!("fanout_rate_limited_ips"),
         }
     }
 

@@ -16,11 +16,17 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use fanout_hub::LogLimiter;
+
 use crate::{
+    auth::{self, Identity},
+    limit::{IpRateLimiter, IpVerdict},
     listener::{text, Body, Handler},
     metrics::Rejection,
     session::{self, Shared},
 };
+
+static REFUSED_TOKEN_LOG: LogLimiter = LogLimiter::new(10_000);
 
 pub const SUBPROTOCOL_JSON: &str = "fanout.v1.json";
 pub const SUBPROTOCOL_MSGPACK: &str = "fanout.v1.msgpack";
@@ -34,15 +40,33 @@ pub struct Public {
     pub sessions_cancel: CancellationToken,
     pub tracker: TaskTracker,
     pub allowed_origins: Vec<String>,
+    /// With a verifier configured: whether upgrades without a token are refused (true) or
+    /// become anonymous connections.
+    pub auth_required: bool,
+    /// New connections per client address; None when the limit is off.
+    pub ip_limiter: Option<IpRateLimiter>,
 }
 
 impl Handler for Public {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/ws") => self.upgrade(req).unwrap_or_else(|(status, reason, message)| {
+            (&Method::GET, "/ws") => self.upgrade(req, peer).unwrap_or_else(|(status, reason, message)| {
                 self.shared.metrics.rejected(reason).increment(1);
-                text(status, message)
+                let mut response = text(status, message);
+                match reason {
+                    Rejection::Unauthorized => {
+                        response
+                            .headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                    }
+                    Rejection::RateLimited => {
+                        let wait = self.ip_limiter.as_ref().map_or(1, |l| l.retry_after().as_secs());
+                        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(wait));
+                    }
+                    _ => {}
+                }
+                response
             }),
             (_, "/ws" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -80,9 +104,21 @@ pub fn negotiate(headers: &header::HeaderMap) -> Result<Option<(Encoding, &'stat
 }
 
 impl Public {
-    fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Rejected> {
+    fn upgrade(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Rejected> {
         if self.draining.load(Ordering::Relaxed) {
             return Err((StatusCode::SERVICE_UNAVAILABLE, Rejection::Draining, "node is draining\n"));
+        }
+        // Before anything that costs work (above all a signature check) for this client.
+        if let Some(limiter) = &self.ip_limiter {
+            let verdict = limiter.check(peer.ip(), std::time::Instant::now());
+            self.shared.metrics.rate_limited_ips.set(limiter.tracked() as f64);
+            if verdict == IpVerdict::Limited {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Rejection::RateLimited,
+                    "too many connections from your address\n",
+                ));
+            }
         }
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
             return Err((StatusCode::UPGRADE_REQUIRED, Rejection::NotWebSocket, "expected a WebSocket upgrade\n"));
@@ -106,6 +142,7 @@ impl Public {
             self.sessions.clone().try_acquire_owned().map_err(|_| {
                 (StatusCode::SERVICE_UNAVAILABLE, Rejection::TooManyConnections, "too many connections\n")
             })?;
+        let identity = self.identify(&req)?;
         let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
             .map_err(|_| (StatusCode::BAD_REQUEST, Rejection::NotWebSocket, "invalid WebSocket handshake\n"))?;
         let (mut parts, _) = response.into_parts();
@@ -126,11 +163,31 @@ impl Public {
             };
             // Take the raw TCP stream back: the session reads and writes it directly.
             match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
-                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, cancel).await,
+                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, cancel, identity).await,
                 Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
             }
         });
         Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+    }
+
+    /// Who the upgrading client is, from its token.
+    fn identify(&self, req: &Request<Incoming>) -> Result<Identity, Rejected> {
+        let Some(verifier) = &self.shared.verifier else { return Ok(Identity::Open) };
+        let unauthorized = |e: auth::TokenError| {
+            if let Some(suppressed) = REFUSED_TOKEN_LOG.check() {
+                tracing::info!(error = %e, suppressed, "refused an upgrade's token");
+            }
+            (StatusCode::UNAUTHORIZED, Rejection::Unauthorized, e.http_message())
+        };
+        match auth::token_from_request(req.headers(), req.uri().query()).map_err(unauthorized)? {
+            // A token that is present is checked even where tokens are optional: a bad one
+            // is a client bug to surface, not a reason to continue anonymously.
+            Some(token) => verifier.verify(&token).map(|g| Identity::Token(Box::new(g))).map_err(unauthorized),
+            None if self.auth_required => {
+                Err((StatusCode::UNAUTHORIZED, Rejection::Unauthorized, "unauthorized: a token is required\n"))
+            }
+            None => Ok(Identity::Anonymous),
+        }
     }
 }
 

@@ -11,14 +11,17 @@ use std::{
 use bytes::{Buf, Bytes};
 use fanout_hub::{Hub, LogLimiter, Outbox, Outgoing, Status};
 use fanout_protocol::{
-    close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, Encoding, ErrorCode, OpCode,
-    Publication, Reply,
+    close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, CommandError, Encoding,
+    ErrorCode, OpCode, Publication, Reply,
 };
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::{Identity, Verifier},
+    limit::{Rate, TokenBucket},
     metrics::{CloseReason, Metrics},
+    policy::{Denied, Policy},
     wsframe::{FrameDecoder, FrameError, Incoming},
 };
 
@@ -30,6 +33,8 @@ pub struct Limits {
     pub max_subscriptions: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// Commands per connection; None: unlimited.
+    pub command_rate: Option<Rate>,
 }
 
 /// What all sessions share.
@@ -37,6 +42,9 @@ pub struct Shared {
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub policy: Policy,
+    /// None: authentication is off.
+    pub verifier: Option<Arc<Verifier>>,
 }
 
 /// How long a closing session keeps trying to flush and say goodbye.
@@ -57,14 +65,38 @@ enum End {
     ClientClose(Option<u16>),
 }
 
+/// Refused commands a client may keep sending, as a multiple of its command rate: past 3x
+/// the rate (1x accepted, 2x refused) the refusals drain a bucket of `command_burst` and
+/// the connection closes with 1008.
+const ABUSE_RATE_FACTOR: f64 = 2.0;
+
+/// The bucket of refused commands that tolerates `ABUSE_RATE_FACTOR` times `rate`.
+fn abuse_rate(rate: Rate) -> Rate {
+    Rate { per_second: rate.per_second * ABUSE_RATE_FACTOR, burst: rate.burst }
+}
+
 /// Runs a session to completion. `leftover` holds bytes the HTTP layer read past the
 /// upgrade request.
-pub async fn run(stream: TcpStream, leftover: Bytes, format: Encoding, shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn run(
+    stream: TcpStream,
+    leftover: Bytes,
+    format: Encoding,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    identity: Identity,
+) {
     let _ = stream.set_nodelay(true);
     let m = shared.metrics.clone();
     m.opened.increment(1);
     m.connections.increment(1.0);
+    let now = std::time::Instant::now();
+    let rate = shared.limits.command_rate.unwrap_or(Rate::new(0.0, 1));
     let mut s = Session {
+        expires_at: expiry_of(&identity, shared.verifier.as_deref()),
+        identity,
+        commands: TokenBucket::new(rate, now),
+        abuse: TokenBucket::new(rate, now),
+        publish_rates: Vec::new(),
         outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
         decoder: FrameDecoder::new(leftover, shared.limits.max_message_size),
         pending: VecDeque::new(),
@@ -94,13 +126,40 @@ struct Session {
     format: Encoding,
     last_seen: Instant,
     shared: Arc<Shared>,
+    identity: Identity,
+    /// When the token (plus leeway) expires; the session closes with 1008 then.
+    expires_at: Option<Instant>,
+    commands: TokenBucket,
+    /// Drained by commands refused for rate: when empty, the client is abusive.
+    abuse: TokenBucket,
+    /// Publish-rate buckets by namespace slot, allocated on the first rate-limited publish.
+    publish_rates: Vec<Option<TokenBucket>>,
+}
+
+fn expiry_of(identity: &Identity, verifier: Option<&Verifier>) -> Option<Instant> {
+    match (identity, verifier) {
+        (Identity::Token(grant), Some(v)) => Some(Instant::now() + grant.remaining(v.leeway())),
+        _ => None,
+    }
+}
+
+/// Takes a token from the publish-rate bucket of namespace `slot`, if it has a rate.
+fn within_publish_rate(policy: &Policy, buckets: &mut Vec<Option<TokenBucket>>, slot: usize) -> bool {
+    let Some(rate) = policy.rule_at(slot).publish_rate else { return true };
+    if buckets.is_empty() {
+        buckets.resize(policy.slots(), None);
+    }
+    let now = std::time::Instant::now();
+    buckets.get_mut(slot).is_none_or(|b| b.get_or_insert_with(|| TokenBucket::new(rate, now)).try_take(rate, now))
 }
 
 impl Session {
     async fn event_loop(&mut self, cancel: &CancellationToken) -> End {
         let limits = self.shared.limits.clone();
-        let ping = tokio::time::sleep(limits.ping_interval);
-        tokio::pin!(ping);
+        // One timer serves both the pings and the token's expiry, whichever is due first.
+        let mut next_ping = Instant::now() + limits.ping_interval;
+        let timer = tokio::time::sleep_until(self.next_wake(next_ping));
+        tokio::pin!(timer);
         loop {
             // Reading the socket is done by readiness + try_read, so every branch here is
             // cancel-safe and no partially read frame is ever dropped.
@@ -125,19 +184,35 @@ impl Session {
                     if ready.is_err() {
                         return End::Close(CloseReason::Disconnected);
                     }
+                    let expires_at = self.expires_at;
                     if let Some(end) = self.read().await {
                         return end;
                     }
-                }
-                () = &mut ping => {
-                    if self.last_seen.elapsed() >= limits.idle_timeout {
-                        return End::Close(CloseReason::IdleTimeout);
+                    if self.expires_at != expires_at {
+                        timer.as_mut().reset(self.next_wake(next_ping));
                     }
-                    self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
-                    ping.as_mut().reset(Instant::now() + limits.ping_interval);
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if self.expires_at.is_some_and(|at| now >= at) {
+                        return End::Close(CloseReason::AuthExpired);
+                    }
+                    if now >= next_ping {
+                        if self.last_seen.elapsed() >= limits.idle_timeout {
+                            return End::Close(CloseReason::IdleTimeout);
+                        }
+                        self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
+                        next_ping = now + limits.ping_interval;
+                    }
+                    timer.as_mut().reset(self.next_wake(next_ping));
                 }
             }
         }
+    }
+
+    /// When the session timer must fire next: the next ping or the token's expiry.
+    fn next_wake(&self, next_ping: Instant) -> Instant {
+        self.expires_at.map_or(next_ping, |at| at.min(next_ping))
     }
 
     /// Reads what the socket has and handles every complete frame in it.
@@ -153,7 +228,9 @@ impl Session {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     // Commands are accepted in either format; replies use the connection's.
                     let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
-                    self.command(enc, &payload).await;
+                    if let Some(end) = self.command(enc, &payload).await {
+                        return Some(end);
+                    }
                 }
                 Ok(Some(Incoming::Ping(payload))) => {
                     self.outbox.push(frame(OpCode::Pong, &payload), 0);
@@ -186,8 +263,33 @@ impl Session {
         self.reply(&Reply::Error { id, code, message });
     }
 
-    async fn command(&mut self, enc: Encoding, payload: &[u8]) {
-        let cmd = match decode_command(enc, payload) {
+    /// Handles one command frame; `Some` when the session must end because of it.
+    async fn command(&mut self, enc: Encoding, payload: &[u8]) -> Option<End> {
+        let decoded = decode_command(enc, payload);
+        let now = std::time::Instant::now();
+        // Every frame counts, malformed ones too: they cost as much to handle.
+        if let Some(rate) = self.shared.limits.command_rate {
+            if !self.commands.try_take(rate, now) {
+                if !self.abuse.try_take(abuse_rate(rate), now) {
+                    if let Some(suppressed) = BAD_INPUT_LOG.check() {
+                        tracing::info!(peer = ?self.stream.peer_addr().ok(), suppressed, "closing a connection that kept sending far over its command rate");
+                    }
+                    return Some(End::Close(CloseReason::RateLimited));
+                }
+                let id = match &decoded {
+                    Ok(cmd) => cmd.id(),
+                    Err(e) => e.id,
+                };
+                self.error(id, ErrorCode::RateLimited, "too many commands: slow down");
+                return None;
+            }
+        }
+        self.execute(decoded).await;
+        None
+    }
+
+    async fn execute(&mut self, decoded: Result<Command, CommandError>) {
+        let cmd = match decoded {
             Ok(cmd) => cmd,
             Err(e) => {
                 if let Some(suppressed) = BAD_INPUT_LOG.check() {
@@ -199,6 +301,9 @@ impl Session {
         let hub = &self.shared.hub;
         match cmd {
             Command::Subscribe { id, channel } => {
+                if let Err(denied) = self.shared.policy.check_subscribe(&self.identity, channel.as_str()) {
+                    return self.denied(id, denied);
+                }
                 if self.subscriptions.contains(&channel) {
                     return self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
                 }
@@ -224,6 +329,13 @@ impl Session {
                 if data.len() > self.shared.limits.max_message_size {
                     return self.error(id, ErrorCode::MessageTooLarge, "data exceeds max_message_size");
                 }
+                let slot = match self.shared.policy.check_publish(&self.identity, channel.as_str(), data.len()) {
+                    Ok(slot) => slot,
+                    Err(denied) => return self.denied(id, denied),
+                };
+                if !within_publish_rate(&self.shared.policy, &mut self.publish_rates, slot) {
+                    return self.error(id, ErrorCode::RateLimited, "publish rate of this namespace exceeded");
+                }
                 let publication = Publication { channel, ts: now_micros(), enc, data };
                 match hub.publish(&publication).await {
                     Ok(()) => {
@@ -234,9 +346,61 @@ impl Session {
                 }
             }
             Command::Ping { id } => self.reply(&Reply::Pong { id }),
-            Command::Refresh { id, .. } => {
-                self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node")
+            Command::Refresh { id, token } => self.refresh(id, &token),
+        }
+    }
+
+    fn denied(&self, id: Option<u64>, denied: Denied) {
+        match denied {
+            Denied::Forbidden(why) => self.error(id, ErrorCode::Forbidden, why),
+            Denied::TooLarge => {
+                self.error(id, ErrorCode::MessageTooLarge, "data exceeds this namespace's max_message_size")
             }
+        }
+    }
+
+    /// Replaces the connection's token with a fresh one for the same `sub`; a bad one
+    /// changes nothing. Subscriptions the new token no longer allows are dropped, each
+    /// announced with an `unsubscribed` that carries no `id`.
+    fn refresh(&mut self, id: Option<u64>, token: &str) {
+        let Some(verifier) = &self.shared.verifier else {
+            return self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node");
+        };
+        let m = &self.shared.metrics;
+        let current_sub = match &self.identity {
+            Identity::Token(grant) => grant.sub.clone(),
+            _ => {
+                m.refreshes_rejected.increment(1);
+                return self.error(id, ErrorCode::Forbidden, "only a connection opened with a token can refresh it");
+            }
+        };
+        let grant = match verifier.verify(token) {
+            Ok(grant) => grant,
+            Err(e) => {
+                m.refreshes_rejected.increment(1);
+                return self.error(id, ErrorCode::Forbidden, &format!("invalid token: {e}"));
+            }
+        };
+        if grant.sub != current_sub {
+            m.refreshes_rejected.increment(1);
+            return self.error(id, ErrorCode::Forbidden, "the new token is for a different sub");
+        }
+        m.refreshes_ok.increment(1);
+        let exp = grant.exp;
+        self.expires_at = Some(Instant::now() + grant.remaining(verifier.leeway()));
+        self.identity = Identity::Token(Box::new(grant));
+        self.reply(&Reply::Refreshed { id, exp });
+        let policy = &self.shared.policy;
+        let revoked: Vec<ChannelName> = self
+            .subscriptions
+            .iter()
+            .filter(|c| policy.check_subscribe(&self.identity, c.as_str()).is_err())
+            .cloned()
+            .collect();
+        for channel in revoked {
+            self.subscriptions.remove(&channel);
+            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+            self.reply(&Reply::Unsubscribed { id: None, channel: channel.as_str() });
         }
     }
 

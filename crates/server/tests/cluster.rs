@@ -7,7 +7,9 @@ use fanout_testkit::{http, Node, RedisServer, WsClient};
 use serde_json::json;
 
 fn nodes(redis: &RedisServer, n: usize) -> Vec<Node> {
-    (0..n).map(|_| Node::start(env!("CARGO_BIN_EXE_fanout"), &["--redis-url", &redis.url()])).collect()
+    // The publishers here pipeline thousands of commands, far over the default command rate.
+    let args = ["--redis-url", &redis.url(), "--command-rate", "0"];
+    (0..n).map(|_| Node::start(env!("CARGO_BIN_EXE_fanout"), &args)).collect()
 }
 
 /// A hand-built envelope, exactly as a backend would `PUBLISH` it.
