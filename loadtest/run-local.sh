@@ -8,7 +8,7 @@
 #
 # Environment: NODES (default 2), GATEWAY_CPUS (default 0), LOADTEST_CPUS (default 1),
 # FANOUT_BIN, LOADTEST_BIN (default target/release/...), BUILD=0 to skip cargo build,
-# NODE_ARGS (extra flags for `fanout serve`).
+# NODE_ARGS (flags for `fanout serve`; default lifts the per-client rate limits).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,7 +20,9 @@ GATEWAY_CPUS=${GATEWAY_CPUS:-0}
 LOADTEST_CPUS=${LOADTEST_CPUS:-1}
 FANOUT_BIN=${FANOUT_BIN:-target/release/fanout}
 LOADTEST_BIN=${LOADTEST_BIN:-target/release/fanout-loadtest}
-NODE_ARGS=${NODE_ARGS:-}
+# The generator connects hundreds of clients per second from one address and publishes
+# far above one client's command rate: lift the per-client limits for the local cluster.
+NODE_ARGS=${NODE_ARGS:---max-connections-per-ip-per-second 0 --command-rate 0}
 
 if [[ "${BUILD:-1}" != 0 ]]; then
     cargo build --release -p fanout-server -p fanout-loadtest >&2

@@ -70,6 +70,9 @@ pub struct PubResult {
     /// Microseconds from a publication's intended send time to its hand-off to the
     /// transport: how far the generator fell behind its own schedule.
     pub lag: Histogram<u64>,
+    /// Microseconds the scheduling clock itself woke late (the part of `lag` spent before
+    /// the publication was even created).
+    pub clock_lag: Histogram<u64>,
     /// Time from the first intended send to the last hand-off.
     pub elapsed: Duration,
 }
@@ -230,7 +233,7 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
     for t in tasks {
         let _ = t.await;
     }
-    let (scheduled, elapsed) = scheduler.join().map_err(|_| anyhow::anyhow!("the scheduler panicked"))?;
+    let (scheduled, elapsed, clock_lag) = scheduler.join().map_err(|_| anyhow::anyhow!("the scheduler panicked"))?;
     let stats = Rc::try_unwrap(stats).map_err(|_| anyhow::anyhow!("lanes still running"))?.into_inner();
     Ok(PubResult {
         scheduled,
@@ -239,6 +242,7 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
         ok_per_channel: stats.ok_per_channel,
         errors: stats.errors,
         lag: stats.lag,
+        clock_lag,
         elapsed,
     })
 }
@@ -256,7 +260,8 @@ fn schedule(
     senders: Vec<UnboundedSender<Item>>,
     live: &PubLive,
     stop: &AtomicBool,
-) -> (u64, Duration) {
+) -> (u64, Duration, Histogram<u64>) {
+    let mut clock_lag = new_histogram();
     let start = Instant::now();
     let start_us = now_micros();
     let period = 1.0 / rate;
@@ -269,6 +274,7 @@ fn schedule(
             std::thread::sleep((due - elapsed).min(Duration::from_millis(50)));
             continue;
         }
+        clock_lag.saturating_record((elapsed - due).as_micros() as u64);
         let intended_us = start_us + due.as_micros() as u64;
         buf.clear();
         scan::payload(&mut buf, seq, intended_us, payload);
@@ -278,7 +284,7 @@ fn schedule(
         live.scheduled.fetch_add(1, Relaxed);
         seq += 1;
     }
-    (seq, start.elapsed())
+    (seq, start.elapsed(), clock_lag)
 }
 
 async fn ws_lane(
@@ -307,9 +313,10 @@ async fn ws_lane(
                             Incoming::Published => outstanding.set(outstanding.get().saturating_sub(1)),
                             Incoming::Error { id } => {
                                 outstanding.set(outstanding.get().saturating_sub(1));
+                                let kind = format!("error_{}", scan::error_code(frame.payload).unwrap_or("unknown"));
                                 match id {
-                                    Some(seq) => stats.borrow_mut().refused(seq, "publish_error_reply"),
-                                    None => stats.borrow_mut().fail("error_reply_without_id"),
+                                    Some(seq) => stats.borrow_mut().refused(seq, &kind),
+                                    None => stats.borrow_mut().fail(kind),
                                 }
                             }
                             _ => {}

@@ -65,6 +65,8 @@ pub struct PublishView {
     pub achieved_rate: f64,
     /// How late publications were handed to the transport relative to their schedule.
     pub schedule_lag_ms: Percentiles,
+    /// How late the scheduling clock woke (part of the schedule lag).
+    pub clock_lag_ms: Percentiles,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -239,6 +241,9 @@ impl Report {
         if !k.errors.is_empty() {
             row(&mut t, "connect errors", map_line(&k.errors));
         }
+        if k.errors.contains_key("http_429") {
+            row(&mut t, "  hint", "429: the gateway's per-address connection rate limit; lift it on the nodes (--max-connections-per-ip-per-second 0), lower --connect-rate or spread --source-addrs".into());
+        }
         row(&mut t, "connect latency", pct_line(&k.latency_ms));
         let p = &self.publish;
         row(
@@ -255,7 +260,11 @@ impl Report {
         if !p.errors.is_empty() {
             row(&mut t, "publish errors", map_line(&p.errors));
         }
+        if p.errors.contains_key("error_rate_limited") {
+            row(&mut t, "  hint", "rate_limited: one connection's command rate limit; lift it on the nodes (--command-rate 0) or add --ws-publishers".into());
+        }
         row(&mut t, "schedule lag", pct_line(&p.schedule_lag_ms));
+        row(&mut t, "  of which clock", pct_line(&p.clock_lag_ms));
         let d = &self.deliveries;
         row(
             &mut t,

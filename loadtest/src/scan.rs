@@ -88,6 +88,13 @@ impl Scanner {
     }
 }
 
+/// The `code` of an `error` reply (`rate_limited`, `forbidden`, …).
+pub fn error_code(frame: &[u8]) -> Option<&str> {
+    let at = memchr::memmem::find(frame, b"\"code\":\"")? + 8;
+    let len = memchr::memchr(b'"', &frame[at..])?;
+    std::str::from_utf8(&frame[at..at + len]).ok()
+}
+
 /// The data of publication `seq`: `{"s":SEQ,"t":SENT,"p":"xxx…"}` padded to `size`
 /// bytes when `size` is larger than the bare fields.
 pub fn payload(out: &mut Vec<u8>, seq: u64, sent_micros: u64, size: usize) {
@@ -122,6 +129,8 @@ mod tests {
             Incoming::Error { id: Some(12) }
         );
         assert_eq!(s.classify(br#"{"op":"error","code":"x","message":"m"}"#), Incoming::Error { id: None });
+        assert_eq!(error_code(br#"{"op":"error","code":"rate_limited","message":"m"}"#), Some("rate_limited"));
+        assert_eq!(error_code(br#"{"op":"pong"}"#), None);
         assert_eq!(s.classify(br#"{"op":"message","channel":"a","data":{"x":1},"ts":5}"#), Incoming::Foreign);
         assert_eq!(s.classify(br#"{"op":"message","channel":"a","data":{"s":"str","t":1},"ts":5}"#), Incoming::Foreign);
         assert_eq!(s.classify(br#"{"op":"pong"}"#), Incoming::Other);
