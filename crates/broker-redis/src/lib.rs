@@ -1,1 +1,68 @@
-//! Redis.
+//! fanout's Redis broker: carries publications between nodes through Redis pub/sub.
+//!
+//! # How a node uses Redis
+//!
+//! Each node keeps exactly two connections to Redis:
+//!
+//! * one **pub/sub connection**, on which the node `SUBSCRIBE`s `{prefix}{channel}` for
+//!   every channel that has at least one local subscriber. The hub already reference-counts
+//!   interest, so Redis sees one subscription per channel per node however many clients
+//!   share it. Interest changes are batched: everything that queued up while the previous
+//!   command was in flight goes out as one `SUBSCRIBE` (or `UNSUBSCRIBE`) with many
+//!   channels. An unsubscribe lingers for [`RedisConfig::linger`] first, so a channel that
+//!   flaps between zero and one subscriber costs nothing.
+//! * one **multiplexed command connection** for `PUBLISH`, so a slow fan-out never delays
+//!   a publish and a burst of publishes never delays the heartbeat.
+//!
+//! Publications read from the pub/sub connection are decoded and handed to the
+//! [`fanout_hub::Registry`] directly in the reader task, in the order Redis sent them;
+//! there is no queue in between.
+//!
+//! # Outages
+//!
+//! A `PING` goes out on the pub/sub connection every [`RedisConfig::heartbeat_interval`]
+//! and must be answered within [`RedisConfig::command_timeout`]; that catches a Redis that
+//! still holds the TCP connection open but no longer answers (a stopped process, a network
+//! partition). A connection that closes is noticed at once. Either way the broker reports
+//! itself down ([`fanout_hub::Broker::is_up`], [`RedisBroker::status`], gauge
+//! `fanout_broker_up`), fails `publish` and `ready` fast, reconnects with capped, jittered
+//! exponential backoff, re-subscribes every channel still wanted and only then reports
+//! itself up again. Clients stay connected throughout; they miss what was published while
+//! Redis was unreachable (delivery is at most once).
+//!
+//! # Several URLs: Redis Cluster and failover lists
+//!
+//! With more than one URL the broker connects to the first that answers and, when that one
+//! fails, moves on to the next. This is meant for the node list of a **Redis Cluster**:
+//! classic (non-sharded) `PUBLISH` is broadcast over the cluster bus to every node, so a
+//! `SUBSCRIBE` on any one node sees every publication made on any node, and a `PUBLISH`
+//! may go to any node. It also works as a plain failover list of interchangeable
+//! endpoints, as long as every publisher can reach the endpoint the nodes are on (two
+//! independent Redis servers do not share pub/sub).
+//!
+//! # TLS and passwords
+//!
+//! `rediss://` URLs connect over TLS with rustls (ring) and the Mozilla root store.
+//! [`RedisConfig::password`] sets (or overrides) the password of every URL, so a secret
+//! need not be part of a URL that ends up in logs; URLs are never logged with credentials.
+//!
+//! # Metrics
+//!
+//! `fanout_broker_up`, `fanout_broker_channels` (channels subscribed in Redis),
+//! `fanout_broker_reconnects_total`, `fanout_broker_resubscribe_duration_seconds`,
+//! `fanout_broker_publications_received_total`,
+//! `fanout_broker_errors_total{op="publish"|"subscribe"|"unsubscribe"|"ping"|"connect"}`
+//! and `fanout_publications_dropped_total{reason="invalid_envelope"}`.
+
+mod backoff;
+mod broker;
+mod config;
+mod error;
+mod manager;
+mod metrics;
+mod publisher;
+mod reader;
+
+pub use broker::RedisBroker;
+pub use config::RedisConfig;
+pub use error::RedisBrokerError;

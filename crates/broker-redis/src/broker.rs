@@ -1,0 +1,150 @@
+//! `RedisBroker`: the handle the hub holds, and the state its tasks share.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+};
+
+use fanout_hub::{BoxFuture, Broker, BrokerError, Registry};
+use fanout_protocol::{ChannelName, Publication};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{Endpoint, RedisConfig},
+    error::RedisBrokerError,
+    manager::{Command, Manager},
+    metrics::Metrics,
+    publisher::Publisher,
+    reader::WarnLimiter,
+};
+
+/// State shared by the broker handle, the connection manager, the reader and publishers.
+pub(crate) struct Shared {
+    pub registry: Arc<Registry>,
+    pub config: RedisConfig,
+    pub endpoints: Vec<Endpoint>,
+    /// Index into `endpoints` of the server in use, or to be tried next.
+    pub current: AtomicUsize,
+    up: AtomicBool,
+    status: watch::Sender<bool>,
+    /// Channels confirmed subscribed on the live pub/sub connection. Only the manager writes
+    /// it; the reader borrows validated names from it instead of allocating new ones.
+    pub active: RwLock<HashSet<ChannelName>>,
+    pub publisher: Publisher,
+    pub metrics: Metrics,
+    pub invalid_log: Mutex<WarnLimiter>,
+}
+
+impl Shared {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.metrics.up.set(if up { 1.0 } else { 0.0 });
+        self.status.send_if_modified(|s| std::mem::replace(s, up) != up);
+    }
+
+    pub fn endpoint(&self) -> (usize, &Endpoint) {
+        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        (i, &self.endpoints[i])
+    }
+}
+
+fn down() -> BrokerError {
+    BrokerError::Unavailable("Redis is not connected".into())
+}
+
+/// A [`Broker`] that shares publications between nodes through Redis pub/sub. See the
+/// crate documentation for how it behaves.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    tasks: TaskTracker,
+}
+
+impl RedisBroker {
+    /// Validates `config` and starts connecting in the background. Returns at once: the
+    /// broker reports itself down until Redis answers, and keeps retrying for as long as it
+    /// runs. Everything stops when `shutdown` is cancelled (or the broker is dropped).
+    pub fn start(
+        config: RedisConfig,
+        registry: Arc<Registry>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, RedisBrokerError> {
+        let endpoints = config.endpoints()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
+        let shared = Arc::new(Shared {
+            registry,
+            publisher: Publisher::new(&config),
+            config,
+            endpoints,
+            current: AtomicUsize::new(0),
+            up: AtomicBool::new(false),
+            status: watch::Sender::new(false),
+            active: RwLock::new(HashSet::new()),
+            metrics: Metrics::new(),
+            invalid_log: Mutex::new(WarnLimiter::default()),
+        });
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let tasks = TaskTracker::new();
+        let manager = Manager::new(shared.clone(), receiver, shutdown, tasks.clone());
+        tasks.spawn_on(manager.run(), &runtime);
+        tasks.close();
+        Ok(Arc::new(Self { shared, commands, tasks }))
+    }
+
+    /// Whether Redis is connected and every wanted channel is subscribed; changes as
+    /// connections are lost and re-established.
+    pub fn status(&self) -> watch::Receiver<bool> {
+        self.shared.status.subscribe()
+    }
+
+    /// Resolves once the broker's tasks have stopped after shutdown.
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(&'a self, publication: &'a Publication) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.publisher.publish(&self.shared, publication).await
+        })
+    }
+
+    fn add_interest(&self, channel: &ChannelName) {
+        // Fails only once the manager has stopped, when there is nothing left to tell.
+        let _ = self.commands.send(Command::Add(channel.clone()));
+    }
+
+    fn remove_interest(&self, channel: &ChannelName) {
+        let _ = self.commands.send(Command::Remove(channel.clone()));
+    }
+
+    fn ready<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            // Asked of the manager rather than read from `active`: it sees this request after
+            // the `add_interest` that preceded it, so it cannot answer from a subscription
+            // that is about to be withdrawn.
+            let (tx, rx) = oneshot::channel();
+            self.commands.send(Command::Ready(channel.clone(), tx)).map_err(|_| down())?;
+            rx.await.unwrap_or_else(|_| Err(down()))
+        })
+    }
+
+    fn is_up(&self) -> bool {
+        self.shared.is_up()
+    }
+}

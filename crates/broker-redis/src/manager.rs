@@ -1,0 +1,467 @@
+//! The connection manager: the one task that owns the pub/sub connection's life (dial,
+//! heartbeat, reconnect) and the node's channel interest (batched, lingering
+//! SUBSCRIBE / UNSUBSCRIBE, and the `ready` waiters that depend on them).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    convert::Infallible,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
+
+use fanout_hub::BrokerError;
+use fanout_protocol::ChannelName;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::{timeout, Instant, MissedTickBehavior},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{backoff::Backoff, broker::Shared, publisher::is_connection_error, reader};
+
+/// Channels per SUBSCRIBE / UNSUBSCRIBE, so one command (and its confirmations) stays a
+/// reasonable size however many channels a reconnect has to restore.
+const MAX_BATCH: usize = 1024;
+
+/// The most an unsubscribe is held back beyond its linger to share a command with others.
+const MAX_COALESCE: Duration = Duration::from_millis(25);
+
+type Waiter = oneshot::Sender<Result<(), BrokerError>>;
+
+/// What the broker handle asks of the manager; sent over an unbounded channel so the hub
+/// never waits on Redis to change interest.
+pub(crate) enum Command {
+    Add(ChannelName),
+    Remove(ChannelName),
+    Ready(ChannelName, Waiter),
+}
+
+/// Why a connection's life ended.
+enum Stop {
+    Shutdown,
+    Lost(String),
+}
+
+/// A freshly dialed, answering server.
+struct Link {
+    sink: PubSubSink,
+    stream: PubSubStream,
+    publish: MultiplexedConnection,
+    addr: String,
+}
+
+/// The reader task, stopped whenever its connection is given up.
+struct Reader(JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn down() -> BrokerError {
+    BrokerError::Unavailable("Redis is not connected".into())
+}
+
+pub(crate) struct Manager {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    interest: Interest,
+}
+
+impl Manager {
+    pub fn new(
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        let interest = Interest::new(shared.clone());
+        Self { shared, commands, shutdown, tasks, interest }
+    }
+
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(self.shared.config.reconnect_backoff_max);
+        let mut reconnect = false;
+        while let Some(link) = self.connect(&mut backoff).await {
+            backoff.reset();
+            let addr = link.addr.clone();
+            let stop = self.serve(link, reconnect).await;
+            reconnect = true;
+            self.interest.go_down();
+            match stop {
+                Stop::Shutdown => break,
+                Stop::Lost(reason) => tracing::warn!(redis = %addr, reason, "lost the Redis connection; reconnecting"),
+            }
+        }
+        self.interest.go_down();
+        tracing::debug!("Redis broker stopped");
+    }
+
+    /// Runs `fut` to completion while still answering commands, so interest changes are
+    /// recorded and `ready` fails at once while there is no connection. `None`: shut down.
+    async fn with_commands<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return None,
+                out = &mut fut => return Some(out),
+                cmd = self.commands.recv() => self.interest.apply(cmd?),
+            }
+        }
+    }
+
+    /// Dials endpoints in turn, backing off between failures, until one answers.
+    async fn connect(&mut self, backoff: &mut Backoff) -> Option<Link> {
+        let mut delay = Duration::ZERO;
+        loop {
+            if !delay.is_zero() {
+                self.with_commands(tokio::time::sleep(delay)).await?;
+            }
+            let (index, endpoint) = self.shared.endpoint();
+            let addr = endpoint.addr.clone();
+            match self.with_commands(dial(self.shared.clone(), index)).await? {
+                Ok(link) => return Some(link),
+                Err(error) => {
+                    self.shared.metrics.errors.connect.increment(1);
+                    let n = self.shared.endpoints.len();
+                    self.shared.current.store((index + 1) % n, std::sync::atomic::Ordering::Relaxed);
+                    delay = backoff.next_delay();
+                    // Warnings at attempts 1, 2, 4, 8, ...: a long outage at one attempt per
+                    // backoff step should not fill the log, yet still shows it is ongoing.
+                    let attempts = backoff.attempts();
+                    if attempts.is_power_of_two() {
+                        tracing::warn!(redis = %addr, error, attempts, "cannot connect to Redis; retrying");
+                    } else {
+                        tracing::debug!(redis = %addr, error, attempts, "cannot connect to Redis; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, link: Link, reconnect: bool) -> Stop {
+        match self.serve_inner(link, reconnect).await {
+            Err(stop) => stop,
+        }
+    }
+
+    async fn serve_inner(&mut self, link: Link, reconnect: bool) -> Result<Infallible, Stop> {
+        let Link { mut sink, stream, publish, addr } = link;
+        let mut reader = Reader(self.tasks.spawn(reader::run(self.shared.clone(), stream)));
+
+        let started = Instant::now();
+        self.subscribe_pending(&mut sink).await?;
+        self.shared.publisher.install(Some(publish));
+        if reconnect {
+            self.shared.metrics.reconnects.increment(1);
+            self.shared.metrics.resubscribe_seconds.record(started.elapsed().as_secs_f64());
+        }
+        self.interest.up = true;
+        self.shared.set_up(true);
+        tracing::info!(redis = %addr, channels = self.interest.subscribed.len(), "connected to Redis");
+
+        let config = &self.shared.config;
+        let (period, command_timeout) = (config.heartbeat_interval, config.command_timeout);
+        let coalesce = (config.linger / 4).min(MAX_COALESCE);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            self.subscribe_pending(&mut sink).await?;
+            self.unsubscribe_due(&mut sink).await?;
+            // Woken a little after the first deadline, so unsubscribes that fall due close
+            // together (a burst of clients leaving) go out as one command; never early.
+            let next_linger = self.interest.linger_queue.front().map(|(deadline, _)| *deadline + coalesce);
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = &mut reader.0 => return Err(Stop::Lost("the pub/sub connection closed".into())),
+                _ = heartbeat.tick() => match timeout(command_timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        self.shared.metrics.errors.ping.increment(1);
+                        return Err(Stop::Lost(format!("PING failed: {e}")));
+                    }
+                    Err(_) => {
+                        self.shared.metrics.errors.ping.increment(1);
+                        return Err(Stop::Lost(format!("no answer to PING within {command_timeout:?}")));
+                    }
+                },
+                cmd = self.commands.recv() => {
+                    self.interest.apply(cmd.ok_or(Stop::Shutdown)?);
+                    // Everything queued behind it joins the same batch.
+                    while let Ok(cmd) = self.commands.try_recv() {
+                        self.interest.apply(cmd);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_linger.unwrap_or(started)), if next_linger.is_some() => {}
+            }
+        }
+    }
+
+    async fn subscribe_pending(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+        if self.interest.pending.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<ChannelName> = self.interest.pending.drain().collect();
+        for chunk in batch.chunks(MAX_BATCH) {
+            if self.subscribe(sink, chunk).await?.is_ok() || chunk.len() == 1 {
+                continue;
+            }
+            // Redis refuses a whole command for one channel it will not allow (an ACL,
+            // say): find out which, so the others still get subscribed.
+            for channel in chunk {
+                let _ = self.subscribe(sink, std::slice::from_ref(channel)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One SUBSCRIBE. `Err`: the connection is gone; `Ok(Err)`: Redis refused the command,
+    /// and the channels stay unsubscribed until they are asked for again.
+    async fn subscribe(
+        &mut self,
+        sink: &mut PubSubSink,
+        channels: &[ChannelName],
+    ) -> Result<Result<(), redis::RedisError>, Stop> {
+        let keys = self.keys(channels);
+        match timeout(self.shared.config.command_timeout, sink.subscribe(&keys)).await {
+            Ok(Ok(())) => {
+                self.interest.confirmed(channels);
+                Ok(Ok(()))
+            }
+            Ok(Err(e)) => {
+                self.shared.metrics.errors.subscribe.increment(1);
+                if is_connection_error(&e) {
+                    return Err(Stop::Lost(format!("SUBSCRIBE failed: {e}")));
+                }
+                if let [channel] = channels {
+                    tracing::warn!(%channel, error = %e, "Redis refused SUBSCRIBE");
+                    self.interest.refused(channels, &e);
+                }
+                Ok(Err(e))
+            }
+            Err(_) => {
+                self.shared.metrics.errors.subscribe.increment(1);
+                Err(Stop::Lost("no answer to SUBSCRIBE in time".into()))
+            }
+        }
+    }
+
+    async fn unsubscribe_due(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+        let due = self.interest.take_due(Instant::now());
+        for chunk in due.chunks(MAX_BATCH) {
+            let keys = self.keys(chunk);
+            match timeout(self.shared.config.command_timeout, sink.unsubscribe(&keys)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.shared.metrics.errors.unsubscribe.increment(1);
+                    if is_connection_error(&e) {
+                        return Err(Stop::Lost(format!("UNSUBSCRIBE failed: {e}")));
+                    }
+                    // Harmless: their publications keep coming and reach no local subscriber.
+                    tracing::warn!(error = %e, channels = chunk.len(), "Redis refused UNSUBSCRIBE");
+                }
+                Err(_) => {
+                    self.shared.metrics.errors.unsubscribe.increment(1);
+                    return Err(Stop::Lost("no answer to UNSUBSCRIBE in time".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn keys(&self, channels: &[ChannelName]) -> Vec<String> {
+        let prefix = self.shared.config.prefix.as_str();
+        channels
+            .iter()
+            .map(|c| {
+                let mut key = String::with_capacity(prefix.len() + c.as_str().len());
+                key.push_str(prefix);
+                key.push_str(c.as_str());
+                key
+            })
+            .collect()
+    }
+}
+
+/// Opens the pub/sub and the publish connection to one endpoint and checks it answers.
+async fn dial(shared: Arc<Shared>, index: usize) -> Result<Link, String> {
+    let endpoint = &shared.endpoints[index];
+    let config = &shared.config;
+    let pubsub = match timeout(config.connect_timeout, endpoint.client.get_async_pubsub()).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("not connected within {:?}", config.connect_timeout)),
+    };
+    let (mut sink, stream) = pubsub.split();
+    // A stopped server still completes the TCP handshake: only an answer proves it is alive.
+    match timeout(config.command_timeout, sink.ping::<redis::Value>()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer to PING within {:?}", config.command_timeout)),
+    }
+    let connect = endpoint.client.get_multiplexed_async_connection_with_config(shared.publisher.connection_config());
+    let publish = match timeout(config.connect_timeout, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("publish connection not made within {:?}", config.connect_timeout)),
+    };
+    Ok(Link { sink, stream, publish, addr: endpoint.addr.clone() })
+}
+
+/// What the node wants subscribed and what Redis has confirmed, on the current connection.
+struct Interest {
+    shared: Arc<Shared>,
+    /// Connected and every wanted channel re-subscribed.
+    up: bool,
+    /// Channels with local subscribers.
+    wanted: HashSet<ChannelName>,
+    /// Confirmed subscribed in Redis (lingering ones included); mirrored in `Shared::active`.
+    subscribed: HashSet<ChannelName>,
+    /// Wanted, not yet sent.
+    pending: HashSet<ChannelName>,
+    /// Subscribed, no longer wanted: when to unsubscribe.
+    lingering: HashMap<ChannelName, Instant>,
+    /// The same deadlines in order; an entry whose deadline no longer matches `lingering`
+    /// is stale (the channel was re-added, maybe removed again) and skipped.
+    linger_queue: VecDeque<(Instant, ChannelName)>,
+    waiters: HashMap<ChannelName, Vec<Waiter>>,
+    /// Wanted, but Redis refused to subscribe them (and why): `ready` fails at once rather
+    /// than wait for a subscription that will not come. Retried when asked for again.
+    refused: HashMap<ChannelName, String>,
+}
+
+impl Interest {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            up: false,
+            wanted: HashSet::new(),
+            subscribed: HashSet::new(),
+            pending: HashSet::new(),
+            lingering: HashMap::new(),
+            linger_queue: VecDeque::new(),
+            waiters: HashMap::new(),
+            refused: HashMap::new(),
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add(channel) => {
+                if !self.wanted.insert(channel.clone()) || self.lingering.remove(&channel).is_some() {
+                    return;
+                }
+                if !self.subscribed.contains(&channel) {
+                    self.pending.insert(channel);
+                }
+            }
+            Command::Remove(channel) => {
+                if !self.wanted.remove(&channel) {
+                    return;
+                }
+                self.pending.remove(&channel);
+                self.refused.remove(&channel);
+                self.fail_waiters(&channel, || BrokerError::Unavailable("interest withdrawn".into()));
+                if self.subscribed.contains(&channel) {
+                    let deadline = Instant::now() + self.shared.config.linger;
+                    self.lingering.insert(channel.clone(), deadline);
+                    self.linger_queue.push_back((deadline, channel));
+                }
+            }
+            Command::Ready(channel, waiter) => {
+                let answer = if !self.up {
+                    Err(down())
+                } else if !self.wanted.contains(&channel) {
+                    Err(BrokerError::Unavailable(format!("no interest in channel {channel}")))
+                } else if self.subscribed.contains(&channel) {
+                    Ok(())
+                } else if let Some(reason) = self.refused.get(&channel) {
+                    Err(BrokerError::Unavailable(reason.clone()))
+                } else {
+                    self.waiters.entry(channel).or_default().push(waiter);
+                    return;
+                };
+                let _ = waiter.send(answer);
+            }
+        }
+    }
+
+    fn confirmed(&mut self, channels: &[ChannelName]) {
+        self.subscribed.extend(channels.iter().cloned());
+        self.shared.active.write().unwrap_or_else(PoisonError::into_inner).extend(channels.iter().cloned());
+        self.shared.metrics.channels.set(self.subscribed.len() as f64);
+        for channel in channels {
+            for waiter in self.waiters.remove(channel).unwrap_or_default() {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    fn refused(&mut self, channels: &[ChannelName], error: &redis::RedisError) {
+        let reason = format!("Redis refused SUBSCRIBE: {error}");
+        for channel in channels {
+            self.fail_waiters(channel, || BrokerError::Unavailable(reason.clone()));
+            self.refused.insert(channel.clone(), reason.clone());
+        }
+    }
+
+    /// Channels whose linger has run out, dropped from the subscribed set before the
+    /// UNSUBSCRIBE is sent.
+    fn take_due(&mut self, now: Instant) -> Vec<ChannelName> {
+        let mut due = Vec::new();
+        while let Some((deadline, _)) = self.linger_queue.front() {
+            if *deadline > now {
+                break;
+            }
+            let Some((deadline, channel)) = self.linger_queue.pop_front() else { break };
+            if self.lingering.get(&channel) == Some(&deadline) {
+                self.lingering.remove(&channel);
+                due.push(channel);
+            }
+        }
+        if !due.is_empty() {
+            let mut active = self.shared.active.write().unwrap_or_else(PoisonError::into_inner);
+            for channel in &due {
+                self.subscribed.remove(channel);
+                active.remove(channel);
+            }
+            drop(active);
+            self.shared.metrics.channels.set(self.subscribed.len() as f64);
+        }
+        due
+    }
+
+    fn fail_waiters(&mut self, channel: &ChannelName, error: impl Fn() -> BrokerError) {
+        for waiter in self.waiters.remove(channel).unwrap_or_default() {
+            let _ = waiter.send(Err(error()));
+        }
+    }
+
+    /// The connection is gone: nothing is subscribed any more, everything wanted is to be
+    /// subscribed again on the next one, and nobody is left waiting.
+    fn go_down(&mut self) {
+        self.up = false;
+        self.shared.publisher.install(None);
+        self.subscribed.clear();
+        self.shared.active.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.shared.metrics.channels.set(0.0);
+        self.lingering.clear();
+        self.linger_queue.clear();
+        self.refused.clear();
+        self.pending = self.wanted.clone();
+        // Announced last, so whoever watches the status sees the rest already consistent.
+        self.shared.set_up(false);
+        for (_, waiters) in self.waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(down()));
+            }
+        }
+    }
+}

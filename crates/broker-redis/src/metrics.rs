@@ -1,0 +1,49 @@
+//! The broker's metric handles, registered once when the broker starts so nothing on the
+//! message path ever looks a metric up by name.
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+pub(crate) struct Metrics {
+    pub up: Gauge,
+    /// Channels currently subscribed in Redis on the live connection.
+    pub channels: Gauge,
+    pub reconnects: Counter,
+    pub resubscribe_seconds: Histogram,
+    pub received: Counter,
+    pub invalid_envelope: Counter,
+    pub errors: Errors,
+}
+
+pub(crate) struct Errors {
+    pub publish: Counter,
+    pub subscribe: Counter,
+    pub unsubscribe: Counter,
+    pub ping: Counter,
+    pub connect: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let errors = |op: &'static str| counter!("fanout_broker_errors_total", "op" => op);
+        let m = Self {
+            up: gauge!("fanout_broker_up"),
+            channels: gauge!("fanout_broker_channels"),
+            reconnects: counter!("fanout_broker_reconnects_total"),
+            resubscribe_seconds: histogram!("fanout_broker_resubscribe_duration_seconds"),
+            received: counter!("fanout_broker_publications_received_total"),
+            invalid_envelope: counter!("fanout_publications_dropped_total", "reason" => "invalid_envelope"),
+            errors: Errors {
+                publish: errors("publish"),
+                subscribe: errors("subscribe"),
+                unsubscribe: errors("unsubscribe"),
+                ping: errors("ping"),
+                connect: errors("connect"),
+            },
+        };
+        // Exported from the start, so a dashboard sees 0 rather than a missing series
+        // while the first connection is still being made.
+        m.up.set(0.0);
+        m.channels.set(0.0);
+        m
+    }
+}

@@ -1,0 +1,116 @@
+//! `PUBLISH` over one multiplexed connection shared by every publisher on the node.
+
+use std::sync::{Mutex, PoisonError};
+
+use fanout_hub::BrokerError;
+use fanout_protocol::{encode_envelope, Publication};
+use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError};
+
+use crate::{broker::Shared, config::RedisConfig};
+
+/// The live command connection. The manager installs a fresh one with every pub/sub
+/// connection; a publish that finds the connection broken drops it and the next publish
+/// dials again, so a connection killed on its own (`CLIENT KILL`) heals without waiting
+/// for the heartbeat.
+pub(crate) struct Publisher {
+    /// With a generation, so a failed publish only discards the connection it failed on.
+    slot: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: std::sync::atomic::AtomicU64,
+    /// One dial at a time when the connection is missing, not one per waiting publisher.
+    dialing: tokio::sync::Mutex<()>,
+    config: AsyncConnectionConfig,
+}
+
+impl Publisher {
+    pub fn new(config: &RedisConfig) -> Self {
+        Self {
+            slot: Mutex::new(None),
+            generation: Default::default(),
+            dialing: tokio::sync::Mutex::new(()),
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.command_timeout)),
+        }
+    }
+
+    pub fn connection_config(&self) -> &AsyncConnectionConfig {
+        &self.config
+    }
+
+    pub fn install(&self, connection: Option<MultiplexedConnection>) {
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = connection.map(|c| (generation, c));
+    }
+
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn discard(&self, generation: u64) {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
+    }
+
+    async fn dial(&self, shared: &Shared) -> Result<(u64, MultiplexedConnection), BrokerError> {
+        let _dialing = self.dialing.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let (_, endpoint) = shared.endpoint();
+        let connect = endpoint.client.get_multiplexed_async_connection_with_config(&self.config);
+        let connection = match tokio::time::timeout(shared.config.connect_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                shared.metrics.errors.connect.increment(1);
+                return Err(BrokerError::Unavailable(format!("connecting to Redis at {}: {e}", endpoint.addr)));
+            }
+            Err(_) => {
+                shared.metrics.errors.connect.increment(1);
+                return Err(BrokerError::Timeout);
+            }
+        };
+        self.install(Some(connection));
+        self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
+    }
+
+    pub async fn publish(&self, shared: &Shared, p: &Publication) -> Result<(), BrokerError> {
+        let (generation, mut connection) = match self.current() {
+            Some(c) => c,
+            None => self.dial(shared).await?,
+        };
+        let prefix = &shared.config.prefix;
+        let mut key = String::with_capacity(prefix.len() + p.channel.as_str().len());
+        key.push_str(prefix);
+        key.push_str(p.channel.as_str());
+        let payload = encode_envelope(p.ts, p.enc, &p.data);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(key).arg(payload);
+        // The connection's own response timeout should fire first; this one also bounds the
+        // time spent queued behind other requests on the multiplexed connection.
+        let result = tokio::time::timeout(shared.config.command_timeout, cmd.query_async::<()>(&mut connection)).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                shared.metrics.errors.publish.increment(1);
+                if e.is_timeout() {
+                    return Err(BrokerError::Timeout);
+                }
+                if is_connection_error(&e) {
+                    self.discard(generation);
+                }
+                Err(BrokerError::Unavailable(format!("PUBLISH failed: {e}")))
+            }
+            Err(_) => {
+                shared.metrics.errors.publish.increment(1);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+}
+
+/// The connection itself is unusable (as opposed to Redis rejecting one command).
+pub(crate) fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
