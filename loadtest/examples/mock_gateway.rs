@@ -82,7 +82,12 @@ async fn serve(stream: TcpStream, hub: Rc<Hub>, flush: Duration) -> std::io::Res
     sha.update(key.as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
-    let response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: fanout.v1.json\r\n\r\n");
+    let protocol = if head.to_ascii_lowercase().contains("sec-websocket-protocol:") {
+        "Sec-WebSocket-Protocol: fanout.v1.json\r\n"
+    } else {
+        ""
+    };
+    let response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n");
     wr.write_all(response.as_bytes()).await?;
     buf.drain(..head_end);
 

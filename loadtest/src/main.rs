@@ -148,6 +148,10 @@ struct RunArgs {
     /// Exit with status 2 when any delivery was lost.
     #[arg(long)]
     fail_on_loss: bool,
+    /// Channel names are `loadtest:RUN:INDEX`; fixing RUN lets other listeners join
+    /// (default: unique per run, so runs never hear each other).
+    #[arg(long)]
+    run_id: Option<String>,
 }
 
 fn apply(mut s: scenario::Scenario, o: &Overrides) -> scenario::Scenario {
@@ -222,6 +226,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         metrics_urls: args.metrics_urls,
         gateway_pids: args.gateway_pids,
         quiet: args.quiet,
+        run_id: args.run_id,
     };
     // The control loop is light; the subscriber workers and the publisher run their own
     // runtimes on their own threads.

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 const W: f64 = 800.0;
 const H: f64 = 450.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 20.0;
+const RIGHT: f64 = 45.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
 

@@ -142,6 +142,8 @@ pub fn start(
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
+            // Lanes hand publications to the transport: delays here are schedule lag too.
+            crate::sys::raise_thread_priority(-10);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, run(cfg, live, stop))
@@ -262,6 +264,9 @@ fn schedule(
     stop: &AtomicBool,
 ) -> (u64, Duration, Histogram<u64>) {
     let mut clock_lag = new_histogram();
+    // A late wake-up here is lag in every latency figure, so the clock thread asks for
+    // more CPU priority than the subscriber workers; refused (no CAP_SYS_NICE) is fine.
+    crate::sys::raise_thread_priority(-10);
     let start = Instant::now();
     let start_us = now_micros();
     let period = 1.0 / rate;

@@ -46,6 +46,7 @@ pub struct RunConfig {
     pub metrics_urls: Vec<String>,
     pub gateway_pids: Vec<u32>,
     pub quiet: bool,
+    pub run_id: Option<String>,
 }
 
 /// The reporter's view of the workers while the run goes on.
@@ -162,7 +163,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64>)> {
         let addr = parsed.resolve().await.map_err(anyhow::Error::msg)?;
         urls.push((parsed, addr));
     }
-    let run = run_id();
+    let run = cfg.run_id.clone().unwrap_or_else(run_id);
     let channel_names: Arc<Vec<String>> =
         Arc::new((0..s.channels as u32).map(|c| scenario::channel_name(&run, c)).collect());
 

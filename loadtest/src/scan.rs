@@ -42,22 +42,24 @@ impl Default for Scanner {
     }
 }
 
-/// The unsigned integer at the start of `b` (after optional spaces).
-fn number(b: &[u8]) -> Option<u64> {
-    let b = match b.iter().position(|c| *c != b' ') {
-        Some(i) => &b[i..],
-        None => return None,
-    };
+/// The unsigned integer at the start of `b` (after optional spaces), and the index
+/// just past its last digit.
+fn number_at(b: &[u8]) -> Option<(u64, usize)> {
+    let start = b.iter().position(|c| *c != b' ')?;
     let mut n: u64 = 0;
-    let mut digits = 0;
-    for &c in b {
+    let mut end = start;
+    while let Some(&c) = b.get(end) {
         if !c.is_ascii_digit() {
             break;
         }
         n = n.checked_mul(10)?.checked_add((c - b'0') as u64)?;
-        digits += 1;
+        end += 1;
     }
-    (digits > 0).then_some(n)
+    (end > start).then_some((n, end))
+}
+
+fn number(b: &[u8]) -> Option<u64> {
+    number_at(b).map(|(n, _)| n)
 }
 
 impl Scanner {
@@ -66,8 +68,15 @@ impl Scanner {
         // so the first match is the generator's sequence number.
         if let Some(i) = self.seq.find(frame) {
             let rest = &frame[i + 4..];
-            if let (Some(seq), Some(j)) = (number(rest), self.time.find(rest)) {
-                if let Some(sent_micros) = number(&rest[j + 4..]) {
+            if let Some((seq, end)) = number_at(rest) {
+                // The generator writes `"t":` right after the sequence number; only data
+                // re-encoded by someone else needs the search.
+                let after = &rest[end..];
+                let time = match after.strip_prefix(b",\"t\":") {
+                    Some(t) => number(t),
+                    None => self.time.find(after).and_then(|j| number(&after[j + 4..])),
+                };
+                if let Some(sent_micros) = time {
                     return Incoming::Delivery { seq, sent_micros };
                 }
             }
@@ -159,5 +168,6 @@ mod tests {
         assert_eq!(number(b"  9}"), Some(9));
         assert_eq!(number(b"x"), None);
         assert_eq!(number(b"99999999999999999999999"), None);
+        assert_eq!(number_at(b"12,\"t\""), Some((12, 2)));
     }
 }

@@ -17,6 +17,12 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
+/// Sets the calling thread's nice value (Linux applies PRIO_PROCESS with pid 0 to the
+/// thread). Returns whether it took effect: lowering it needs CAP_SYS_NICE.
+pub fn raise_thread_priority(nice: i32) -> bool {
+    rustix::process::setpriority_process(None, nice).is_ok()
+}
+
 /// CPU time this process used so far.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuTimes {

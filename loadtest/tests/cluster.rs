@@ -42,12 +42,18 @@ struct Cluster {
 
 impl Cluster {
     fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, &[])
+    }
+
+    fn start_with(nodes: usize, extra: &[&str]) -> Self {
         let redis = RedisServer::start();
         let bin = fanout_bin();
         // The generator opens hundreds of connections per second from one address and
         // publishes hundreds of commands per second on one connection: lift the per-client
         // limits meant for the public internet.
-        let args = ["--redis-url", &redis.url(), "--max-connections-per-ip-per-second", "0", "--command-rate", "0"];
+        let url = redis.url();
+        let mut args = vec!["--redis-url", &url, "--max-connections-per-ip-per-second", "0", "--command-rate", "0"];
+        args.extend_from_slice(extra);
         let nodes = (0..nodes).map(|_| Node::start(&bin, &args)).collect();
         Self { redis, nodes }
     }
@@ -222,11 +228,33 @@ async fn killing_a_node_mid_run_shows_up_as_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn idle_run_reports_memory_per_connection() {
-    let c = Cluster::start(1);
+async fn idle_run_reports_memory_and_answers_pings_from_several_source_addresses() {
+    // Pings every 100ms and a 400ms idle timeout: connections that did not answer with
+    // Pongs would be closed during the hold.
+    let c = Cluster::start_with(1, &["--ping-interval", "100ms", "--idle-timeout", "400ms"]);
     let pid = c.nodes[0].pid().to_string();
-    let r = run("idle", &["idle", "-n", "300", "-c", "30", "-d", "1s", "--url", &c.urls(), "--gateway-pid", &pid]);
-    assert_eq!(u(&r["connect"]["established"]), 300);
+    let sources = "127.0.0.1,127.0.0.2,127.0.0.3";
+    let r = run(
+        "idle",
+        &[
+            "idle",
+            "-n",
+            "300",
+            "-c",
+            "30",
+            "-d",
+            "1500ms",
+            "--url",
+            &c.urls(),
+            "--gateway-pid",
+            &pid,
+            "--source-addrs",
+            sources,
+        ],
+    );
+    assert_eq!(u(&r["connect"]["established"]), 300, "{}", r["connect"]);
+    assert_eq!(r["config"]["source_addrs"].as_array().unwrap().len(), 3);
+    assert_eq!(u(&r["disconnects"]["total"]), 0, "pings answered: {}", r["disconnects"]);
     assert_eq!(u(&r["publish"]["sent"]), 0);
     assert_eq!(u(&r["deliveries"]["expected"]), 0);
     let m = &r["memory"];
