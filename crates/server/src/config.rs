@@ -661,4 +661,77 @@ mod tests {
             assert!(Config::merge(ServeArgs::default(), file(f)).is_err(), "{f}");
         }
     }
+
+    fn keys_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+    }
+
+    #[test]
+    fn limits_and_auth_defaults() {
+        let c = Config::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!((c.max_connections_per_ip_per_second, c.connection_rate_burst), (100.0, 200));
+        assert_eq!((c.command_rate, c.command_burst), (100.0, 1000));
+        assert!(c.auth_settings().is_none());
+        let args = ServeArgs { jwt_hmac_secret: Some("s".into()), command_rate: Some(0.0), ..Default::default() };
+        let c = Config::merge(args, FileConfig::default()).unwrap();
+        assert_eq!(c.auth.algorithms, [Algorithm::HS256]);
+        assert!(c.auth.required);
+        assert_eq!(c.auth.leeway, Duration::from_secs(5));
+        assert_eq!(c.command_rate, 0.0);
+    }
+
+    #[test]
+    fn auth_table_infers_algorithms_from_keys() {
+        let rsa = keys_dir().join("rsa-public.pem");
+        let ec = keys_dir().join("ec-public.pem");
+        let f =
+            file(&format!("[auth]\npublic_key_file = {:?}\nrequired = false\nleeway = \"0s\"", rsa.to_str().unwrap()));
+        let c = Config::merge(ServeArgs::default(), f).unwrap();
+        assert_eq!(c.auth.algorithms, [Algorithm::RS256]);
+        assert!(!c.auth.required);
+        let f = file(&format!("[auth]\npublic_key_file = {:?}", ec.to_str().unwrap()));
+        assert_eq!(Config::merge(ServeArgs::default(), f).unwrap().auth.algorithms, [Algorithm::ES256]);
+        let f = file(&format!(
+            "jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = [\"HS512\", \"RS256\"]\npublic_key_file = {rsa:?}"
+        ));
+        assert_eq!(
+            Config::merge(ServeArgs::default(), f).unwrap().auth.algorithms,
+            [Algorithm::HS512, Algorithm::RS256]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_auth_and_namespaces() {
+        let rsa = keys_dir().join("rsa-public.pem");
+        let rsa = rsa.to_str().unwrap();
+        for f in [
+            "[auth]\nrequired = true".to_owned(),
+            "jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = [\"none\"]".into(),
+            "jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = [\"RS256\"]".into(),
+            "jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = []".into(),
+            format!("[auth]\nalgorithms = [\"ES256\"]\npublic_key_file = {rsa:?}"),
+            format!("jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = [\"HS256\"]\npublic_key_file = {rsa:?}"),
+            "[auth]\npublic_key_file = \"/nonexistent/key.pem\"".into(),
+            format!("[auth]\njwks_file = {rsa:?}"),
+            "jwt_hmac_secret = \"x\"\n[auth]\nleeway = \"1h\"".into(),
+            "[namespaces.\"a:b\"]".into(),
+            "[namespaces.\"a b\"]".into(),
+            "[namespaces.x]\nmax_message_size = 0".into(),
+            "[namespaces.x]\nmax_message_size = 100000".into(),
+            "[namespaces.x]\npublish_rate = 0".into(),
+            "[namespaces.x]\npublish_rate = 1\npublish_burst = 0".into(),
+            "[namespaces.x]\npublish_burst = 3".into(),
+            "[namespaces.x]\nno_such_rule = true".into(),
+            "command_rate = -1".into(),
+            "command_rate = 5\ncommand_burst = 0".into(),
+            "max_connections_per_ip_per_second = 5\nconnection_rate_burst = 0".into(),
+        ] {
+            let parsed = toml::from_str::<FileConfig>(&f);
+            assert!(parsed.is_err() || Config::merge(ServeArgs::default(), parsed.unwrap()).is_err(), "{f}");
+        }
+        let ok = file(
+            "[namespaces.\"\"]\nclient_publish = false\n[namespaces.\"*\"]\n[namespaces.chat]\npublish_rate = 0.5",
+        );
+        assert_eq!(Config::merge(ServeArgs::default(), ok).unwrap().namespaces.len(), 3);
+    }
 }
