@@ -8,7 +8,8 @@
 #
 # Environment: NODES (default 2), GATEWAY_CPUS (default 0), LOADTEST_CPUS (default 1),
 # FANOUT_BIN, LOADTEST_BIN (default target/release/...), BUILD=0 to skip cargo build,
-# NODE_ARGS (flags for `fanout serve`; default lifts the per-client rate limits).
+# NODE_ARGS (flags for `fanout serve`; default lifts the per-client rate limits),
+# NOFILE (open-file limit to ask for, default 1048576).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +24,11 @@ LOADTEST_BIN=${LOADTEST_BIN:-target/release/fanout-loadtest}
 # The generator connects hundreds of clients per second from one address and publishes
 # far above one client's command rate: lift the per-client limits for the local cluster.
 NODE_ARGS=${NODE_ARGS:---max-connections-per-ip-per-second 0 --command-rate 0}
+
+# Nodes and generator each hold one descriptor per connection: take as many as allowed
+# (raising the hard limit works as root).
+ulimit -Hn "${NOFILE:-1048576}" 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 if [[ "${BUILD:-1}" != 0 ]]; then
     cargo build --release -p fanout-server -p fanout-loadtest >&2

@@ -241,6 +241,9 @@ impl Report {
         if !k.errors.is_empty() {
             row(&mut t, "connect errors", map_line(&k.errors));
         }
+        if k.errors.contains_key("too_many_open_files") {
+            row(&mut t, "  hint", format!("the generator ran out of file descriptors (limit {}): raise `ulimit -Hn` or split the run over several generators", k.nofile_limit));
+        }
         if k.errors.contains_key("http_429") {
             row(&mut t, "  hint", "429: the gateway's per-address connection rate limit; lift it on the nodes (--max-connections-per-ip-per-second 0), lower --connect-rate or spread --source-addrs".into());
         }

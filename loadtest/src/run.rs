@@ -169,8 +169,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64>)> {
 
     let scraper = Scraper::default();
     let before = scrape_all(&scraper, &cfg.metrics_urls).await;
-    let rss_before: u64 = cfg.gateway_pids.iter().filter_map(|p| sys::rss_bytes(*p)).sum();
-    let self_rss_before = sys::rss_bytes(std::process::id()).unwrap_or(0);
+    let mut gateway_rss = sys::RssProbe::open(&cfg.gateway_pids);
+    let mut own_rss = sys::RssProbe::open(&[std::process::id()]);
+    let rss_before = gateway_rss.read();
+    let self_rss_before = own_rss.read();
+    let wanted_fds = s.subscribers as u64 + cfg.ws_publishers as u64 + cfg.http_concurrency as u64 + 64;
+    if nofile < wanted_fds {
+        eprintln!("warning: the open-file limit is {nofile}, below the ~{wanted_fds} descriptors this run needs; raise `ulimit -Hn` or expect too_many_open_files");
+    }
 
     let churn = (s.churn_rate > 0.0).then(|| ChurnSpec { rate: s.churn_rate / threads as f64, hold: s.churn_hold });
     let shared = Arc::new(Shared {
@@ -250,8 +256,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64>)> {
     let connect_duration = started.elapsed();
     let established = live.sum(|c| c.ready.load(Relaxed));
     tokio::time::sleep(cfg.settle).await;
-    let rss_connected: u64 = cfg.gateway_pids.iter().filter_map(|p| sys::rss_bytes(*p)).sum();
-    let self_rss_connected = sys::rss_bytes(std::process::id()).unwrap_or(0);
+    let rss_connected = gateway_rss.read();
+    let self_rss_connected = own_rss.read();
 
     // Measured window: publishing (or holding) and draining.
     live.measuring = true;

@@ -56,10 +56,30 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// VmRSS of process `pid` in bytes, from `/proc/PID/status`.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vmrss(&status)
+/// Reads the RSS of several processes through files opened once, up front: by the time
+/// of the second reading every descriptor may be taken by connections.
+pub struct RssProbe {
+    files: Vec<std::fs::File>,
+}
+
+impl RssProbe {
+    pub fn open(pids: &[u32]) -> Self {
+        Self { files: pids.iter().filter_map(|p| std::fs::File::open(format!("/proc/{p}/status")).ok()).collect() }
+    }
+
+    /// Summed VmRSS in bytes of the processes still alive.
+    pub fn read(&mut self) -> u64 {
+        use std::io::{Read, Seek};
+        let mut total = 0;
+        let mut text = String::new();
+        for f in &mut self.files {
+            text.clear();
+            if f.rewind().is_ok() && f.read_to_string(&mut text).is_ok() {
+                total += parse_vmrss(&text).unwrap_or(0);
+            }
+        }
+        total
+    }
 }
 
 fn parse_vmrss(status: &str) -> Option<u64> {
@@ -84,7 +104,8 @@ mod tests {
         let after = CpuTimes::now();
         assert!(after.since(&before) > 0.0);
         assert!(after.max_rss > 0);
-        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        let mut probe = RssProbe::open(&[std::process::id(), u32::MAX]);
+        assert!(probe.read() > 0 && probe.read() > 0, "re-readable, missing pids skipped");
         assert!(available_cores() >= 1);
     }
 
