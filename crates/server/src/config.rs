@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
 
-use crate::auth::{self, AuthSettings};
+use crate::{
+    auth::{self, AuthSettings},
+    limit::IpNet,
+};
 
 /// A configuration problem; `main` prints it and exits with code 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +147,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_COMMAND_RATE", value_name = "RATE")]
     pub command_rate: Option<f64>,
 
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose X-Forwarded-For names the
+    /// client for the per-IP limit; connections from anyone else are charged to their own address.
+    #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_name = "CIDRS", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+
     /// Commands one connection may send in a burst before its per-second rate applies; keep it at
     /// least max_subscriptions so a reconnecting client can resubscribe at once [default: 1000]
     #[arg(long, env = "FANOUT_COMMAND_BURST", value_name = "N")]
@@ -194,6 +202,7 @@ pub struct FileConfig {
     pub connection_rate_burst: Option<u32>,
     pub command_rate: Option<f64>,
     pub command_burst: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub auth: Option<AuthFile>,
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -304,6 +313,7 @@ pub struct Config {
     /// 0: no per-connection command limit.
     pub command_rate: f64,
     pub command_burst: u32,
+    pub trusted_proxies: Vec<IpNet>,
     pub auth: AuthConfig,
     pub namespaces: BTreeMap<String, NamespaceConfig>,
 }
@@ -335,6 +345,7 @@ impl Default for Config {
             connection_rate_burst: 200,
             command_rate: 100.0,
             command_burst: 1000,
+            trusted_proxies: Vec::new(),
             auth: AuthConfig::default(),
             namespaces: BTreeMap::new(),
         }
@@ -396,6 +407,14 @@ impl Config {
                 .unwrap_or(d.connection_rate_burst),
             command_rate: a.command_rate.or(f.command_rate).unwrap_or(d.command_rate),
             command_burst: a.command_burst.or(f.command_burst).unwrap_or(d.command_burst),
+            trusted_proxies: a
+                .trusted_proxies
+                .or(f.trusted_proxies)
+                .unwrap_or_default()
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.parse::<IpNet>().map_err(|e| invalid("trusted_proxies", e)))
+                .collect::<Result<_, _>>()?,
             auth,
             namespaces: f.namespaces,
         };
@@ -723,6 +742,7 @@ mod tests {
             "[namespaces.x]\npublish_burst = 3".into(),
             "[namespaces.x]\nno_such_rule = true".into(),
             "command_rate = -1".into(),
+            "trusted_proxies = [\"10.0.0.0/40\"]".into(),
             "command_rate = 5\ncommand_burst = 0".into(),
             "max_connections_per_ip_per_second = 5\nconnection_rate_burst = 0".into(),
         ] {

@@ -1,5 +1,6 @@
-//! Rate limiting: the token bucket every limit uses, and the per-IP table of buckets that
-//! guards the upgrade endpoint with bounded memory.
+//! Rate limiting: the token bucket every limit uses, the per-IP table of buckets that
+//! guards the upgrade endpoint with bounded memory, and the trusted-proxy rule that says
+//! which address a connection is charged to.
 
 use std::{
     collections::HashMap,
@@ -145,9 +146,127 @@ impl IpRateLimiter {
     }
 }
 
+/// An address block, `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has a bad prefix"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Proxies whose `X-Forwarded-For` is believed. Without any, the TCP peer is the client.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        Self(nets)
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client address of a request from `peer`: when `peer` is a trusted proxy, the
+    /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy. Entries left of
+    /// it were written by the client and prove nothing.
+    pub fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if self.0.is_empty() || !self.trusts(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else { return client };
+            for entry in value.rsplit(',') {
+                let Ok(ip) = entry.trim().parse::<IpAddr>() else { return client };
+                client = ip;
+                if !self.trusts(ip) {
+                    return ip;
+                }
+            }
+        }
+        client
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_pick_the_rightmost_untrusted_address() {
+        let nets: Vec<IpNet> = ["10.0.0.0/8", "127.0.0.1", "fd00::/8"].iter().map(|s| s.parse().unwrap()).collect();
+        let t = TrustedProxies::new(nets);
+        let h = |v: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in v {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(t.client_ip(proxy, &h(&["203.0.113.9"])), client);
+        // A client-written entry to the left does not matter.
+        assert_eq!(t.client_ip(proxy, &h(&["1.1.1.1, 203.0.113.9, 10.9.9.9"])), client);
+        assert_eq!(t.client_ip(proxy, &h(&["1.1.1.1", "203.0.113.9, 127.0.0.1"])), client);
+        // Not from a trusted proxy: the header is ignored.
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(t.client_ip(stranger, &h(&["203.0.113.9"])), stranger);
+        // No header, or garbage: the last trusted hop.
+        assert_eq!(t.client_ip(proxy, &h(&[])), proxy);
+        assert_eq!(t.client_ip(proxy, &h(&["nonsense"])), proxy);
+        assert_eq!(t.client_ip(proxy, &h(&["10.0.0.7"])), "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            t.client_ip("fd12::1".parse().unwrap(), &h(&["2001:db8::1"])),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(TrustedProxies::default().client_ip(proxy, &h(&["203.0.113.9"])), proxy);
+    }
+
+    #[test]
+    fn ip_nets() {
+        let n: IpNet = "192.168.0.0/16".parse().unwrap();
+        assert!(n.contains("192.168.4.1".parse().unwrap()) && !n.contains("192.169.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:192.168.1.1".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129", ""] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bucket_allows_burst_then_rate() {

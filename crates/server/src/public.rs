@@ -20,7 +20,7 @@ use fanout_hub::LogLimiter;
 
 use crate::{
     auth::{self, Identity},
-    limit::{IpRateLimiter, IpVerdict},
+    limit::{IpRateLimiter, IpVerdict, TrustedProxies},
     listener::{text, Body, Handler},
     metrics::Rejection,
     session::{self, Shared},
@@ -45,6 +45,8 @@ pub struct Public {
     pub auth_required: bool,
     /// New connections per client address; None when the limit is off.
     pub ip_limiter: Option<IpRateLimiter>,
+    /// Whose `X-Forwarded-For` names the client address the limiter charges.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Handler for Public {
@@ -110,7 +112,8 @@ impl Public {
         }
         // Before anything that costs work (above all a signature check) for this client.
         if let Some(limiter) = &self.ip_limiter {
-            let verdict = limiter.check(peer.ip(), std::time::Instant::now());
+            let client = self.trusted_proxies.client_ip(peer.ip(), req.headers());
+            let verdict = limiter.check(client, std::time::Instant::now());
             self.shared.metrics.rate_limited_ips.set(limiter.tracked() as f64);
             if verdict == IpVerdict::Limited {
                 return Err((

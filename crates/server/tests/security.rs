@@ -544,6 +544,22 @@ async fn connection_flood_from_one_address_is_limited_others_still_connect() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_limited() {
+    let args = ["--max-connections-per-ip-per-second", "0.1", "--connection-rate-burst", "1"];
+    let node = Node::start(BIN, &[&args[..], &["--trusted-proxies", "127.0.0.1/32,10.0.0.0/8"]].concat());
+    let via_proxy = |xff: &str| format!("X-Forwarded-For: {xff}\r\n");
+    assert_eq!(raw_upgrade(node.public, LOCAL, &via_proxy("203.0.113.5")).await.0, 101);
+    assert_eq!(raw_upgrade(node.public, LOCAL, &via_proxy("203.0.113.5")).await.0, 429);
+    // A client-written entry left of the real one changes nothing; the proxy's own hops are skipped.
+    assert_eq!(raw_upgrade(node.public, LOCAL, &via_proxy("1.2.3.4, 203.0.113.5, 10.0.0.9")).await.0, 429);
+    assert_eq!(raw_upgrade(node.public, LOCAL, &via_proxy("203.0.113.6")).await.0, 101);
+    // 127.0.0.2 is not a trusted proxy: what it forwards is ignored and it is charged itself.
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    assert_eq!(raw_upgrade(node.public, other, &via_proxy("203.0.113.7")).await.0, 101);
+    assert_eq!(raw_upgrade(node.public, other, &via_proxy("203.0.113.8")).await.0, 429);
+}
+
+#[tokio::test]
 async fn max_connections_gets_503_and_frees_on_close() {
     let node = Node::start(BIN, &["--max-connections", "2"]);
     let a = WsClient::json(&node.ws_url()).await;
