@@ -147,15 +147,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_COMMAND_RATE", value_name = "RATE")]
     pub command_rate: Option<f64>,
 
-    /// Proxies (addresses or CIDR blocks, comma-separated) whose X-Forwarded-For names the
-    /// client for the per-IP limit; connections from anyone else are charged to their own address.
-    #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_name = "CIDRS", value_delimiter = ',')]
-    pub trusted_proxies: Option<Vec<String>>,
-
     /// Commands one connection may send in a burst before its per-second rate applies; keep it at
     /// least max_subscriptions so a reconnecting client can resubscribe at once [default: 1000]
     #[arg(long, env = "FANOUT_COMMAND_BURST", value_name = "N")]
     pub command_burst: Option<u32>,
+
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose X-Forwarded-For names the
+    /// client for the per-IP limit; connections from anyone else are charged to their own address.
+    #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_name = "CIDRS", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
 
     /// Allowed `Origin` values for browser upgrades, comma-separated (unset: any).
     #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
