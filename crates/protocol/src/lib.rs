@@ -14,7 +14,7 @@ pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
 pub use command::{decode_command, Command, CommandError};
 pub use envelope::{decode_envelope, encode_envelope, EnvelopeError, ENVELOPE_VERSION};
 pub use error::ErrorCode;
-pub use message::{encode_message, encode_reply, validate_data, DataError, Encoding, Publication, Reply};
+pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
 pub use ws::{close_frame, frame, frame_header, OpCode, MAX_FRAME_HEADER};
 
 /// Microseconds since the Unix epoch: the clock every publication's `ts` is stamped with.

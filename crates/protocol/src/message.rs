@@ -91,6 +91,13 @@ pub fn validate_data(enc: Encoding, data: &[u8]) -> Result<(), DataError> {
     }
 }
 
+/// Re-encodes one value from `from` to `to` (a copy when they are the same).
+pub fn transcode(from: Encoding, to: Encoding, data: &[u8]) -> Result<Vec<u8>, DataError> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 4);
+    write_data(&mut out, from, to, data)?;
+    Ok(out)
+}
+
 /// Appends `data` (encoded as `from`) to `out` encoded as `to`.
 fn write_data(out: &mut Vec<u8>, from: Encoding, to: Encoding, data: &[u8]) -> Result<(), DataError> {
     match (from, to) {

@@ -5,7 +5,7 @@ use std::{io::BufRead as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use bytes::Bytes;
 use clap::Args;
-use fanout_protocol::Encoding;
+use fanout_protocol::{transcode, Encoding};
 use fanout_publisher::{PublishError, Publisher};
 use fastwebsockets::{FragmentCollector, Frame, OpCode};
 use http_body_util::Empty;
@@ -94,34 +94,12 @@ fn publish_exit(e: &PublishError) -> u8 {
 
 /// Encodes one JSON text as the publication's data.
 fn encode(text: &str, msgpack: bool) -> Result<Bytes, String> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("data is not valid JSON: {e}"))?;
+    let text = text.trim();
+    fanout_protocol::validate_data(Encoding::Json, text.as_bytes()).map_err(|e| e.to_string())?;
     if msgpack {
-        rmp_serde_bytes(&value)
+        transcode(Encoding::Json, Encoding::MsgPack, text.as_bytes()).map(Bytes::from).map_err(|e| e.to_string())
     } else {
-        Ok(Bytes::from(value.to_string()))
-    }
-}
-
-fn rmp_serde_bytes(value: &serde_json::Value) -> Result<Bytes, String> {
-    let mut buf = Vec::new();
-    rmpv::encode::write_value(&mut buf, &json_to_msgpack(value)).map_err(|e| e.to_string())?;
-    Ok(Bytes::from(buf))
-}
-
-fn json_to_msgpack(v: &serde_json::Value) -> rmpv::Value {
-    use rmpv::Value as V;
-    use serde_json::Value as J;
-    match v {
-        J::Null => V::Nil,
-        J::Bool(b) => V::Boolean(*b),
-        J::Number(n) => n
-            .as_u64()
-            .map(V::from)
-            .or_else(|| n.as_i64().map(V::from))
-            .unwrap_or_else(|| V::F64(n.as_f64().unwrap_or(0.0))),
-        J::String(s) => V::from(s.as_str()),
-        J::Array(a) => V::Array(a.iter().map(json_to_msgpack).collect()),
-        J::Object(o) => V::Map(o.iter().map(|(k, v)| (V::from(k.as_str()), json_to_msgpack(v))).collect()),
+        Ok(Bytes::copy_from_slice(text.as_bytes()))
     }
 }
 
@@ -256,11 +234,9 @@ pub async fn subscribe(args: SubscribeArgs) -> ExitCode {
     let mut ws = FragmentCollector::new(ws);
     for (i, channel) in args.channels.iter().enumerate() {
         let cmd = serde_json::json!({"op":"subscribe","channel":channel,"id":i});
-        let payload = if args.msgpack {
-            rmp_serde_bytes(&cmd).unwrap_or_default().to_vec()
-        } else {
-            cmd.to_string().into_bytes()
-        };
+        let json = cmd.to_string().into_bytes();
+        let payload =
+            if args.msgpack { transcode(Encoding::Json, Encoding::MsgPack, &json).unwrap_or_default() } else { json };
         let frame = if args.msgpack { Frame::binary(payload.into()) } else { Frame::text(payload.into()) };
         if let Err(e) = ws.write_frame(frame).await {
             return fail(exit::UNAVAILABLE, format!("sending subscribe: {e}"));
@@ -278,8 +254,11 @@ pub async fn subscribe(args: SubscribeArgs) -> ExitCode {
                 Ok(v) => v,
                 Err(e) => return fail(exit::DATA, format!("server sent invalid JSON: {e}")),
             },
-            OpCode::Binary => match rmpv::decode::read_value(&mut &frame.payload[..]) {
-                Ok(v) => msgpack_to_json(&v),
+            OpCode::Binary => match transcode(Encoding::MsgPack, Encoding::Json, &frame.payload)
+                .map_err(|e| e.to_string())
+                .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()))
+            {
+                Ok(v) => v,
                 Err(e) => return fail(exit::DATA, format!("server sent invalid MessagePack: {e}")),
             },
             OpCode::Close => {
@@ -311,25 +290,5 @@ pub async fn subscribe(args: SubscribeArgs) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
         }
-    }
-}
-
-fn msgpack_to_json(v: &rmpv::Value) -> serde_json::Value {
-    use rmpv::Value as V;
-    use serde_json::Value as J;
-    match v {
-        V::Nil => J::Null,
-        V::Boolean(b) => J::Bool(*b),
-        V::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
-        V::F32(f) => J::from(f64::from(*f)),
-        V::F64(f) => J::from(*f),
-        V::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
-        V::Binary(b) | V::Ext(_, b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
-        V::Array(a) => J::Array(a.iter().map(msgpack_to_json).collect()),
-        V::Map(m) => J::Object(
-            m.iter()
-                .map(|(k, v)| (k.as_str().map(String::from).unwrap_or_else(|| k.to_string()), msgpack_to_json(v)))
-                .collect(),
-        ),
     }
 }

@@ -196,27 +196,9 @@ fn message(binary: bool, payload: Bytes) -> Result<Incoming, FrameError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use fanout_testkit::client_frame;
 
-    /// A masked client frame.
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1, 2, 3, 4];
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 65535 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
+    use super::*;
 
     fn decoder(bytes: &[u8], max: usize) -> FrameDecoder {
         FrameDecoder::new(Bytes::copy_from_slice(bytes), max)

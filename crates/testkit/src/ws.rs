@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fanout_protocol::{transcode, Encoding};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -36,44 +37,15 @@ pub struct WsClient {
     pub msgpack: bool,
 }
 
-/// MessagePack → JSON for assertions: binary becomes an array of numbers.
-pub fn msgpack_to_json(v: &rmpv::Value) -> serde_json::Value {
-    use rmpv::Value as V;
-    use serde_json::Value as J;
-    match v {
-        V::Nil => J::Null,
-        V::Boolean(b) => J::Bool(*b),
-        V::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
-        V::F32(f) => J::from(*f as f64),
-        V::F64(f) => J::from(*f),
-        V::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
-        V::Binary(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
-        V::Array(a) => J::Array(a.iter().map(msgpack_to_json).collect()),
-        V::Map(m) => J::Object(
-            m.iter()
-                .map(|(k, v)| (k.as_str().map(String::from).unwrap_or_else(|| k.to_string()), msgpack_to_json(v)))
-                .collect(),
-        ),
-        V::Ext(_, b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
-    }
+/// MessagePack → JSON for assertions (binary becomes an array of numbers).
+pub fn msgpack_to_json(bytes: &[u8]) -> serde_json::Value {
+    let json = transcode(Encoding::MsgPack, Encoding::Json, bytes).expect("server sent invalid MessagePack");
+    serde_json::from_slice(&json).expect("transcoded JSON parses")
 }
 
-/// JSON → MessagePack value.
-pub fn json_to_msgpack(v: &serde_json::Value) -> rmpv::Value {
-    use rmpv::Value as V;
-    use serde_json::Value as J;
-    match v {
-        J::Null => V::Nil,
-        J::Bool(b) => V::Boolean(*b),
-        J::Number(n) => n
-            .as_u64()
-            .map(V::from)
-            .or_else(|| n.as_i64().map(V::from))
-            .unwrap_or_else(|| V::F64(n.as_f64().unwrap_or(0.0))),
-        J::String(s) => V::from(s.as_str()),
-        J::Array(a) => V::Array(a.iter().map(json_to_msgpack).collect()),
-        J::Object(o) => V::Map(o.iter().map(|(k, v)| (V::from(k.as_str()), json_to_msgpack(v))).collect()),
-    }
+/// JSON → MessagePack bytes.
+pub fn json_to_msgpack(v: &serde_json::Value) -> Vec<u8> {
+    transcode(Encoding::Json, Encoding::MsgPack, v.to_string().as_bytes()).expect("JSON transcodes to MessagePack")
 }
 
 impl WsClient {
@@ -111,9 +83,7 @@ impl WsClient {
     /// Sends a command in the connection's format.
     pub async fn send(&mut self, cmd: serde_json::Value) {
         let msg = if self.msgpack {
-            let mut buf = Vec::new();
-            rmpv::encode::write_value(&mut buf, &json_to_msgpack(&cmd)).expect("encode");
-            Message::Binary(buf.into())
+            Message::Binary(json_to_msgpack(&cmd).into())
         } else {
             Message::Text(cmd.to_string().into())
         };
@@ -134,10 +104,7 @@ impl WsClient {
             return match next {
                 None | Some(Err(_)) => Event::Close(None),
                 Some(Ok(Message::Text(t))) => Event::Json(serde_json::from_str(&t).expect("server sent invalid JSON")),
-                Some(Ok(Message::Binary(b))) => {
-                    let v = rmpv::decode::read_value(&mut &b[..]).expect("server sent invalid MessagePack");
-                    Event::MsgPack(msgpack_to_json(&v))
-                }
+                Some(Ok(Message::Binary(b))) => Event::MsgPack(msgpack_to_json(&b)),
                 Some(Ok(Message::Close(f))) => Event::Close(Some(f.map_or(1005, |f| u16::from(f.code)))),
                 Some(Ok(_)) => continue,
             };
