@@ -422,10 +422,12 @@ impl Grant {
         }
     }
 
-    /// Time left before the token (plus leeway) expires.
+    /// Time left before the token (plus leeway) expires, capped at ten years so that any
+    /// `exp` a token may carry can be added to the clock.
     pub fn remaining(&self, leeway: Duration) -> Duration {
+        const CAP: Duration = Duration::from_secs(10 * 365 * 86_400);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        (Duration::from_secs(self.exp) + leeway).saturating_sub(now)
+        Duration::from_secs(self.exp).saturating_add(leeway).saturating_sub(now).min(CAP)
     }
 }
 
@@ -534,6 +536,17 @@ mod tests {
     fn malformed_patterns_match_nothing() {
         let p = pats(&["*", "a:b:*", "a*", "a:*x", "{other}", "", "a b", "*:*"], Some("s"));
         assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn remaining_time_never_overflows() {
+        let grant = |exp| Grant { sub: None, exp, subscribe: Patterns::default(), publish: Patterns::default() };
+        let ten_years = Duration::from_secs(10 * 365 * 86_400);
+        assert_eq!(grant(u64::MAX).remaining(Duration::from_secs(300)), ten_years);
+        assert_eq!(grant(0).remaining(Duration::from_secs(5)), Duration::ZERO);
+        let in_a_minute = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 60;
+        let left = grant(in_a_minute).remaining(Duration::ZERO);
+        assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(60), "{left:?}");
     }
 
     #[test]

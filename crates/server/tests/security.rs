@@ -214,13 +214,26 @@ async fn hs256_tokens_are_verified_and_forgeries_refused() {
         assert_eq!(connect(&node, Some(token), false).await.err(), Some(401), "{what} (query)");
         assert_eq!(connect(&node, Some(token), true).await.err(), Some(401), "{what} (header)");
     }
+    // An `exp` beyond any clock is not a crash (the session's timer is capped).
+    let mut far_refused = 0;
+    for exp in [json!(u64::MAX), json!(1e300)] {
+        let token = hs(&json!({"sub":"alice","exp":exp,"subscribe":["news"]}));
+        match connect(&node, Some(&token), false).await {
+            Ok(mut far) => assert_eq!(ask(&mut far, json!({"op":"ping","id":1})).await, json!({"op":"pong","id":1})),
+            Err(status) => {
+                assert_eq!(status, 401);
+                far_refused += 1;
+            }
+        }
+    }
+    assert_eq!(ask(&mut c, json!({"op":"ping","id":2})).await, json!({"op":"pong","id":2}));
     // No token at all.
     assert_eq!(connect(&node, None, false).await.err(), Some(401));
     let (status, head, _) = raw_upgrade(node.public, LOCAL, "").await;
     assert_eq!(status, 401);
     assert!(head.to_ascii_lowercase().contains("www-authenticate: bearer"), "{head}");
     let rejected = metric(&node, "fanout_upgrade_rejections_total", "reason=\"unauthorized\"").await;
-    assert_eq!(rejected, (forged.len() * 2 + 2) as f64);
+    assert_eq!(rejected, (forged.len() * 2 + 2 + far_refused) as f64);
 }
 
 #[tokio::test]
