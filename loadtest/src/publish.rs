@@ -46,6 +46,8 @@ pub struct PubConfig {
     pub http_url: Option<String>,
     pub api_key: Option<String>,
     pub http_concurrency: usize,
+    /// The clock wakes at most once per window and hands off everything due by then.
+    pub batch_window: Duration,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
     pub timeout: Duration,
@@ -227,10 +229,10 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
         }
     }
 
-    let (rate, total, payload) = (cfg.rate, cfg.total, cfg.payload);
+    let plan = Schedule { rate: cfg.rate, total: cfg.total, payload: cfg.payload, channels, window: cfg.batch_window };
     let scheduler = std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || schedule(rate, total, payload, channels, lanes, senders, &live, &stop))
+        .spawn(move || schedule(plan, senders, &live, &stop))
         .context("spawning the scheduler thread")?;
     for t in tasks {
         let _ = t.await;
@@ -249,20 +251,28 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
     })
 }
 
-/// The open-loop clock. Sleeps until the next publication is due and then hands off all
-/// that are due; when it falls behind it catches up in a burst instead of stretching the
-/// schedule, so the offered rate stays what was asked for.
-#[allow(clippy::too_many_arguments)]
-fn schedule(
+struct Schedule {
     rate: f64,
     total: u64,
     payload: usize,
     channels: usize,
-    lanes: usize,
-    senders: Vec<UnboundedSender<Item>>,
+    window: Duration,
+}
+
+/// The open-loop clock. Sleeps until the next publication is due and then hands off all
+/// that are due; when it falls behind it catches up in a burst instead of stretching the
+/// schedule, so the offered rate stays what was asked for. It wakes at most once per
+/// `window`: every wake-up and hand-off costs two context switches, which at thousands of
+/// publications per second would make the generator, not the gateway, the bottleneck.
+fn schedule(
+    plan: Schedule,
+    senders: Vec<UnboundedSender<Vec<Item>>>,
     live: &PubLive,
     stop: &AtomicBool,
 ) -> (u64, Duration, Histogram<u64>) {
+    let Schedule { rate, total, payload, channels, window } = plan;
+    let lanes = senders.len();
+    let mut pending: Vec<Vec<Item>> = (0..lanes).map(|_| Vec::new()).collect();
     let mut clock_lag = new_histogram();
     // A late wake-up here is lag in every latency figure, so the clock thread asks for
     // more CPU priority than the subscriber workers; refused (no CAP_SYS_NICE) is fine.
@@ -273,21 +283,36 @@ fn schedule(
     let mut buf = Vec::with_capacity(payload + 64);
     let mut seq = 0;
     while seq < total && !stop.load(Relaxed) {
-        let due = Duration::from_secs_f64(seq as f64 * period);
-        let elapsed = start.elapsed();
-        if due > elapsed {
-            std::thread::sleep((due - elapsed).min(Duration::from_millis(50)));
-            continue;
+        let woke = start.elapsed();
+        loop {
+            let due = Duration::from_secs_f64(seq as f64 * period);
+            if seq >= total || due > woke {
+                break;
+            }
+            clock_lag.saturating_record((woke - due).as_micros() as u64);
+            let intended_us = start_us + due.as_micros() as u64;
+            buf.clear();
+            scan::payload(&mut buf, seq, intended_us, payload);
+            let channel = Scenario::channel_of_seq(seq, channels) as usize;
+            // Pinning a channel to one lane keeps each channel's publications in order.
+            pending[channel % lanes].push(Item { seq, intended_us, data: Bytes::copy_from_slice(&buf) });
+            seq += 1;
         }
-        clock_lag.saturating_record((elapsed - due).as_micros() as u64);
-        let intended_us = start_us + due.as_micros() as u64;
-        buf.clear();
-        scan::payload(&mut buf, seq, intended_us, payload);
-        let channel = Scenario::channel_of_seq(seq, channels) as usize;
-        // Pinning a channel to one lane keeps each channel's publications in order.
-        let _ = senders[channel % lanes].send(Item { seq, intended_us, data: Bytes::copy_from_slice(&buf) });
-        live.scheduled.fetch_add(1, Relaxed);
-        seq += 1;
+        for (lane, items) in pending.iter_mut().enumerate() {
+            if !items.is_empty() {
+                live.scheduled.fetch_add(items.len() as u64, Relaxed);
+                let _ = senders[lane].send(std::mem::take(items));
+            }
+        }
+        if seq >= total {
+            break;
+        }
+        let next_due = Duration::from_secs_f64(seq as f64 * period);
+        let wake_at = next_due.max(woke + window);
+        let now = start.elapsed();
+        if wake_at > now {
+            std::thread::sleep((wake_at - now).min(Duration::from_millis(50)));
+        }
     }
     (seq, start.elapsed(), clock_lag)
 }
@@ -296,7 +321,7 @@ async fn ws_lane(
     stream: TcpStream,
     early: Vec<u8>,
     mut rng: Rng,
-    mut rx: UnboundedReceiver<Item>,
+    mut rx: UnboundedReceiver<Vec<Item>>,
     names: Arc<Vec<String>>,
     stats: Rc<RefCell<Stats>>,
 ) {
@@ -349,15 +374,15 @@ async fn ws_lane(
     let mut cmd = Vec::with_capacity(256);
     loop {
         tokio::select! {
-            item = rx.recv() => match item {
-                Some(item) => batch.push(item),
+            items = rx.recv() => match items {
+                Some(items) => batch.extend(items),
                 None => break,
             },
             Some(pong) = pong_rx.recv() => { let _ = wr.write_all(&pong).await; continue; }
         }
         while batch.len() < 1024 {
             match rx.try_recv() {
-                Ok(item) => batch.push(item),
+                Ok(items) => batch.extend(items),
                 Err(_) => break,
             }
         }
@@ -405,34 +430,36 @@ async fn ws_lane(
 
 async fn http_lane(
     publisher: Publisher,
-    mut rx: UnboundedReceiver<Item>,
+    mut rx: UnboundedReceiver<Vec<Item>>,
     names: Arc<Vec<String>>,
     stats: Rc<RefCell<Stats>>,
 ) {
-    while let Some(item) = rx.recv().await {
-        stats.borrow_mut().handed_off(&item, now_micros());
-        let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
-        let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
-        let mut s = stats.borrow_mut();
-        match result {
-            Ok(()) => s.ok(item.seq),
-            Err(e) => s.fail(publish_error_kind(&e)),
+    while let Some(items) = rx.recv().await {
+        for item in items {
+            stats.borrow_mut().handed_off(&item, now_micros());
+            let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
+            let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
+            let mut s = stats.borrow_mut();
+            match result {
+                Ok(()) => s.ok(item.seq),
+                Err(e) => s.fail(publish_error_kind(&e)),
+            }
         }
     }
 }
 
 async fn redis_lane(
     publisher: Publisher,
-    mut rx: UnboundedReceiver<Item>,
+    mut rx: UnboundedReceiver<Vec<Item>>,
     names: Arc<Vec<String>>,
     stats: Rc<RefCell<Stats>>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
-        batch.push(first);
+        batch.extend(first);
         while batch.len() < 1000 {
             match rx.try_recv() {
-                Ok(item) => batch.push(item),
+                Ok(items) => batch.extend(items),
                 Err(_) => break,
             }
         }
