@@ -1,7 +1,5 @@
 //! The Redis broker against a real `redis-server`: delivery, interest, batching and outages.
 
-mod support;
-
 use std::{
     collections::VecDeque,
     sync::Arc,
@@ -12,8 +10,8 @@ use bytes::Bytes;
 use fanout_broker_redis::{RedisBroker, RedisBrokerError, RedisConfig};
 use fanout_hub::{Broker, BrokerError, Outbox, Outgoing, Registry};
 use fanout_protocol::{encode_envelope, ChannelName, Encoding, Publication};
+use fanout_testkit::RedisServer;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use support::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 /// Short timings so outages are noticed, and tests finish, quickly.
@@ -278,7 +276,7 @@ async fn survives_redis_being_killed_and_restarted() {
     node.publish("k:1", 1, "1").await.unwrap();
     assert_eq!(receive(&subs[0], 1, Duration::from_secs(2)).await.len(), 1);
 
-    server.kill9();
+    server.kill();
     let noticed = node.wait_status(false, Duration::from_secs(3)).await;
     assert_eq!(node.metric("fanout_broker_up"), 0.0);
     assert_eq!(node.metric("fanout_broker_channels"), 0.0);
@@ -474,7 +472,7 @@ async fn rediss_speaks_tls_and_verifies_the_certificate() {
         eprintln!("skipped: openssl is not installed");
         return;
     };
-    let node = Node::start(config(vec![format!("rediss://127.0.0.1:{}", server.port)]));
+    let node = Node::start(config(vec![format!("rediss://127.0.0.1:{}", server.port())]));
     // The handshake reaches the server, which learns that its self-signed certificate was
     // turned down: TLS is spoken and verified, not skipped.
     let rejected = eventually(Duration::from_secs(5), || async {

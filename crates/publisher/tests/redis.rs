@@ -1,60 +1,13 @@
 //! The Redis transport against a real `redis-server`: a plain SUBSCRIBE receives exactly
 //! the envelope bytes, batches are pipelined in order, and a restarted server is reconnected.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_protocol::{decode_envelope, encode_envelope, now_micros, Encoding};
 use fanout_publisher::{Outgoing, PublishError, Publisher, RetryPolicy};
+use fanout_testkit::{free_port, RedisServer};
 use futures_util::StreamExt;
-
-/// A private `redis-server` on a free port, killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self::on_port(port)
-    }
-
-    fn on_port(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server)");
-        let server = Self { port, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = redis::Client::open(server.url()).unwrap();
-        loop {
-            if let Ok(mut c) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return server;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not answer PING");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn subscriber(url: &str, channels: &[&str]) -> redis::aio::PubSub {
     let mut pubsub = redis::Client::open(url).unwrap().get_async_pubsub().await.unwrap();
@@ -141,7 +94,7 @@ async fn batches_are_pipelined_in_order_and_broadcast_reaches_every_channel() {
 #[tokio::test]
 async fn unavailable_while_down_and_reconnects_after_restart() {
     let redis = RedisServer::start();
-    let port = redis.port;
+    let port = redis.port();
     let p = Publisher::redis(redis.url())
         .timeout(Duration::from_secs(1))
         .retry(RetryPolicy {
@@ -158,7 +111,7 @@ async fn unavailable_while_down_and_reconnects_after_restart() {
     assert!(e.is_retryable(), "{e}");
     assert!(matches!(e, PublishError::Unavailable { status: None, .. } | PublishError::Timeout(_)), "{e}");
 
-    let redis = RedisServer::on_port(port);
+    let redis = RedisServer::start_on(port);
     let mut sub = subscriber(&redis.url(), &["fanout:c"]).await;
     let mut stream = sub.on_message();
     let before = now_micros();
@@ -168,7 +121,7 @@ async fn unavailable_while_down_and_reconnects_after_restart() {
 
 #[tokio::test]
 async fn connect_fails_fast_when_nothing_listens() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let e = match Publisher::redis(format!("redis://127.0.0.1:{port}")).connect().await {
         Ok(_) => panic!("connected to nothing"),
         Err(e) => e,
