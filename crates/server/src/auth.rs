@@ -391,6 +391,7 @@ impl Patterns {
         p
     }
 
+    /// Whether a pattern matches `channel`, which must be a valid channel name.
     pub fn allows(&self, channel: &str) -> bool {
         (!self.namespaces.is_empty() && self.namespaces.contains(namespace_of(channel))) || self.exact.contains(channel)
     }

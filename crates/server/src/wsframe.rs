@@ -136,7 +136,8 @@ impl FrameDecoder {
             return Err(FrameError::Protocol("control frames must be final and at most 125 bytes"));
         }
         let already = self.partial.as_ref().map_or(0, |(_, p)| p.len() as u64);
-        if !control && already + len > self.max_message as u64 {
+        // Saturating: a 64-bit length after a first fragment must not wrap past the bound.
+        if !control && already.saturating_add(len) > self.max_message as u64 {
             return Err(FrameError::TooLarge);
         }
         let mask = b[header_len - 4..header_len].try_into().unwrap_or_default();
@@ -252,6 +253,13 @@ mod tests {
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         huge.extend_from_slice(&[0; 4]);
         assert_eq!(decoder(&huge, 65_536).next_item(), Err(FrameError::TooLarge));
+        // The same length on a continuation frame, after a first fragment (found by fuzzing).
+        let mut wire = client_frame(false, 1, b"ab");
+        wire.extend_from_slice(&[0x00, 0x80 | 127]);
+        wire.extend_from_slice(&u64::MAX.to_be_bytes());
+        wire.extend_from_slice(&[0; 4]);
+        let mut d = decoder(&wire, 65_536);
+        assert_eq!(d.next_item(), Err(FrameError::TooLarge));
     }
 
     #[test]
