@@ -108,7 +108,8 @@ pub async fn run(
         shared,
     };
     let end = s.event_loop(&cancel).await;
-    let reason = s.finish(end).await;
+    // Boxed for the same reason: only a closing session needs the room.
+    let reason = Box::pin(s.finish(end)).await;
     m.closed(reason).increment(1);
     m.connections.decrement(1.0);
 }
@@ -160,12 +161,16 @@ impl Session {
         let mut next_ping = Instant::now() + limits.ping_interval;
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
+        // Created once: re-creating it every pass would register and unregister a waiter
+        // on the token each time.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             // Reading the socket is done by readiness + try_read, so every branch here is
             // cancel-safe and no partially read frame is ever dropped.
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return End::Close(CloseReason::Draining),
+                () = &mut cancelled => return End::Close(CloseReason::Draining),
                 status = self.outbox.take(&mut self.pending), if self.pending.is_empty() => match status {
                     Status::Open => {
                         if self.flush().is_err() {
@@ -175,12 +180,14 @@ impl Session {
                     Status::Overflowed => return End::Close(CloseReason::SlowConsumer),
                     Status::Closed => return End::Close(CloseReason::Draining),
                 },
-                ready = self.stream.writable(), if !self.pending.is_empty() => {
+                // poll_*_ready keep one waker slot per direction instead of queueing a
+                // waiter per pass, which the readable()/writable() futures would.
+                ready = std::future::poll_fn(|cx| self.stream.poll_write_ready(cx)), if !self.pending.is_empty() => {
                     if ready.is_err() || self.flush().is_err() {
                         return End::Close(CloseReason::Disconnected);
                     }
                 }
-                ready = self.stream.readable() => {
+                ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     if ready.is_err() {
                         return End::Close(CloseReason::Disconnected);
                     }
@@ -220,7 +227,12 @@ impl Session {
         match self.stream.try_read_buf(self.decoder.read_buf()) {
             Ok(0) => return Some(End::Close(CloseReason::Disconnected)),
             Ok(_) => self.last_seen = Instant::now(),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Readiness is edge-triggered, so every burst ends with a read that finds
+                // nothing; the room reserved for it must not stay allocated while idle.
+                self.decoder.shrink_if_idle();
+                return None;
+            }
             Err(_) => return Some(End::Close(CloseReason::Disconnected)),
         }
         loop {
@@ -228,7 +240,9 @@ impl Session {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     // Commands are accepted in either format; replies use the connection's.
                     let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
-                    if let Some(end) = self.command(enc, &payload).await {
+                    // Boxed: command handling is the largest future a session awaits, and
+                    // inline it would sit in every idle connection's task.
+                    if let Some(end) = Box::pin(self.command(enc, &payload)).await {
                         return Some(end);
                     }
                 }
