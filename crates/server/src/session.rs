@@ -171,8 +171,16 @@ impl Session {
             tokio::select! {
                 biased;
                 () = &mut cancelled => return End::Close(CloseReason::Draining),
-                status = self.outbox.take(&mut self.pending), if self.pending.is_empty() => match status {
+                // Always polled, even while earlier frames wait for the socket: an outbox
+                // that overflows behind a stalled socket must still end the session now.
+                status = self.outbox.take(&mut self.pending) => match status {
                     Status::Open => {
+                        // Let the rest of this fan-out, and publications right behind it,
+                        // reach the outbox first, so one write carries them all.
+                        tokio::task::yield_now().await;
+                        if self.outbox.take_now(&mut self.pending) == Some(Status::Overflowed) {
+                            return End::Close(CloseReason::SlowConsumer);
+                        }
                         if self.flush().is_err() {
                             return End::Close(CloseReason::Disconnected);
                         }

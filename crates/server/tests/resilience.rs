@@ -130,6 +130,12 @@ async fn a_client_that_never_reads_is_cut_off_with_4008_and_others_keep_receivin
         assert_eq!(http(node.internal, "POST", "/api/publish", &[], body.as_bytes()).await.status, 200);
     }
     assert_eq!(reader.await.unwrap(), 2000, "the healthy subscriber got everything");
+    // The node cut the stalled client off by itself, before it read a single byte.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metric("fanout_slow_consumer_disconnects_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the stalled client was never disconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Now the stalled client reads: some messages, then the 4008 close.
     let mut code = None;
     for _ in 0..3000 {
