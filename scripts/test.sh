@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh: the project's one test command. Installs what the tests need when it
-# is missing (redis-server; helm-check.sh installs its own tools), then runs every test:
+# is missing (redis-server, the publishing examples' Python and Node packages; helm-check.sh
+# installs its own tools), then runs every test:
 # the Rust workspace (unit, property and integration tests against real redis-server
 # processes and real fanout nodes) and the Helm chart / deploy checks.
 # Ends with one line "tests: N passed, M failed" and exits non-zero on any failure.
@@ -22,7 +23,41 @@ need_redis() {
   command -v redis-server >/dev/null || { echo "tests: 0 passed, 1 failed"; exit 1; }
 }
 
+# crates/server/tests/examples.rs runs examples/python and examples/node against real nodes.
+# Their pinned packages go into a venv under the tools cache and examples/node/node_modules,
+# reinstalled only when requirements.txt or package-lock.json change. A failed install is
+# reported here and fails those tests with instructions; FANOUT_SKIP_EXAMPLES=1 skips both.
+need_examples() {
+  [ "${FANOUT_SKIP_EXAMPLES:-}" = 1 ] && return 0
+  local tools="${FANOUT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fanout-tools}"
+  local venv="$tools/examples-venv" req="examples/python/requirements.txt" want
+  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$want" ] ||
+    ! "$venv/bin/python" -c 'import msgpack, redis, requests' 2>/dev/null; then
+    log "installing the Python examples' packages into $venv"
+    rm -rf "$venv"
+    if python3 -m venv "$venv" &&
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"; then
+      echo "$want" >"$venv/.requirements"
+    else
+      log "could not install $req (python3 -m venv and pip are needed)"
+    fi
+  fi
+  export FANOUT_EXAMPLES_PYTHON="$venv/bin/python"
+  local lock
+  lock="$(sha256sum examples/node/package-lock.json | cut -d' ' -f1)"
+  if [ "$(cat examples/node/node_modules/.fanout-lock 2>/dev/null)" != "$lock" ]; then
+    log "installing the Node examples' packages (npm ci in examples/node)"
+    if (cd examples/node && npm ci --no-audit --no-fund --loglevel=error); then
+      echo "$lock" >examples/node/node_modules/.fanout-lock
+    else
+      log "npm ci in examples/node failed (Node 20 and npm are needed)"
+    fi
+  fi
+}
+
 need_redis
+need_examples
 
 failed_steps=()
 log_dir="$(mktemp -d)"

@@ -1,0 +1,85 @@
+// Publish to a fanout channel straight into Redis, with `redis` and `@msgpack/msgpack`.
+//
+//   FANOUT_REDIS_URL=redis://redis:6379 node publish_redis.mjs [CHANNEL]
+//
+// Environment: FANOUT_REDIS_URL (default redis://127.0.0.1:6379), FANOUT_REDIS_PREFIX
+// (default fanout:, must match the gateway's), FANOUT_CHANNEL (default examples:demo; an
+// argument wins). Only for a cluster whose nodes run with --redis-url: nodes on the
+// embedded broker never see Redis.
+//
+// Prints one JSON line per publication with the `ts` it carries and how many Redis
+// subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
+// Redis refuses (a wrong password), 69 when it cannot be reached or does not answer.
+
+import { encode } from "@msgpack/msgpack";
+import { createClient, ErrorReply } from "redis";
+
+const REDIS_URL = process.env.FANOUT_REDIS_URL ?? "redis://127.0.0.1:6379";
+const PREFIX = process.env.FANOUT_REDIS_PREFIX ?? "fanout:";
+const CHANNEL = process.argv[2] ?? process.env.FANOUT_CHANNEL ?? "examples:demo";
+
+const PUBLICATIONS = [
+  "héllo wörld ☃ 日本",
+  {
+    order: {
+      id: 1042,
+      customer: { name: "Zoë Ångström", tags: ["vip", "beta"] },
+      lines: [
+        { sku: "A-1", qty: 2, price: 9.5 },
+        { sku: "B-7", qty: 1, price: 120.25 },
+      ],
+      paid: true,
+      coupon: null,
+    },
+  },
+  "0123456789".repeat(6000),
+];
+
+// Sent with enc "msgpack": JSON subscribers get the same value as JSON.
+const MSGPACK_PUBLICATION = {
+  enc: "msgpack",
+  n: -7,
+  big: 4294967296,
+  ratio: 0.25,
+  flags: [true, false, null],
+  name: "Zoë",
+  empty: {},
+};
+
+// The envelope the gateway reads from Redis: a MessagePack map of v, ts, enc, data.
+// `data` must be MessagePack bin, which @msgpack/msgpack writes for a Uint8Array (a
+// Buffer is one); a string would be written as str and the gateway would drop it.
+function envelope(ts, enc, data) {
+  return Buffer.from(encode({ v: 1, ts, enc, data }));
+}
+
+// Microseconds since the Unix epoch, from the wall clock (millisecond resolution is
+// plenty; performance.now() would drift from it in a long-running service). A JS number
+// holds integers exactly up to 2^53, far beyond any microsecond timestamp of this era.
+function nowMicros() {
+  return Date.now() * 1000;
+}
+
+const items = PUBLICATIONS.map((p) => ["json", Buffer.from(JSON.stringify(p), "utf8")]);
+items.push(["msgpack", encode(MSGPACK_PUBLICATION)]);
+
+// No reconnect loop: a one-shot publisher should fail fast and say so.
+const client = createClient({ url: REDIS_URL, socket: { connectTimeout: 5000, reconnectStrategy: false } });
+client.on("error", () => {}); // reported by the command that fails
+try {
+  await client.connect();
+  // One connection, one PUBLISH after the other: subscribers get them in this order.
+  for (const [enc, data] of items) {
+    const ts = nowMicros();
+    const receivers = await client.publish(PREFIX + CHANNEL, envelope(ts, enc, data));
+    console.log(JSON.stringify({ channel: CHANNEL, enc, ts, receivers }));
+  }
+  await client.close();
+} catch (e) {
+  // Redis error replies (wrong password, …) are rejections; everything else is the
+  // connection. A PUBLISH whose answer was lost may still have been delivered.
+  const rejected = e instanceof ErrorReply;
+  console.error(`publish_redis: ${rejected ? "rejected by Redis" : "unavailable"}: ${e.message}`);
+  process.exitCode = rejected ? 1 : 69;
+  client.destroy();
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Publish to a fanout channel straight into Redis, with `redis` and `msgpack`.
+
+    FANOUT_REDIS_URL=redis://redis:6379 python3 publish_redis.py [CHANNEL]
+
+Environment: FANOUT_REDIS_URL (default redis://127.0.0.1:6379), FANOUT_REDIS_PREFIX
+(default fanout:, must match the gateway's), FANOUT_CHANNEL (default examples:demo; an
+argument wins). Only for a cluster whose nodes run with --redis-url: nodes on the
+embedded broker never see Redis.
+
+Prints one JSON line per publication with the `ts` it carries and how many Redis
+subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
+Redis refuses (a wrong password), 69 when it cannot be reached or does not answer.
+"""
+
+import json
+import os
+import sys
+import time
+
+import msgpack
+import redis
+
+REDIS_URL = os.environ.get("FANOUT_REDIS_URL", "redis://127.0.0.1:6379")
+PREFIX = os.environ.get("FANOUT_REDIS_PREFIX", "fanout:")
+CHANNEL = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FANOUT_CHANNEL", "examples:demo")
+
+PUBLICATIONS = [
+    "héllo wörld ☃ 日本",
+    {
+        "order": {
+            "id": 1042,
+            "customer": {"name": "Zoë Ångström", "tags": ["vip", "beta"]},
+            "lines": [{"sku": "A-1", "qty": 2, "price": 9.5}, {"sku": "B-7", "qty": 1, "price": 120.25}],
+            "paid": True,
+            "coupon": None,
+        }
+    },
+    "0123456789" * 6000,
+]
+
+# Sent with enc "msgpack": JSON subscribers get the same value as JSON.
+MSGPACK_PUBLICATION = {
+    "enc": "msgpack",
+    "n": -7,
+    "big": 4294967296,
+    "ratio": 0.25,
+    "flags": [True, False, None],
+    "name": "Zoë",
+    "empty": {},
+}
+
+
+def envelope(ts, enc, data):
+    """The envelope the gateway reads from Redis: a MessagePack map of v, ts, enc, data."""
+    return msgpack.packb(
+        {
+            "v": 1,
+            "ts": ts,
+            "enc": enc,
+            # `data` must be MessagePack bin, not str: pass bytes, and keep use_bin_type
+            # (msgpack's default) on.
+            "data": data,
+        },
+        use_bin_type=True,
+    )
+
+
+def main():
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    items = [("json", json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) for p in PUBLICATIONS]
+    items.append(("msgpack", msgpack.packb(MSGPACK_PUBLICATION, use_bin_type=True)))
+    try:
+        # One connection, one PUBLISH after the other: subscribers get them in this order.
+        for enc, data in items:
+            # Microseconds since the Unix epoch, set once here; subscribers see it unchanged.
+            ts = time.time_ns() // 1000
+            receivers = client.publish(PREFIX + CHANNEL, envelope(ts, enc, data))
+            print(json.dumps({"channel": CHANNEL, "enc": enc, "ts": ts, "receivers": receivers}), flush=True)
+    except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as e:
+        print(f"publish_redis: rejected by Redis: {e}", file=sys.stderr)
+        return 1
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        # A PUBLISH that timed out may still have been delivered: see docs/publishing.md
+        # before retrying.
+        print(f"publish_redis: unavailable: {e}", file=sys.stderr)
+        return 69
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
