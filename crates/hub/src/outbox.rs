@@ -40,6 +40,8 @@ pub enum Push {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Open,
+    /// The node is draining: queued frames are still handed out, new ones are refused.
+    Draining,
     Overflowed,
     Closed,
 }
@@ -139,18 +141,17 @@ impl Outbox {
     /// Non-blocking take: `None` when open and empty.
     pub fn take_now(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
         let mut state = self.lock();
-        if state.status != Status::Open {
-            return Some(state.status);
-        }
-        if state.queue.is_empty() {
-            return None;
+        match state.status {
+            Status::Open if state.queue.is_empty() => return None,
+            Status::Open | Status::Draining => {}
+            other => return Some(other),
         }
         if into.is_empty() {
             std::mem::swap(&mut state.queue, into);
         } else {
             into.extend(state.queue.drain(..));
         }
-        Some(Status::Open)
+        Some(state.status)
     }
 
     /// Future form of [`Self::poll_take`].
@@ -161,6 +162,17 @@ impl Outbox {
     /// The writer reports `n` bytes handed to the socket.
     pub fn written(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Asks the consumer to finish: frames already queued can still be taken, new ones
+    /// are refused, and the consumer sees [`Status::Draining`].
+    pub fn drain(&self) {
+        let mut state = self.lock();
+        if state.status == Status::Open {
+            state.status = Status::Draining;
+        }
+        drop(state);
+        self.waker.wake();
     }
 
     /// Stops accepting frames; what is queued stays takeable only while `Open`, so
@@ -223,6 +235,19 @@ mod tests {
         assert!(o.poll_take(&mut Context::from_waker(&waker), &mut q).is_ready());
         assert_eq!(q.len(), 2);
         assert!(o.poll_take(&mut Context::from_waker(&waker), &mut q).is_pending());
+    }
+
+    #[test]
+    fn drain_hands_out_what_is_queued_then_refuses() {
+        let o = Outbox::new(Encoding::Json, 100);
+        o.push(Bytes::from_static(b"a"), 0);
+        o.drain();
+        assert_eq!(o.push(Bytes::from_static(b"b"), 0), Push::Refused);
+        let mut q = VecDeque::new();
+        assert_eq!(o.take_now(&mut q), Some(Status::Draining));
+        assert_eq!(q.len(), 1);
+        assert_eq!(o.take_now(&mut q), Some(Status::Draining));
+        assert_eq!(q.len(), 1);
     }
 
     #[tokio::test]

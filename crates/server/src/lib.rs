@@ -91,29 +91,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let draining = Arc::new(AtomicBool::new(false));
     let sessions = TaskTracker::new();
     let http = TaskTracker::new();
-    let sessions_cancel = CancellationToken::new();
     let stop_public = CancellationToken::new();
     let stop_internal = CancellationToken::new();
 
+    let session_shared = Arc::new(session::Shared {
+        hub: hub.clone(),
+        live: session::Live::default(),
+        metrics: m.clone(),
+        limits: session::Limits {
+            max_message_size: config.max_message_size,
+            outbound_queue_bytes: config.outbound_queue_bytes,
+            max_subscriptions: config.max_subscriptions,
+            ping_interval: config.ping_interval,
+            idle_timeout: config.idle_timeout,
+            command_rate: (config.command_rate > 0.0)
+                .then(|| limit::Rate::new(config.command_rate, config.command_burst)),
+        },
+        policy: policy::Policy::new(&config.namespaces, config.max_message_size),
+        verifier,
+    });
     let public_handler = Arc::new(public::Public {
-        shared: Arc::new(session::Shared {
-            hub: hub.clone(),
-            metrics: m.clone(),
-            limits: session::Limits {
-                max_message_size: config.max_message_size,
-                outbound_queue_bytes: config.outbound_queue_bytes,
-                max_subscriptions: config.max_subscriptions,
-                ping_interval: config.ping_interval,
-                idle_timeout: config.idle_timeout,
-                command_rate: (config.command_rate > 0.0)
-                    .then(|| limit::Rate::new(config.command_rate, config.command_burst)),
-            },
-            policy: policy::Policy::new(&config.namespaces, config.max_message_size),
-            verifier,
-        }),
+        shared: session_shared.clone(),
         draining: draining.clone(),
         sessions: Arc::new(Semaphore::new(config.max_connections)),
-        sessions_cancel: sessions_cancel.clone(),
         tracker: sessions.clone(),
         allowed_origins: config.allowed_origins.clone(),
         auth_required: config.auth.required,
@@ -159,7 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     draining.store(true, std::sync::atomic::Ordering::SeqCst);
     m.ready.set(0.0);
     stop_public.cancel();
-    sessions_cancel.cancel();
+    session_shared.live.drain_all();
     sessions.close();
     let _ = public_loop.await;
     if tokio::time::timeout_at(deadline, sessions.wait()).await.is_err() {

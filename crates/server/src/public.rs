@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, sync::Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use fanout_hub::LogLimiter;
 
@@ -36,8 +36,6 @@ pub struct Public {
     pub draining: Arc<AtomicBool>,
     /// One permit per open WebSocket connection.
     pub sessions: Arc<Semaphore>,
-    /// Cancelled on drain: every session closes with 1001.
-    pub sessions_cancel: CancellationToken,
     pub tracker: TaskTracker,
     pub allowed_origins: Vec<String>,
     /// With a verifier configured: whether upgrades without a token are refused (true) or
@@ -157,7 +155,6 @@ impl Public {
             None => Encoding::Json,
         };
         let shared = self.shared.clone();
-        let cancel = self.sessions_cancel.child_token();
         self.tracker.spawn(async move {
             let _permit = permit;
             let ws = match upgrade.await {
@@ -166,7 +163,7 @@ impl Public {
             };
             // Take the raw TCP stream back: the session reads and writes it directly.
             match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
-                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, cancel, identity).await,
+                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, identity).await,
                 Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
             }
         });

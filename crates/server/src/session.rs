@@ -1,5 +1,6 @@
 //! One WebSocket connection: a single task owning the socket, its outbound queue, its
-//! subscriptions and its cancel token, from the upgrade to the close.
+//! subscriptions, from the upgrade to the close; and [`Live`], the set of open sessions a
+//! drain closes.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -15,7 +16,6 @@ use fanout_protocol::{
     ErrorCode, OpCode, Publication, Reply,
 };
 use tokio::{net::TcpStream, time::Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Identity, Verifier},
@@ -40,11 +40,62 @@ pub struct Limits {
 /// What all sessions share.
 pub struct Shared {
     pub hub: Hub,
+    pub live: Live,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub policy: Policy,
     /// None: authentication is off.
     pub verifier: Option<Arc<Verifier>>,
+}
+
+/// Every open session's outbox, so a drain can reach them. Draining goes through the
+/// outbox the session already polls, which costs the hot loop nothing, where a
+/// cancellation future polled on every pass showed up in profiles.
+#[derive(Default)]
+pub struct Live {
+    inner: std::sync::Mutex<LiveInner>,
+}
+
+#[derive(Default)]
+struct LiveInner {
+    draining: bool,
+    outboxes: std::collections::HashMap<u64, std::sync::Weak<Outbox>>,
+}
+
+impl Live {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn join(&self, outbox: &Arc<Outbox>) {
+        let mut live = self.lock();
+        if live.draining {
+            outbox.drain();
+        }
+        live.outboxes.insert(outbox.id(), Arc::downgrade(outbox));
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().outboxes.remove(&id);
+    }
+
+    /// Tells every open session, and any that opens from now on, to close with 1001.
+    pub fn drain_all(&self) {
+        let mut live = self.lock();
+        live.draining = true;
+        for outbox in live.outboxes.values().filter_map(std::sync::Weak::upgrade) {
+            outbox.drain();
+        }
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.lock().outboxes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// How long a closing session keeps trying to flush and say goodbye.
@@ -77,14 +128,7 @@ fn abuse_rate(rate: Rate) -> Rate {
 
 /// Runs a session to completion. `leftover` holds bytes the HTTP layer read past the
 /// upgrade request.
-pub async fn run(
-    stream: TcpStream,
-    leftover: Bytes,
-    format: Encoding,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-    identity: Identity,
-) {
+pub async fn run(stream: TcpStream, leftover: Bytes, format: Encoding, shared: Arc<Shared>, identity: Identity) {
     let _ = stream.set_nodelay(true);
     let m = shared.metrics.clone();
     m.opened.increment(1);
@@ -107,7 +151,9 @@ pub async fn run(
         stream,
         shared,
     };
-    let end = s.event_loop(&cancel).await;
+    s.shared.live.join(&s.outbox);
+    let end = s.event_loop().await;
+    s.shared.live.leave(s.outbox.id());
     // Boxed for the same reason: only a closing session needs the room.
     let reason = Box::pin(s.finish(end)).await;
     m.closed(reason).increment(1);
@@ -155,22 +201,17 @@ fn within_publish_rate(policy: &Policy, buckets: &mut Vec<Option<TokenBucket>>, 
 }
 
 impl Session {
-    async fn event_loop(&mut self, cancel: &CancellationToken) -> End {
+    async fn event_loop(&mut self) -> End {
         let limits = self.shared.limits.clone();
         // One timer serves both the pings and the token's expiry, whichever is due first.
         let mut next_ping = Instant::now() + limits.ping_interval;
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
-        // Created once: re-creating it every pass would register and unregister a waiter
-        // on the token each time.
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
         loop {
             // Reading the socket is done by readiness + try_read, so every branch here is
             // cancel-safe and no partially read frame is ever dropped.
             tokio::select! {
                 biased;
-                () = &mut cancelled => return End::Close(CloseReason::Draining),
                 // Always polled, even while earlier frames wait for the socket: an outbox
                 // that overflows behind a stalled socket must still end the session now.
                 status = self.outbox.take(&mut self.pending) => match status {
@@ -178,15 +219,17 @@ impl Session {
                         // Let the rest of this fan-out, and publications right behind it,
                         // reach the outbox first, so one write carries them all.
                         tokio::task::yield_now().await;
-                        if self.outbox.take_now(&mut self.pending) == Some(Status::Overflowed) {
-                            return End::Close(CloseReason::SlowConsumer);
+                        match self.outbox.take_now(&mut self.pending) {
+                            Some(Status::Overflowed) => return End::Close(CloseReason::SlowConsumer),
+                            Some(Status::Draining | Status::Closed) => return End::Close(CloseReason::Draining),
+                            _ => {}
                         }
                         if self.flush().is_err() {
                             return End::Close(CloseReason::Disconnected);
                         }
                     }
                     Status::Overflowed => return End::Close(CloseReason::SlowConsumer),
-                    Status::Closed => return End::Close(CloseReason::Draining),
+                    Status::Draining | Status::Closed => return End::Close(CloseReason::Draining),
                 },
                 // poll_*_ready keep one waker slot per direction instead of queueing a
                 // waiter per pass, which the readable()/writable() futures would.

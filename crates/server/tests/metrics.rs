@@ -20,14 +20,20 @@ fn parse(text: &str) -> HashMap<String, f64> {
             let words: Vec<&str> = rest.split_whitespace().collect();
             assert!(matches!(words.first(), Some(&"HELP") | Some(&"TYPE")), "bad comment line {line:?}");
             if words[0] == "TYPE" {
-                assert!(matches!(words.get(2), Some(&("counter" | "gauge" | "histogram" | "summary" | "untyped"))), "{line:?}");
+                assert!(
+                    matches!(words.get(2), Some(&("counter" | "gauge" | "histogram" | "summary" | "untyped"))),
+                    "{line:?}"
+                );
             }
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
-        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name in {line:?}");
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line:?}"
+        );
         if name_end < series.len() {
             assert!(series.ends_with('}'), "unterminated labels in {line:?}");
             for pair in series[name_end + 1..series.len() - 1].split("\",").filter(|p| !p.is_empty()) {
@@ -109,7 +115,11 @@ async fn metrics_follow_real_traffic() {
     let end = scrape(&node).await;
     assert_eq!(get(&end, "fanout_connections"), 1.0);
     assert_eq!(get(&end, "fanout_subscriptions"), 0.0);
-    assert_eq!(get(&end, r#"fanout_connections_closed_total{reason="disconnected"}"#) + get(&end, r#"fanout_connections_closed_total{reason="client"}"#), 2.0);
+    assert_eq!(
+        get(&end, r#"fanout_connections_closed_total{reason="disconnected"}"#)
+            + get(&end, r#"fanout_connections_closed_total{reason="client"}"#),
+        2.0
+    );
 }
 
 #[tokio::test]
