@@ -59,7 +59,7 @@ fn run_once(
         o.written(bytes);
         m.sent_bytes.increment(bytes as u64);
         m.deliveries.increment(1);
-        if *writes % 8 == 0 {
+        if writes.is_multiple_of(8) {
             m.latency.record(now_micros().saturating_sub(oldest) as f64 / 1e6);
         }
         *writes = writes.wrapping_add(1);

@@ -522,7 +522,7 @@ impl Session {
             // user space (see hub's fanout bench), so a session samples its first write and
             // then one in LATENCY_SAMPLE_EVERY; the oldest frame of a write is the one that
             // waited longest.
-            if self.writes % LATENCY_SAMPLE_EVERY == 0 {
+            if self.writes.is_multiple_of(LATENCY_SAMPLE_EVERY) {
                 m.latency.record(now_micros().saturating_sub(oldest_ts) as f64 / 1e6);
             }
             self.writes = self.writes.wrapping_add(1);
