@@ -72,24 +72,40 @@ impl Outgoing {
     }
 }
 
-/// Configures a [`Publisher`] that talks to a node's internal HTTP API.
+/// Configures a [`Publisher`]: the settings every transport shares, plus the transport's
+/// own (`T`: [`Http`] or [`Redis`]).
 #[must_use]
-pub struct HttpBuilder {
-    base_url: String,
-    api_key: Option<String>,
+pub struct Builder<T> {
+    transport: T,
     encoding: Encoding,
     timeout: Duration,
     retry: RetryPolicy,
 }
 
-impl HttpBuilder {
-    /// Sent as `Authorization: Bearer KEY` on every request.
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
-        self
+/// HTTP-transport settings of a [`Builder`].
+pub struct Http {
+    base_url: String,
+    api_key: Option<String>,
+}
+
+/// Redis-transport settings of a [`Builder`].
+pub struct Redis {
+    url: String,
+    prefix: String,
+}
+
+/// Configures a [`Publisher`] that talks to a node's internal HTTP API.
+pub type HttpBuilder = Builder<Http>;
+/// Configures a [`Publisher`] that writes envelopes straight into Redis.
+pub type RedisBuilder = Builder<Redis>;
+
+impl<T> Builder<T> {
+    fn new(transport: T) -> Self {
+        Self { transport, encoding: Encoding::Json, timeout: DEFAULT_TIMEOUT, retry: RetryPolicy::default() }
     }
 
-    /// How [`Publisher::publish`] serialises values, and so the request `Content-Type`.
+    /// How [`Publisher::publish`] serialises values: the request `Content-Type` over HTTP,
+    /// the envelope's `enc` over Redis.
     pub fn encoding(mut self, enc: Encoding) -> Self {
         self.encoding = enc;
         self
@@ -105,51 +121,33 @@ impl HttpBuilder {
         self.retry = retry;
         self
     }
+}
+
+impl Builder<Http> {
+    /// Sent as `Authorization: Bearer KEY` on every request.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.transport.api_key = Some(key.into());
+        self
+    }
 
     /// Validates the configuration; connections open lazily on the first publish.
     pub fn build(self) -> Result<Publisher, PublishError> {
-        let transport = HttpTransport::new(&self.base_url, self.api_key.as_deref(), self.timeout)?;
+        let Http { base_url, api_key } = &self.transport;
+        let transport = HttpTransport::new(base_url, api_key.as_deref(), self.timeout)?;
         Ok(Publisher::from_parts(Transport::Http(transport), self.encoding, self.retry))
     }
 }
 
-/// Configures a [`Publisher`] that writes envelopes straight into Redis.
-#[must_use]
-pub struct RedisBuilder {
-    url: String,
-    prefix: String,
-    encoding: Encoding,
-    timeout: Duration,
-    retry: RetryPolicy,
-}
-
-impl RedisBuilder {
+impl Builder<Redis> {
     /// Must match the gateway's configured prefix; default `fanout:`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How [`Publisher::publish`] serialises values (the envelope's `enc`).
-    pub fn encoding(mut self, enc: Encoding) -> Self {
-        self.encoding = enc;
-        self
-    }
-
-    /// Limit on connecting and on one attempt.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
+        self.transport.prefix = prefix.into();
         self
     }
 
     /// Validates the URL without connecting; the connection opens on the first publish.
     pub fn build(self) -> Result<Publisher, PublishError> {
-        let transport = RedisTransport::new(&self.url, self.prefix, self.timeout)?;
+        let transport = RedisTransport::new(&self.transport.url, self.transport.prefix, self.timeout)?;
         Ok(Publisher::from_parts(Transport::Redis(transport), self.encoding, self.retry))
     }
 
@@ -166,24 +164,12 @@ impl RedisBuilder {
 impl Publisher {
     /// A publisher for a node's internal listener, e.g. `http://gateway:9090`.
     pub fn http(base_url: impl Into<String>) -> HttpBuilder {
-        HttpBuilder {
-            base_url: base_url.into(),
-            api_key: None,
-            encoding: Encoding::Json,
-            timeout: DEFAULT_TIMEOUT,
-            retry: RetryPolicy::default(),
-        }
+        Builder::new(Http { base_url: base_url.into(), api_key: None })
     }
 
     /// A publisher that writes to Redis directly, e.g. `redis://127.0.0.1:6379`.
     pub fn redis(url: impl Into<String>) -> RedisBuilder {
-        RedisBuilder {
-            url: url.into(),
-            prefix: DEFAULT_REDIS_PREFIX.to_owned(),
-            encoding: Encoding::Json,
-            timeout: DEFAULT_TIMEOUT,
-            retry: RetryPolicy::default(),
-        }
+        Builder::new(Redis { url: url.into(), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
     }
 
     fn from_parts(transport: Transport, encoding: Encoding, retry: RetryPolicy) -> Self {
