@@ -103,6 +103,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// A slow consumer gets longer: its socket buffer is full by definition, and the close
 /// frame only goes out once it reads again.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(5);
+/// A number in [0, 1) that is evenly spread over consecutive ids (Fibonacci hashing).
+fn spread(id: u64) -> f64 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// One in this many writes of a session records a delivery-latency sample.
 const LATENCY_SAMPLE_EVERY: u32 = 8;
 /// IoSlices per vectored write (well under IOV_MAX).
@@ -209,7 +214,10 @@ impl Session {
     async fn event_loop(&mut self) -> End {
         let limits = self.shared.limits.clone();
         // One timer serves both the pings and the token's expiry, whichever is due first.
-        let mut next_ping = Instant::now() + limits.ping_interval;
+        // The first ping comes after a fraction of the interval that differs per session:
+        // connections opened together (a deploy, a reconnect wave) must not ping together
+        // forever after, or every interval the node does thousands of writes at once.
+        let mut next_ping = Instant::now() + limits.ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
         loop {
@@ -595,5 +603,19 @@ impl Session {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ping_offsets_spread_evenly_over_consecutive_ids() {
+        let mut buckets = [0u32; 10];
+        for id in 1..=1000 {
+            let x = super::spread(id);
+            assert!((0.0..1.0).contains(&x));
+            buckets[(x * 10.0) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|&n| (80..=120).contains(&n)), "{buckets:?}");
     }
 }
