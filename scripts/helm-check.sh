@@ -10,6 +10,10 @@
 #   helm-check: N passed, M failed
 # Exit status: 0 only when every check passed.
 #
+# When a gateway binary is built (target/{release,debug}/fanout, or FANOUT_BIN) the
+# checks also run it on every scenario's fanout.toml; those need `openssl` on PATH for
+# throw-away [auth] keys and test tokens (and use redis-server when it is installed).
+#
 # Environment: HELM_CHECK_SET="key=value,..." adds --set to the positive renders (to
 # watch a broken value fail the checks); FANOUT_SKIP_PROMTOOL=1 skips the promtool
 # checks on machines without apt.

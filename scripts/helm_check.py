@@ -3,7 +3,8 @@
 
 Tools come from scripts/helm-check.sh: helm (--helm), promtool (--promtool), the
 compose-spec JSON schema (--compose-schema), and this interpreter's venv with
-kubernetes-validate, promql-parser and PyYAML.
+kubernetes-validate, promql-parser and PyYAML. The real-binary checks also need
+`openssl` (throw-away keys for the mounted [auth] files and signed test tokens).
 """
 import argparse
 import hashlib
@@ -41,10 +42,27 @@ COUNTERS_AND_GAUGES = {
 HISTOGRAMS = {"fanout_delivery_latency_seconds", "fanout_broadcast_duration_seconds",
               "fanout_broker_resubscribe_duration_seconds"}
 ALLOWED_METRICS = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+# What the gateway's fanout.toml may hold (crates/server/src/config.rs, FileConfig).
 TOML_KEYS = {"public_addr", "internal_addr", "redis_url", "redis_password", "redis_prefix", "log_level",
              "log_format", "drain_timeout", "max_connections", "max_message_size", "outbound_queue_bytes",
              "max_subscriptions", "handshake_timeout", "ping_interval", "idle_timeout", "max_http_body",
-             "broker_timeout", "api_key", "jwt_hmac_secret", "allowed_origins"}
+             "broker_timeout", "api_key", "jwt_hmac_secret", "allowed_origins",
+             "max_connections_per_ip_per_second", "connection_rate_burst", "command_rate", "command_burst",
+             "trusted_proxies"}
+AUTH_KEYS = {"algorithms", "public_key_file", "jwks_file", "jwks_reload_interval", "required", "leeway",
+             "audience", "issuer"}
+NAMESPACE_KEYS = {"anonymous_subscribe", "client_publish", "max_message_size", "publish_rate", "publish_burst"}
+# Chart value -> fanout.toml key of the limits (config.*).
+LIMIT_VALUES = {"maxConnectionsPerIpPerSecond": "max_connections_per_ip_per_second",
+                "connectionRateBurst": "connection_rate_burst", "commandRate": "command_rate",
+                "commandBurst": "command_burst", "trustedProxies": "trusted_proxies"}
+AUTH_VALUES = {"algorithms": "algorithms", "required": "required", "leeway": "leeway",
+               "audience": "audience", "issuer": "issuer"}
+NAMESPACE_VALUES = {"anonymousSubscribe": "anonymous_subscribe", "clientPublish": "client_publish",
+                    "maxMessageSize": "max_message_size", "publishRate": "publish_rate",
+                    "publishBurst": "publish_burst"}
+# The NOTES.txt warning about the per-IP limit behind a proxy.
+PER_IP_WARNING = "WARNING: the per-IP connection limit will throttle all clients together"
 
 SCENARIOS = {
     # name: values files (relative to the chart); None = chart defaults
@@ -80,6 +98,55 @@ MUST_FAIL = [
      ["--set", "config.outboundQueueBytes=65536"], "outboundQueueBytes"),
     ("HTTPRoute without a Gateway",
      ["--set", "httpRoute.enabled=true"], "parentRefs"),
+    ("negative command rate (schema)",
+     ["--set", "config.commandRate=-1"], "commandRate"),
+    ("connection burst 0 (schema)",
+     ["--set", "config.connectionRateBurst=0"], "connectionRateBurst"),
+    ("trusted proxy that is not an address or CIDR (schema)",
+     ["--set", "config.trustedProxies={10.0.0.0/8,proxy.example.com}"], "trustedProxies"),
+    ("namespace name with ':' (schema)",
+     ["--set", "namespaces.a:b.publishRate=1"], "a:b"),
+    ("unknown namespace rule (schema)",
+     ["--set", "namespaces.chat.publishRates=1"], "publishRates"),
+    ("namespace publishBurst without publishRate",
+     ["--set", "namespaces.chat.publishBurst=3"], "publishBurst without publishRate"),
+    ("namespace maxMessageSize above config.maxMessageSize",
+     ["--set", "namespaces.chat.maxMessageSize=100000"], "config.maxMessageSize"),
+    ("auth settings without any token key",
+     ["--set", "auth.audience=fanout"], "no token key"),
+    ("public key from both a Secret and a ConfigMap",
+     ["--set", "auth.publicKey.secretName=k", "--set", "auth.publicKey.configMapName=k"], "not both"),
+    ("auth.algorithms leaving the HMAC secret unused",
+     ["--set", "auth.algorithms={RS256}", "--set", "auth.jwks.configMapName=jwks",
+      "--set", "secrets.jwtHmacSecret=s"], "auth.algorithms"),
+    ("auth.algorithms naming a family without a key",
+     ["--set", "auth.algorithms={HS256,ES256}", "--set", "secrets.jwtHmacSecret=s"], "need auth.publicKey or auth.jwks"),
+    ("auth.algorithms unknown (schema)",
+     ["--set", "auth.algorithms={none}", "--set", "secrets.jwtHmacSecret=s"], "auth.algorithms"),
+    ("leeway over 5 minutes",
+     ["--set", "auth.leeway=6m", "--set", "secrets.jwtHmacSecret=s"], "auth.leeway"),
+    ("extraToml repeating a key the chart renders",
+     ["--set-string", "config.extraToml=trusted_proxies = []"], "config.trustedProxies"),
+    ("extraToml carrying a credential",
+     ["--set-string", "config.extraToml=jwt_hmac_secret = \"s\""], "Secret"),
+    ("extraToml [auth] next to auth.* values",
+     ["--set", "auth.jwks.configMapName=jwks", "--set-string", "config.extraToml=[auth]"], "[auth]"),
+    ("extraToml [namespaces.chat] next to namespaces.chat",
+     ["--set", "namespaces.chat.publishRate=1", "--set-string", "config.extraToml=[namespaces.chat]"],
+     "namespaces"),
+]
+
+# Renders of NOTES.txt: (title, values files, extra args, whether the per-IP warning must appear).
+NOTES_CASES = [
+    ("defaults: no proxy, no warning", [], [], False),
+    ("ingress on without trustedProxies: warning", [], ["--set", "ingress.enabled=true"], True),
+    ("HTTPRoute on without trustedProxies: warning", [],
+     ["--set", "httpRoute.enabled=true", "--set", "httpRoute.parentRefs[0].name=gw"], True),
+    ("ingress on with trustedProxies: no warning", [],
+     ["--set", "ingress.enabled=true", "--set", "config.trustedProxies={10.244.0.0/16}"], False),
+    ("ingress on with the per-IP limit off: no warning", [],
+     ["--set", "ingress.enabled=true", "--set", "config.maxConnectionsPerIpPerSecond=0"], False),
+    ("all-features (ingress, trustedProxies set): no warning", ["ci/all-features-values.yaml"], [], False),
 ]
 
 
@@ -129,6 +196,30 @@ def helm_template(helm, files, extra=()):
     return run(cmd)
 
 
+def render_notes(helm, files, extra=()):
+    """NOTES.txt as `helm install` would print it. `helm template` skips NOTES.txt and
+    `helm install --dry-run` needs a cluster, so a copy of the chart gets a template
+    that renders the same text into a ConfigMap."""
+    import shutil
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "fanout")
+        shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("ci"))
+        with open(os.path.join(CHART, "templates", "NOTES.txt")) as f:
+            notes = f.read()
+        assert "{{- define" not in notes and "{{ define" not in notes, "NOTES.txt defines templates"
+        with open(os.path.join(chart, "templates", "zz-notes-check.yaml"), "w") as f:
+            f.write('{{- define "fanout.notesCheck" }}' + notes + '{{- end }}\n'
+                    'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-check\n'
+                    'data:\n  NOTES.txt: {{ include "fanout.notesCheck" . | toJson }}\n')
+        cmd = [helm, "template", "fanout-ci", chart, "--namespace", "fanout-ci",
+               "--show-only", "templates/zz-notes-check.yaml"]
+        for name in files:
+            cmd += ["-f", os.path.join(CHART, name)]
+        r = run(cmd + list(extra))
+        assert r.returncode == 0, r.stderr.strip()[-1500:]
+        return yaml.safe_load(r.stdout)["data"]["NOTES.txt"]
+
+
 def pod_specs(docs):
     """(kind/name, pod spec) of every workload in the rendered docs."""
     for d in docs:
@@ -172,6 +263,36 @@ def rendered_toml(docs):
     return cm, cm["data"]["fanout.toml"]
 
 
+def deep_merge(base, over):
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def effective_values(files):
+    """values.yaml with the scenario's files merged over it, as Helm does."""
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        vals = yaml.safe_load(f)
+    for name in files:
+        with open(os.path.join(CHART, name)) as f:
+            vals = deep_merge(vals, yaml.safe_load(f))
+    return vals
+
+
+def mounted_file(docs, path):
+    """(volume, projected item or None) that puts `path` into the gateway container."""
+    pod = gateway(docs)["spec"]["template"]["spec"]
+    mounts = [m for m in gateway_container(docs)["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, "%s is on %d mounted volumes" % (path, len(mounts))
+    assert "subPath" not in mounts[0], "%s is mounted with subPath: updates would never reach the pod" % path
+    vol = [v for v in pod["volumes"] if v["name"] == mounts[0]["name"]][0]
+    rel = path[len(mounts[0]["mountPath"].rstrip("/")) + 1:]
+    src = vol.get("configMap") or vol.get("secret") or {}
+    items = [i for i in src.get("items", []) if i["path"] == rel]
+    return vol, (items[0] if items else None)
+
+
 def chart_assertions(c, scenario, docs, values):
     """Assertions on one rendered scenario."""
     p = "[%s] " % scenario
@@ -208,12 +329,78 @@ def chart_assertions(c, scenario, docs, values):
         cfg = tomllib.loads(text)
         unknown = {k for k, v in cfg.items() if not isinstance(v, dict)} - TOML_KEYS
         assert not unknown, "unknown TOML keys %s" % sorted(unknown)
+        tables = {k for k, v in cfg.items() if isinstance(v, dict)}
+        assert tables <= {"auth", "namespaces"}, "unknown TOML tables %s" % sorted(tables - {"auth", "namespaces"})
+        bad_auth = set(cfg.get("auth", {})) - AUTH_KEYS
+        assert not bad_auth, "unknown [auth] keys %s" % sorted(bad_auth)
+        for name, rule in cfg.get("namespaces", {}).items():
+            assert isinstance(rule, dict), "namespaces.%s is not a table" % name
+            bad = set(rule) - NAMESPACE_KEYS
+            assert not bad, "unknown [namespaces.%s] keys %s" % (json.dumps(name), sorted(bad))
         for k in ("public_addr", "internal_addr", "drain_timeout"):
             assert k in cfg, "%s missing from fanout.toml" % k
         assert cfg["internal_addr"].endswith(":%d" % ports()["internal"]), "internal_addr does not match the port"
         assert cfg["public_addr"].endswith(":%d" % ports()["ws"]), "public_addr does not match the port"
-        return "%d keys, --config %s" % (len(cfg), path)
-    c.check(p + "fanout.toml is valid TOML with known keys, mounted and passed with --config", config_file)
+        return "%d keys, tables %s, --config %s" % (len(cfg) - len(tables), sorted(tables) or "none", path)
+    c.check(p + "fanout.toml is valid TOML with known keys and tables, mounted and passed with --config", config_file)
+
+    eff = effective_values(SCENARIOS[scenario])
+
+    def limits():
+        cfg = tomllib.loads(rendered_toml(docs)[1])
+        for value, key in LIMIT_VALUES.items():
+            want = eff["config"][value]
+            if key == "trusted_proxies":
+                want = list(want or [])
+            else:
+                want = float(want)
+            assert cfg.get(key) == want, "%s = %r, want %r (config.%s)" % (key, cfg.get(key), want, value)
+        return ", ".join("%s=%s" % (k, json.dumps(cfg[k])) for k in LIMIT_VALUES.values())
+    c.check(p + "rate limits and trusted proxies rendered from config.*", limits)
+
+    def auth_and_namespaces():
+        cfg = tomllib.loads(rendered_toml(docs)[1])
+        a, got = eff["auth"], cfg.get("auth")
+        structured = bool(a["publicKey"]["secretName"] or a["publicKey"]["configMapName"] or a["jwks"]["configMapName"]
+                          or a["algorithms"] or a["required"] is not None or a["leeway"] or a["jwks"]["reloadInterval"]
+                          or a["audience"] or a["issuer"])
+        extra = tomllib.loads(eff["config"].get("extraToml") or "")
+        if not structured:
+            assert got == extra.get("auth"), "[auth] %r although auth.* is empty (extraToml gives %r)" % (got, extra.get("auth"))
+        else:
+            assert got is not None, "auth.* is set but fanout.toml has no [auth]"
+            for value, key in AUTH_VALUES.items():
+                want = a[value]
+                if want in (None, "", []):
+                    assert key not in got, "[auth] %s rendered although auth.%s is empty" % (key, value)
+                else:
+                    assert got.get(key) == want, "[auth] %s = %r, want %r" % (key, got.get(key), want)
+            if a["jwks"]["reloadInterval"]:
+                assert got.get("jwks_reload_interval") == a["jwks"]["reloadInterval"], "jwks_reload_interval"
+            sources = (("public_key_file", a["publicKey"]["secretName"] and ("secret", a["publicKey"]["secretName"])
+                        or a["publicKey"]["configMapName"] and ("configMap", a["publicKey"]["configMapName"]),
+                        a["publicKey"]["key"]),
+                       ("jwks_file", a["jwks"]["configMapName"] and ("configMap", a["jwks"]["configMapName"]),
+                        a["jwks"]["key"]))
+            for key, src, item_key in sources:
+                if not src:
+                    assert key not in got, "[auth] %s without a source" % key
+                    continue
+                kind, name = src
+                vol, item = mounted_file(docs, got.get(key, ""))
+                assert kind in vol and vol[kind].get("name", vol[kind].get("secretName")) == name, \
+                    "%s is not mounted from %s %s: %r" % (key, kind, name, vol)
+                assert item and item["key"] == item_key, "%s: volume item %r, want key %s" % (key, item, item_key)
+        want_ns = {}
+        for name, rule in (eff.get("namespaces") or {}).items():
+            want_ns[name] = {NAMESPACE_VALUES[k]: (float(v) if k == "publishRate" else v) for k, v in rule.items()}
+        for name, rule in extra.get("namespaces", {}).items():
+            want_ns[name] = rule
+        assert cfg.get("namespaces", {}) == want_ns, "[namespaces] %r, want %r" % (cfg.get("namespaces"), want_ns)
+        return "[auth] %s; namespaces %s" % (
+            "from auth.*" if structured else ("from extraToml" if got else "none"),
+            sorted(want_ns) or "none")
+    c.check(p + "[auth] and [namespaces] tables match auth.*, namespaces and extraToml; key files mounted", auth_and_namespaces)
 
     def no_secrets_in_configmap():
         _, text = rendered_toml(docs)
@@ -513,6 +700,19 @@ def check_chart(c, helm, kv):
             assert needle in r.stderr, "refused, but without mentioning %s: %s" % (needle, r.stderr.strip()[-300:])
             return [l for l in r.stderr.splitlines() if needle in l][0].strip()[:160]
         c.check("chart refuses: " + title, refuse)
+
+    for title, files, args, warned in NOTES_CASES:
+        def notes(files=files, args=args, warned=warned):
+            text = render_notes(helm, files, args)
+            if warned:
+                assert PER_IP_WARNING in text, "no per-IP warning in NOTES.txt:\n" + text
+                block = text[text.index(PER_IP_WARNING):]
+                for must in ("config.trustedProxies", "config.maxConnectionsPerIpPerSecond=0", "429"):
+                    assert must in block, "the warning does not mention %s" % must
+                return "warns, names trustedProxies and maxConnectionsPerIpPerSecond=0"
+            assert "WARNING" not in text, "unexpected warning in NOTES.txt:\n" + text
+            return "no warning"
+        c.check("NOTES.txt: " + title, notes)
 
     def packaged():
         with tempfile.TemporaryDirectory() as tmp:
@@ -897,15 +1097,58 @@ def check_binary(c, helm):
         return
     print("note: real-binary checks use %s" % binary, flush=True)
 
+    keys_dir = tempfile.TemporaryDirectory()
+    material = {}
+
+    def key_material():
+        """A throw-away RSA key (its JWKS stands in for auth.jwks' ConfigMap) and an EC
+        P-256 public key (for auth.publicKey's Secret), made with openssl."""
+        if not material:
+            d = keys_dir.name
+            rsa, ec = os.path.join(d, "rsa.pem"), os.path.join(d, "ec.pem")
+            for cmd in (["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", rsa],
+                        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", ec]):
+                r = run(cmd)
+                assert r.returncode == 0, "openssl is needed for the [auth] key files: %s" % r.stderr[-300:]
+            mod = run(["openssl", "rsa", "-in", rsa, "-noout", "-modulus"]).stdout.strip().split("=", 1)[1]
+            material["rsa_key"] = rsa
+            material["jwks_file"] = json.dumps({"keys": [{"kty": "RSA", "kid": "ci-rsa", "use": "sig", "alg": "RS256",
+                                                          "n": b64url(bytes.fromhex(mod)), "e": "AQAB"}]})
+            material["public_key_file"] = run(["openssl", "ec", "-in", ec, "-pubout"]).stdout
+            assert "BEGIN PUBLIC KEY" in material["public_key_file"], "openssl ec -pubout failed"
+        return material
+
+    def node_inputs(files, extra=(), embedded=False):
+        """The rendered fanout.toml with its [auth] key files replaced by local copies
+        holding test keys (after checking the chart mounts them), and the Secret env
+        vars with test values. embedded: drop redis_url (and the Redis password)."""
+        r = helm_template(helm, files, EXTRA_SET + list(extra))
+        assert r.returncode == 0, r.stderr.strip()[-800:]
+        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        _, text = rendered_toml(docs)
+        auth = tomllib.loads(text).get("auth", {})
+        for key in ("public_key_file", "jwks_file"):
+            if key in auth:
+                vol, item = mounted_file(docs, auth[key])
+                assert ("configMap" in vol or "secret" in vol) and item, \
+                    "%s (%s) is not a projected ConfigMap/Secret item: %r" % (key, auth[key], vol)
+                local = os.path.join(keys_dir.name, key)
+                with open(local, "w") as f:
+                    f.write(key_material()[key])
+                assert json.dumps(auth[key]) in text
+                text = text.replace(json.dumps(auth[key]), json.dumps(local))
+        env = {}
+        for e in gateway_container(docs).get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                env[e["name"]] = "ci-" + e["name"].lower()
+        if embedded:
+            text = "\n".join(l for l in text.splitlines() if not l.startswith("redis_url"))
+            env.pop("FANOUT_REDIS_PASSWORD", None)
+        return text, env
+
     for name, files in SCENARIOS.items():
         def accepts(files=files):
-            r = helm_template(helm, files, EXTRA_SET)
-            docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-            _, text = rendered_toml(docs)
-            secrets = {}
-            for e in gateway_container(docs).get("env", []):
-                if "secretKeyRef" in e.get("valueFrom", {}):
-                    secrets[e["name"]] = "ci-" + e["name"].lower()
+            text, secrets = node_inputs(files)
             node = Node(binary, text, secrets)
             try:
                 assert node.public, "did not start listening: %s" % node.output()[-800:]
@@ -914,8 +1157,77 @@ def check_binary(c, helm):
             finally:
                 code = node.stop(timeout=seconds(tomllib.loads(text)["drain_timeout"]) + 5)
             assert code == 0, "exit code %s after SIGTERM: %s" % (code, node.output()[-800:])
-            return "listened, /healthz 200, exit 0 on SIGTERM"
+            tables = sorted(k for k, v in tomllib.loads(text).items() if isinstance(v, dict))
+            return "listened, /healthz 200, exit 0 on SIGTERM; tables %s" % (", ".join(tables) or "none")
         c.check("[%s] the gateway accepts the rendered fanout.toml" % name, accepts)
+
+    def auth_enforced():
+        """all-features: the rendered [auth] (JWKS from the ConfigMap, audience, issuer)
+        and [namespaces."chat"/"public"] rules are what a real node applies."""
+        import time
+        values = effective_values(SCENARIOS["all-features"])
+        text, env = node_inputs(SCENARIOS["all-features"], embedded=True)
+        now = int(time.time())
+        claims = {"sub": "alice", "exp": now + 300, "aud": values["auth"]["audience"],
+                  "iss": values["auth"]["issuer"], "subscribe": ["chat:*", "public:*"], "publish": ["chat:*", "public:*"]}
+        rs = lambda c: jwt_rs256(c, key_material()["rsa_key"], "ci-rsa")
+        node = Node(binary, text, env)
+        try:
+            assert node.public, "did not start: %s" % node.output()[-800:]
+            statuses = {
+                "no token": upgrade_status(node.public),
+                "RS256 (JWKS)": upgrade_status(node.public, token=rs(claims)),
+                "HS256 (secret)": upgrade_status(node.public, token=jwt_hs256(claims, env["FANOUT_JWT_HMAC_SECRET"])),
+                "wrong aud": upgrade_status(node.public, token=rs(dict(claims, aud="someone-else"))),
+                "wrong iss": upgrade_status(node.public, token=rs(dict(claims, iss="https://evil.example"))),
+            }
+            want = {"no token": 401, "RS256 (JWKS)": 101, "HS256 (secret)": 101, "wrong aud": 401, "wrong iss": 401}
+            assert statuses == want, "upgrade statuses %s, want %s: %s" % (statuses, want, node.output()[-600:])
+            ws_mod = smoke_module()
+            ws = ws_mod.WebSocket("ws://%s/ws?token=%s" % (node.public, rs(claims)))
+            replies = {}
+            for i, (channel, data) in enumerate([("chat:room", "x" * 5000), ("public:news", "hi"), ("chat:room", "hi")], 1):
+                ws.send_json({"op": "publish", "channel": channel, "data": data, "id": i})
+                replies[i] = ws_mod.wait_for(ws, 5, lambda m, i=i: m.get("id") == i)
+            got = [(r or {}).get("code", (r or {}).get("op")) for r in replies.values()]
+            assert got == ["message_too_large", "forbidden", "published"], "publish replies %s" % replies
+            ws.send(0x8, b"\x03\xe8")
+            # The helm test pod, with its environment as rendered, signs its own token.
+            docs = [d for d in yaml.safe_load_all(helm_template(helm, SCENARIOS["all-features"], EXTRA_SET).stdout) if d]
+            pod = [d for d in by_kind(docs, "Pod") if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"][0]
+            test_env = dict(os.environ, WS_URL="ws://%s/ws" % node.public, API_URL="http://%s" % node.internal,
+                            TIMEOUT_SECONDS="20")
+            for e in pod["spec"]["containers"][0]["env"]:
+                if e["name"].startswith("JWT_"):
+                    test_env[e["name"]] = e["value"]
+                elif "secretKeyRef" in e.get("valueFrom", {}):
+                    test_env[e["name"]] = env[e["name"]]
+            t = run([sys.executable, os.path.join(CHART, "files", "ws-smoke-test.py")], env=test_env, timeout=60)
+            assert t.returncode == 0 and "with a HS256 token" in t.stdout, "helm test script: " + (t.stdout + t.stderr)[-800:]
+        finally:
+            node.stop(timeout=10)
+        return "upgrades %s; chat 5000 B -> message_too_large, public -> forbidden, chat -> published; " \
+            "helm test script signs its token and round-trips" % ", ".join("%s %s" % kv for kv in statuses.items())
+    c.check("[all-features] real node enforces the rendered [auth] and [namespaces] tables; helm test signs a token",
+            auth_enforced)
+
+    def per_ip_limit():
+        """all-features (50/s, burst 100): a peer outside trustedProxies is limited whatever
+        X-Forwarded-For it sends; with the peer trusted, each forwarded client has its own budget."""
+        results = {}
+        for label, extra in (("untrusted", []), ("trusted", ["--set", "config.trustedProxies={127.0.0.1}"])):
+            text, env = node_inputs(SCENARIOS["all-features"], extra, embedded=True)
+            node = Node(binary, text, env)
+            try:
+                assert node.public, "did not start: %s" % node.output()[-800:]
+                codes = [upgrade_status(node.public, xff="198.51.100.%d" % (i % 250 + 1)) for i in range(200)]
+            finally:
+                node.stop(timeout=10)
+            results[label] = {code: codes.count(code) for code in set(codes)}
+        assert results["untrusted"].get(429), "no 429 from an untrusted peer after the burst: %s" % results
+        assert set(results["trusted"]) == {401}, "forwarded clients were limited together: %s" % results
+        return "200 upgrades from 127.0.0.1: untrusted %s, trusted %s" % (results["untrusted"], results["trusted"])
+    c.check("[all-features] per-IP limit: X-Forwarded-For counts only from trustedProxies", per_ip_limit)
 
     redis_server = subprocess.run(["sh", "-c", "command -v redis-server"], capture_output=True, text=True).stdout.strip()
 
@@ -974,6 +1286,57 @@ def check_binary(c, helm):
                 p.terminate()
                 p.wait(10)
     c.check("helm test script round trip against real nodes (API key on, wrong key refused)", round_trip)
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_hs256(claims, secret):
+    import hmac
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64url(json.dumps(claims).encode())
+    return head + "." + b64url(hmac.new(secret.encode(), head.encode(), hashlib.sha256).digest())
+
+
+def jwt_rs256(claims, key_file, kid):
+    head = b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": kid}).encode()) + "." + \
+        b64url(json.dumps(claims).encode())
+    r = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key_file], input=head.encode(), capture_output=True)
+    assert r.returncode == 0, "openssl dgst -sign failed: %s" % r.stderr[-300:]
+    return head + "." + b64url(r.stdout)
+
+
+def upgrade_status(addr, token=None, xff=None):
+    """HTTP status of one WebSocket upgrade request to `addr` (host:port)."""
+    import socket
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sk:
+        req = ("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" % addr)
+        if token:
+            req += "Authorization: Bearer %s\r\n" % token
+        if xff:
+            req += "X-Forwarded-For: %s\r\n" % xff
+        sk.sendall((req + "\r\n").encode())
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = sk.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    return int(buf.split(b" ", 2)[1]) if buf.startswith(b"HTTP/") else None
+
+
+def smoke_module():
+    """files/ws-smoke-test.py as a module (its WebSocket client)."""
+    import importlib.util
+    import time
+    spec = importlib.util.spec_from_file_location("ws_smoke_test", os.path.join(CHART, "files", "ws-smoke-test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.DEADLINE = time.monotonic() + 30
+    return mod
 
 
 EXTRA_SET = []

@@ -2,8 +2,11 @@
 # Opens a WebSocket to the public Service, subscribes to a channel, publishes to it
 # through the internal API and waits for the message. Also runs by hand:
 #   WS_URL=ws://127.0.0.1:8080/ws API_URL=http://127.0.0.1:9090 python3 ws-smoke-test.py
+# With FANOUT_JWT_HMAC_SECRET set it connects with a short-lived token signed with it
+# (JWT_ALGORITHM, JWT_AUDIENCE and JWT_ISSUER follow the chart's auth.* values).
 import base64
 import hashlib
+import hmac
 import json
 import os
 import socket
@@ -20,6 +23,10 @@ API_KEY = os.environ.get("FANOUT_API_KEY", "")
 CHANNEL = os.environ.get("CHANNEL", "helm-test")
 DEADLINE = time.monotonic() + float(os.environ.get("TIMEOUT_SECONDS", "60"))
 DATA = {"hello": "world"}
+JWT_SECRET = os.environ.get("FANOUT_JWT_HMAC_SECRET", "")
+JWT_ALGORITHM = os.environ.get("JWT_ALGORITHM") or "HS256"
+JWT_AUDIENCE = os.environ.get("JWT_AUDIENCE", "")
+JWT_ISSUER = os.environ.get("JWT_ISSUER", "")
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -37,7 +44,7 @@ def remaining():
 class WebSocket:
     """Just enough RFC 6455 for one client: masked text frames out, any frames in."""
 
-    def __init__(self, url):
+    def __init__(self, url, token=None):
         u = urllib.parse.urlsplit(url)
         if u.scheme != "ws":
             raise ValueError("only ws:// URLs are supported, got " + url)
@@ -48,8 +55,11 @@ class WebSocket:
         request = (
             "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: fanout.v1.json\r\n\r\n" % (path, host, port, key.decode())
+            "Sec-WebSocket-Protocol: fanout.v1.json\r\n" % (path, host, port, key.decode())
         )
+        if token:
+            request += "Authorization: Bearer %s\r\n" % token
+        request += "\r\n"
         self.sock.sendall(request.encode())
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
@@ -140,6 +150,25 @@ class WebSocket:
                 return json.loads(message)
 
 
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def token():
+    """A 5-minute token for subscribing to CHANNEL, or None without an HMAC secret."""
+    if not JWT_SECRET:
+        return None
+    claims = {"sub": "helm-test", "exp": int(time.time()) + 300, "subscribe": [CHANNEL]}
+    if JWT_AUDIENCE:
+        claims["aud"] = JWT_AUDIENCE
+    if JWT_ISSUER:
+        claims["iss"] = JWT_ISSUER
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[JWT_ALGORITHM]
+    head = b64url(json.dumps({"alg": JWT_ALGORITHM, "typ": "JWT"}).encode()) + "." + \
+        b64url(json.dumps(claims).encode())
+    return head + "." + b64url(hmac.new(JWT_SECRET.encode(), head.encode(), digest).digest())
+
+
 def publish():
     body = json.dumps({"channel": CHANNEL, "data": DATA}).encode()
     req = urllib.request.Request(API_URL + "/api/publish", data=body, method="POST")
@@ -169,12 +198,12 @@ def main():
     # Retry the connection until the deadline: pods may still be coming up.
     while True:
         try:
-            ws = WebSocket(WS_URL)
+            ws = WebSocket(WS_URL, token())
             break
         except (OSError, RuntimeError) as e:
             log("connect to %s failed (%s), retrying" % (WS_URL, e))
             time.sleep(min(2, remaining()))
-    log("connected to " + WS_URL)
+    log("connected to %s%s" % (WS_URL, " with a %s token" % JWT_ALGORITHM if JWT_SECRET else ""))
     ws.send_json({"op": "subscribe", "channel": CHANNEL, "id": 1})
     reply = wait_for(ws, 10, lambda m: m.get("id") == 1)
     if reply != {"op": "subscribed", "channel": CHANNEL, "id": 1}:

@@ -173,6 +173,117 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- end }}
 {{- end }}
 {{- $_ := include "fanout.terminationGracePeriodSeconds" . }}
+{{- include "fanout.validateAuth" . }}
+{{- include "fanout.validateNamespaces" . }}
+{{- include "fanout.validateExtraToml" . }}
+{{- end }}
+
+{{/* fanout.validateAuth: [auth] combinations the gateway would refuse at start-up (exit 64). */}}
+{{- define "fanout.validateAuth" -}}
+{{- $a := .Values.auth }}
+{{- $s := .Values.secrets }}
+{{- if and $a.publicKey.secretName $a.publicKey.configMapName }}
+{{- fail "fanout: set auth.publicKey.secretName or auth.publicKey.configMapName, not both" }}
+{{- end }}
+{{- $hmacKnown := not $s.existingSecret }}
+{{- $hmac := $s.jwtHmacSecret }}
+{{- if and (include "fanout.authSettings" .) (not (include "fanout.authKeyFile" .)) $hmacKnown (not $hmac) }}
+{{- fail "fanout: auth.* is set but no token key is configured: set secrets.jwtHmacSecret (or the jwt-hmac-secret key of secrets.existingSecret), auth.publicKey or auth.jwks; the gateway refuses an [auth] table without a key" }}
+{{- end }}
+{{- if $a.algorithms }}
+{{- $hmacAlgs := list }}
+{{- $keyAlgs := list }}
+{{- range $a.algorithms }}
+{{- if hasPrefix "HS" . }}{{ $hmacAlgs = append $hmacAlgs . }}{{ else }}{{ $keyAlgs = append $keyAlgs . }}{{ end }}
+{{- end }}
+{{- if and $hmacKnown $hmac (not $hmacAlgs) }}
+{{- fail (printf "fanout: auth.algorithms %v has no HS256/HS384/HS512, but secrets.jwtHmacSecret configures an HMAC key; the gateway refuses a key no algorithm uses" $a.algorithms) }}
+{{- end }}
+{{- if and $hmacKnown (not $hmac) $hmacAlgs }}
+{{- fail (printf "fanout: auth.algorithms lists %v, but no HMAC secret is configured (secrets.jwtHmacSecret); the gateway refuses an algorithm no key verifies" $hmacAlgs) }}
+{{- end }}
+{{- if and $keyAlgs (not (include "fanout.authKeyFile" .)) }}
+{{- fail (printf "fanout: auth.algorithms lists %v, which need auth.publicKey or auth.jwks" $keyAlgs) }}
+{{- end }}
+{{- end }}
+{{- with $a.leeway }}
+{{- if gt (include "fanout.durationMillis" .  | int) 300000 }}
+{{- fail (printf "fanout: auth.leeway (%s) must be at most 5m" .) }}
+{{- end }}
+{{- end }}
+{{- with $a.jwks.reloadInterval }}
+{{- if eq (include "fanout.durationMillis" . | int) 0 }}
+{{- fail "fanout: auth.jwks.reloadInterval must be greater than zero" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* fanout.validateNamespaces: [namespaces.NAME] rules the gateway would refuse. */}}
+{{- define "fanout.validateNamespaces" -}}
+{{- $max := .Values.config.maxMessageSize | int64 }}
+{{- range $name, $ns := .Values.namespaces }}
+{{- if and (hasKey $ns "publishBurst") (not (hasKey $ns "publishRate")) }}
+{{- fail (printf "fanout: namespaces.%q sets publishBurst without publishRate" $name) }}
+{{- end }}
+{{- if and (hasKey $ns "publishRate") (le ($ns.publishRate | float64) 0.0) }}
+{{- fail (printf "fanout: namespaces.%q publishRate must be above 0 (leave it out for no limit)" $name) }}
+{{- end }}
+{{- if and (hasKey $ns "maxMessageSize") (gt ($ns.maxMessageSize | int64) $max) }}
+{{- fail (printf "fanout: namespaces.%q maxMessageSize (%d) must not exceed config.maxMessageSize (%d)" $name ($ns.maxMessageSize | int64) $max) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+fanout.validateExtraToml: config.extraToml must not repeat what the chart renders
+(TOML refuses duplicate keys and tables, so the gateway would not start) nor carry
+credentials (they belong in the Secret).
+*/}}
+{{- define "fanout.validateExtraToml" -}}
+{{- $extra := .Values.config.extraToml | default "" }}
+{{- if $extra }}
+{{- $top := regexSplit `(?m)^[ \t]*\[` $extra 2 | first }}
+{{- $owned := dict
+  "public_addr" "config.listenHost and containerPorts.public"
+  "internal_addr" "config.listenHost and containerPorts.internal"
+  "redis_url" "redis.url"
+  "redis_prefix" "config.redisPrefix"
+  "log_level" "config.logLevel"
+  "log_format" "config.logFormat"
+  "drain_timeout" "config.drainTimeout"
+  "max_connections" "config.maxConnections"
+  "max_message_size" "config.maxMessageSize"
+  "outbound_queue_bytes" "config.outboundQueueBytes"
+  "max_subscriptions" "config.maxSubscriptions"
+  "handshake_timeout" "config.handshakeTimeout"
+  "ping_interval" "config.pingInterval"
+  "idle_timeout" "config.idleTimeout"
+  "max_http_body" "config.maxHttpBody"
+  "broker_timeout" "config.brokerTimeout"
+  "allowed_origins" "config.allowedOrigins"
+  "max_connections_per_ip_per_second" "config.maxConnectionsPerIpPerSecond"
+  "connection_rate_burst" "config.connectionRateBurst"
+  "command_rate" "config.commandRate"
+  "command_burst" "config.commandBurst"
+  "trusted_proxies" "config.trustedProxies"
+  "redis_password" "the Secret (secrets.redisPassword or secrets.existingSecret)"
+  "api_key" "the Secret (secrets.apiKey or secrets.existingSecret)"
+  "jwt_hmac_secret" "the Secret (secrets.jwtHmacSecret or secrets.existingSecret)" }}
+{{- range $key := keys $owned | sortAlpha }}
+{{- if regexMatch (printf `(?m)^[ \t]*%s[ \t]*=` $key) $top }}
+{{- fail (printf "fanout: config.extraToml sets %s, which comes from %s: set that instead" $key (index $owned $key)) }}
+{{- end }}
+{{- end }}
+{{- if and (include "fanout.authTable" .) (regexMatch `(?m)^[ \t]*\[[ \t]*auth[ \t]*\]` $extra) }}
+{{- fail "fanout: config.extraToml has an [auth] table while auth.* values are set: use one or the other" }}
+{{- end }}
+{{- range $name, $_ := .Values.namespaces }}
+{{- $q := regexQuoteMeta $name }}
+{{- if regexMatch (printf `(?m)^[ \t]*\[[ \t]*namespaces[ \t]*\.[ \t]*("%s"|'%s'|%s)[ \t]*\]` $q $q $q) $extra }}
+{{- fail (printf "fanout: config.extraToml has a [namespaces.%q] table while namespaces.%q is set: use one or the other" $name $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* fanout.hasSecretValues: true when the chart must create its own Secret. */}}
