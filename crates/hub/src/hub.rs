@@ -28,10 +28,6 @@ impl Hub {
         &self.registry
     }
 
-    pub fn broker(&self) -> &Arc<dyn Broker> {
-        &self.broker
-    }
-
     /// Subscribes `outbox` to `channel` and resolves once publications on it reach this
     /// node. On failure the subscription is rolled back.
     pub async fn subscribe(&self, channel: &ChannelName, outbox: &Arc<Outbox>) -> Result<(), BrokerError> {

@@ -87,10 +87,6 @@ impl Outbox {
         self.format
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Bytes queued or being written.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -87,15 +87,6 @@ impl Live {
             outbox.drain();
         }
     }
-
-    /// Open sessions.
-    pub fn len(&self) -> usize {
-        self.lock().outboxes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// How long a closing session keeps trying to flush and say goodbye.
