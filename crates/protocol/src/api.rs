@@ -7,7 +7,7 @@ use crate::{
     channel::ChannelName,
     command::{bad, fields, CommandError},
     error::ErrorCode,
-    message::Encoding,
+    message::{validate_data, Encoding},
 };
 
 /// Upper bound on channels in one broadcast, so one request cannot pin a node for long.
@@ -46,6 +46,7 @@ pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result
         vec![channel(f.channel.as_deref().ok_or_else(|| bad(None, "missing field \"channel\""))?)?]
     };
     let data = f.data.ok_or_else(|| bad(None, "missing field \"data\""))?;
+    validate_data(enc, data).map_err(|e| bad(None, format!("invalid data: {e}")))?;
     Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data) })
 }
 
@@ -116,6 +117,8 @@ mod tests {
             (br#"{"channels":["ok","no way"],"data":1}"#, true),
             (br#"{"channels":"a","data":1}"#, true),
             (b"not json", false),
+            (br#"{"channel":"a","data":"\ud800"}"#, false),
+            (b"{\"channel\":\"a\",\"data\":\"\xff\"}", false),
         ] {
             let e = decode_api_publish(Encoding::Json, body, broadcast).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadRequest);

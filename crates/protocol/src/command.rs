@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use crate::{
     channel::ChannelName,
     error::ErrorCode,
-    message::{Encoding, MAX_DEPTH},
+    message::{validate_data, Encoding, RMPV_MAX_DEPTH},
 };
 
 /// A well-formed client command.
@@ -110,6 +110,13 @@ struct JsonFrame<'a> {
     token: Option<Cow<'a, str>>,
 }
 
+/// Just the `id` of a frame that failed to decode as a whole.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<u64>,
+}
+
 /// Keeps an explicit `null` as a present value: `"data": null` publishes null.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
@@ -123,8 +130,12 @@ pub(crate) fn fields(format: Encoding, payload: &[u8]) -> Result<Fields<'_>, Com
 }
 
 fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
-    let frame: JsonFrame<'_> =
-        serde_json::from_slice(payload).map_err(|e| bad(None, format!("invalid JSON command: {e}")))?;
+    let frame: JsonFrame<'_> = serde_json::from_slice(payload).map_err(|e| {
+        // A field of the wrong type fails the whole frame; the reply should still carry
+        // the id when it is readable, as it does in MessagePack.
+        let id = serde_json::from_slice::<IdOnly>(payload).ok().and_then(|f| f.id);
+        bad(id, format!("invalid JSON command: {e}"))
+    })?;
     let (id, id_invalid) = match frame.id {
         None => (None, false),
         Some(raw) if raw.get() == "null" => (None, false),
@@ -151,10 +162,10 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
     let mut f = Fields::default();
     let mut wrong_type: Option<&'static str> = None;
     for _ in 0..len {
-        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
+        let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, RMPV_MAX_DEPTH)
             .map_err(|e| bad(None, format!("invalid MessagePack command: {e}")))?;
         let before = rd;
-        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH - 1)
+        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, RMPV_MAX_DEPTH)
             .map_err(|e| bad(None, format!("invalid MessagePack command: {e}")))?;
         let span = &before[..before.len() - rd.len()];
         let ValueRef::String(key) = key else { continue };
@@ -231,6 +242,8 @@ fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
         "publish" => {
             let channel = channel()?;
             let data = f.data.ok_or_else(|| bad(id, "missing field \"data\""))?;
+            // Refused here rather than dropped later for subscribers of the other format.
+            validate_data(format, data).map_err(|e| bad(id, format!("invalid data: {e}")))?;
             Command::Publish { id, channel, enc: format, data: Bytes::copy_from_slice(data) }
         }
         "ping" => Command::Ping { id },
@@ -310,6 +323,14 @@ mod tests {
         let e = json(r#"{"op":"publish","channel":"a","id":8}"#).unwrap_err();
         assert!(e.message.contains("data"));
         assert_eq!(json(r#"{"id":9}"#).unwrap_err().id, Some(9));
+        // A wrong type elsewhere keeps a readable id, as in MessagePack.
+        for (frame, id) in [(r#"{"op":1,"id":4}"#, 4), (r#"{"id":5,"channel":["x"],"op":"subscribe"}"#, 5)] {
+            let e = json(frame).unwrap_err();
+            assert_eq!((e.id, e.code), (Some(id), ErrorCode::BadRequest), "{frame}");
+        }
+        let e = json(r#"{"op":"publish","channel":"a","data":1e999,"id":6}"#).unwrap_err();
+        assert_eq!(e.id, Some(6));
+        assert!(e.message.contains("invalid data"), "{}", e.message);
         for garbage in [
             "",
             "{",

@@ -66,7 +66,7 @@ pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), Envelop
     for _ in 0..len {
         let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, 16)
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::MAX_DEPTH)
+        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::RMPV_MAX_DEPTH)
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         let ValueRef::String(key) = key else { continue };
         match key.as_str() {

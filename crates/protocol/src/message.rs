@@ -12,9 +12,17 @@ use crate::{
     ws::{frame_in_place, OpCode, MAX_FRAME_HEADER},
 };
 
-/// Nesting depth accepted in `data`, matching serde_json's default recursion limit so a
-/// hostile payload cannot exhaust the stack in either codec.
-pub(crate) const MAX_DEPTH: usize = 128;
+/// Nesting depth accepted in `data`, the same in both formats. serde_json parses at most
+/// 127 levels; this is one less, so a JSON subscriber that parses a whole `message` frame (one
+/// level more than its `data`) with serde_json's defaults can read every publication that
+/// was accepted, whichever format it arrived in.
+pub const MAX_DEPTH: usize = 126;
+
+/// The `max_depth` to give rmpv's decoder so it accepts [`MAX_DEPTH`] levels (and a little
+/// more, for the frame around `data`) while still bounding recursion: rmpv spends two units
+/// per container level, and one more on the value inside it. The exact depth is counted
+/// by [`validate_data`].
+pub(crate) const RMPV_MAX_DEPTH: usize = 2 * (MAX_DEPTH + 4);
 
 /// A wire format, used both for a connection (its subprotocol) and for how a
 /// publication's `data` bytes are encoded.
@@ -72,22 +80,94 @@ pub enum DataError {
     Transcode(&'static str, String),
 }
 
-/// Checks that `data` holds exactly one well-formed value of `enc`, nested at most 128 deep.
+/// Checks that `data` holds exactly one well-formed value of `enc` that also has a form in
+/// the other wire format, nested at most [`MAX_DEPTH`] deep.
+///
+/// This is the ingress rule for every path (WebSocket, HTTP API, Redis envelope): a
+/// publication that passes reaches subscribers of both formats, so nothing accepted is
+/// dropped later for one of them. JSON is checked by parsing it exactly as the MessagePack
+/// transcoder will (which rejects numbers out of range, lone surrogates and invalid UTF-8
+/// that a skipping parser lets through); MessagePack by walking its values for what JSON
+/// cannot carry (extension types, non-finite floats, map keys other than strings and
+/// integers, strings that are not UTF-8).
 pub fn validate_data(enc: Encoding, data: &[u8]) -> Result<(), DataError> {
     match enc {
         Encoding::Json => {
-            serde_json::from_slice::<serde::de::IgnoredAny>(data).map(drop).map_err(|e| DataError::Json(e.to_string()))
+            // serde_json skips over string contents unchecked when it only validates; JSON
+            // text is UTF-8 as a whole, so check that first.
+            if std::str::from_utf8(data).is_err() {
+                return Err(DataError::Json("data is not valid UTF-8".into()));
+            }
+            if json_depth(data) > MAX_DEPTH {
+                return Err(DataError::Json(format!("data is nested more than {MAX_DEPTH} deep")));
+            }
+            let mut de = serde_json::Deserializer::from_slice(data);
+            serde_transcode::transcode(&mut de, &mut rmp_serde::Serializer::new(std::io::sink()))
+                .map_err(|e| DataError::Json(e.to_string()))?;
+            de.end().map_err(|_| DataError::Trailing)
         }
         Encoding::MsgPack => {
             let mut rd = data;
-            rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
+            let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, RMPV_MAX_DEPTH)
                 .map_err(|e| DataError::MsgPack(e.to_string()))?;
-            if rd.is_empty() {
-                Ok(())
-            } else {
-                Err(DataError::Trailing)
+            if !rd.is_empty() {
+                return Err(DataError::Trailing);
             }
+            json_form(&value, 0)
         }
+    }
+}
+
+/// The deepest nesting of arrays and objects in JSON text (brackets inside strings do not
+/// count). serde_json's own limit is one level too lenient for data that is then wrapped
+/// in a `message` frame, and it cannot be lowered, so the depth is counted here.
+fn json_depth(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Whether a MessagePack value, inside `depth` containers, has a JSON form and is nested at
+/// most [`MAX_DEPTH`] deep (counted as [`json_depth`] counts).
+fn json_form(v: &rmpv::ValueRef<'_>, depth: usize) -> Result<(), DataError> {
+    use rmpv::ValueRef as V;
+    let no = |why: &str| Err(DataError::Transcode("json", why.into()));
+    if matches!(v, V::Array(_) | V::Map(_)) && depth >= MAX_DEPTH {
+        return Err(DataError::MsgPack(format!("data is nested more than {MAX_DEPTH} deep")));
+    }
+    match v {
+        V::Nil | V::Boolean(_) | V::Integer(_) | V::Binary(_) => Ok(()),
+        V::F32(f) if !f.is_finite() => no("a non-finite float has no JSON form"),
+        V::F64(f) if !f.is_finite() => no("a non-finite float has no JSON form"),
+        V::F32(_) | V::F64(_) => Ok(()),
+        V::String(s) if s.as_str().is_none() => no("a string that is not valid UTF-8 has no JSON form"),
+        V::String(_) => Ok(()),
+        V::Ext(..) => no("an extension type has no JSON form"),
+        V::Array(items) => items.iter().try_for_each(|item| json_form(item, depth + 1)),
+        V::Map(entries) => entries.iter().try_for_each(|(k, v)| match k {
+            V::String(s) if s.as_str().is_some() => json_form(v, depth + 1),
+            V::Integer(_) => json_form(v, depth + 1),
+            _ => no("a map key that is not a string or an integer has no JSON form"),
+        }),
     }
 }
 
@@ -282,9 +362,10 @@ mod tests {
 
     #[test]
     fn msgpack_with_unrepresentable_key_fails_for_json_only() {
-        // {[1]: 2}: an array as a map key has no JSON form.
+        // {[1]: 2}: an array as a map key has no JSON form, so it is refused at ingress; the
+        // encoder (which trusts validated data) would fail for JSON only.
         let data = [0x81, 0x91, 0x01, 0x02];
-        validate_data(Encoding::MsgPack, &data).unwrap();
+        assert!(validate_data(Encoding::MsgPack, &data).is_err());
         assert!(encode_message(Encoding::MsgPack, &publication(Encoding::MsgPack, &data)).is_ok());
         assert!(matches!(
             encode_message(Encoding::Json, &publication(Encoding::MsgPack, &data)),
@@ -301,6 +382,104 @@ mod tests {
         assert_eq!(validate_data(Encoding::MsgPack, &[0x01, 0x02]), Err(DataError::Trailing));
         assert!(validate_data(Encoding::MsgPack, &vec![0x91; 10_000]).is_err());
         assert!(validate_data(Encoding::MsgPack, &[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// Every frame body of `data` published as `enc`, in both wire formats.
+    fn frames_of(enc: Encoding, data: &[u8]) -> Result<[Bytes; 2], DataError> {
+        let p = publication(enc, data);
+        Ok([encode_message(Encoding::Json, &p)?, encode_message(Encoding::MsgPack, &p)?])
+    }
+
+    /// What a subscriber of each format does with a frame: parse all of it.
+    fn subscribers_can_read(frames: &[Bytes; 2]) {
+        serde_json::from_slice::<serde_json::Value>(body(&frames[0])).expect("JSON subscriber parses the frame");
+        let mut rd = body(&frames[1]);
+        rmpv::decode::read_value(&mut rd).expect("MessagePack subscriber parses the frame");
+        transcode(Encoding::MsgPack, Encoding::Json, body(&frames[1])).expect("and can turn it into JSON");
+    }
+
+    #[test]
+    fn json_without_a_messagepack_form_is_refused() {
+        // Invalid UTF-8 inside a string (a skipping parser does not look).
+        assert!(validate_data(Encoding::Json, b"\"\xff\xfe\"").is_err());
+        assert!(validate_data(Encoding::Json, b"{\"k\":\"a\xc3\"}").is_err());
+        assert!(validate_data(Encoding::Json, b"1e999").is_err());
+        assert!(validate_data(Encoding::Json, br#"{"x":[-1e400]}"#).is_err());
+        assert!(validate_data(Encoding::Json, br#""\ud800""#).is_err());
+        assert!(validate_data(Encoding::Json, br#"{"\udc00":1}"#).is_err());
+        // What does have a form passes and reaches both formats.
+        for ok in [&br#""\ud83d\ude00""#[..], b"1e308", b"-0", b"18446744073709551615", br#"{"a":"[\"{"}"#] {
+            validate_data(Encoding::Json, ok).unwrap();
+            subscribers_can_read(&frames_of(Encoding::Json, ok).unwrap());
+        }
+    }
+
+    #[test]
+    fn messagepack_without_a_json_form_is_refused() {
+        let refused: [&[u8]; 6] = [
+            &[0xd4, 0x01, 0x00],                   // fixext 1
+            &[0x91, 0xc7, 0x01, 0x05, 0x00],       // ext 8 inside an array
+            &[0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0], // NaN
+            &[0xca, 0x7f, 0x80, 0, 0],             // +inf (f32)
+            &[0x81, 0xc4, 0x01, 0x61, 0x01],       // {bin: 1}
+            &[0xa2, 0xff, 0xfe],                   // a str that is not UTF-8
+        ];
+        for data in refused {
+            assert!(validate_data(Encoding::MsgPack, data).is_err(), "{data:x?}");
+        }
+        // An integer key and binary data have JSON forms.
+        for ok in [&[0x81, 0x01, 0xc4, 0x02, 0x01, 0x02][..], &[0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]] {
+            validate_data(Encoding::MsgPack, ok).unwrap();
+            subscribers_can_read(&frames_of(Encoding::MsgPack, ok).unwrap());
+        }
+    }
+
+    #[test]
+    fn both_formats_accept_the_same_depth_and_accepted_data_is_readable_everywhere() {
+        let mut accepted = [0usize; 2];
+        for depth in 1..=200usize {
+            let json = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let mut mp = vec![0x91; depth - 1];
+            mp.push(0x90);
+            let results = [validate_data(Encoding::Json, json.as_bytes()), validate_data(Encoding::MsgPack, &mp)];
+            assert_eq!(results[0].is_ok(), results[1].is_ok(), "depth {depth}: {results:?}");
+            for (i, (enc, data)) in
+                [(Encoding::Json, json.as_bytes()), (Encoding::MsgPack, &mp[..])].into_iter().enumerate()
+            {
+                if results[i].is_ok() {
+                    accepted[i] = depth;
+                    subscribers_can_read(
+                        &frames_of(enc, data).unwrap_or_else(|e| panic!("depth {depth} {enc:?}: {e}")),
+                    );
+                }
+            }
+        }
+        assert_eq!(accepted, [MAX_DEPTH, MAX_DEPTH]);
+        // Objects count like arrays; brackets inside strings do not count.
+        let deep_objects = format!("{}1{}", "{\"k\":".repeat(MAX_DEPTH + 1), "}".repeat(MAX_DEPTH + 1));
+        assert!(validate_data(Encoding::Json, deep_objects.as_bytes()).is_err());
+        let brackets_in_string = format!("\"{}\"", "[".repeat(500));
+        assert!(validate_data(Encoding::Json, brackets_in_string.as_bytes()).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn accepted_bytes_reach_both_formats(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            for enc in Encoding::ALL {
+                if validate_data(enc, &bytes).is_ok() {
+                    let frames = frames_of(enc, &bytes);
+                    proptest::prop_assert!(frames.is_ok(), "{enc:?} {bytes:x?}: {frames:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn accepted_json_text_reaches_both_formats(text in "[\\[\\]{}\":,0-9a-z.eE+\\\\ -]{0,40}") {
+            if validate_data(Encoding::Json, text.as_bytes()).is_ok() {
+                let frames = frames_of(Encoding::Json, text.as_bytes());
+                proptest::prop_assert!(frames.is_ok(), "{text}: {frames:?}");
+            }
+        }
     }
 
     #[test]
