@@ -50,6 +50,21 @@ impl Shared {
         self.status.send_if_modified(|s| std::mem::replace(s, up) != up);
     }
 
+    pub fn new(config: RedisConfig, registry: Arc<Registry>, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            registry,
+            publisher: Publisher::new(&config),
+            config,
+            endpoints,
+            current: AtomicUsize::new(0),
+            up: AtomicBool::new(false),
+            status: watch::Sender::new(false),
+            active: RwLock::new(HashSet::new()),
+            metrics: Metrics::new(),
+            invalid_log: Mutex::new(WarnLimiter::default()),
+        }
+    }
+
     pub fn endpoint(&self) -> (usize, &Endpoint) {
         let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
         (i, &self.endpoints[i])
@@ -79,18 +94,7 @@ impl RedisBroker {
     ) -> Result<Arc<Self>, RedisBrokerError> {
         let endpoints = config.endpoints()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
-        let shared = Arc::new(Shared {
-            registry,
-            publisher: Publisher::new(&config),
-            config,
-            endpoints,
-            current: AtomicUsize::new(0),
-            up: AtomicBool::new(false),
-            status: watch::Sender::new(false),
-            active: RwLock::new(HashSet::new()),
-            metrics: Metrics::new(),
-            invalid_log: Mutex::new(WarnLimiter::default()),
-        });
+        let shared = Arc::new(Shared::new(config, registry, endpoints));
         let (commands, receiver) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown, tasks.clone());

@@ -19,8 +19,20 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Longest wait for a new connection (TCP, TLS, handshake and a first `PING`).
     pub connect_timeout: Duration,
-    /// Longest wait for any command: `PUBLISH`, `SUBSCRIBE`, `UNSUBSCRIBE`, heartbeat `PING`.
+    /// Longest wait for a pub/sub command: `SUBSCRIBE`, `UNSUBSCRIBE`, heartbeat `PING`.
     pub command_timeout: Duration,
+    /// Longest wait for a `PUBLISH` (queued behind others on the command connection
+    /// included). A publish that times out may still be delivered later: its outcome is
+    /// unknown, which callers must say (503 / `unavailable`).
+    pub publish_timeout: Duration,
+    /// Largest `data` accepted from Redis, in bytes; larger publications are dropped and
+    /// counted (`fanout_publications_dropped_total{reason="too_large"}`) instead of cutting
+    /// every subscriber of the channel off as a slow consumer.
+    pub max_publication_size: usize,
+    /// Bytes of publications read from Redis and not yet fanned out that the node holds;
+    /// beyond it new ones are dropped and counted (`reason="broker_backlog"`), so a node that
+    /// falls behind a flood holds bounded memory.
+    pub backlog_bytes: usize,
     /// How often the pub/sub connection is probed with `PING`.
     pub heartbeat_interval: Duration,
     /// How long an unsubscribe waits before it is sent; re-subscribing within it sends nothing.
@@ -38,6 +50,9 @@ impl Default for RedisConfig {
             prefix: "fanout:".into(),
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
+            publish_timeout: Duration::from_secs(5),
+            max_publication_size: 64 * 1024,
+            backlog_bytes: 32 << 20,
             heartbeat_interval: Duration::from_secs(1),
             linger: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_millis(500),
@@ -54,6 +69,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_publication_size", &self.max_publication_size)
+            .field("backlog_bytes", &self.backlog_bytes)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("linger", &self.linger)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
@@ -69,6 +87,12 @@ pub(crate) struct Endpoint {
 }
 
 impl RedisConfig {
+    /// Checks every setting and URL without connecting: what [`crate::RedisBroker::start`]
+    /// would refuse, found before a node binds its ports.
+    pub fn validate(&self) -> Result<(), RedisBrokerError> {
+        self.endpoints().map(drop)
+    }
+
     pub(crate) fn endpoints(&self) -> Result<Vec<Endpoint>, RedisBrokerError> {
         if self.connect_timeout.is_zero() {
             return Err(RedisBrokerError::InvalidConfig("connect_timeout must be positive"));
@@ -78,6 +102,14 @@ impl RedisConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return Err(RedisBrokerError::InvalidConfig("heartbeat_interval must be positive"));
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(RedisBrokerError::InvalidConfig("publish_timeout must be positive"));
+        }
+        if self.max_publication_size == 0 || self.backlog_bytes < self.max_publication_size {
+            return Err(RedisBrokerError::InvalidConfig(
+                "max_publication_size must be positive and backlog_bytes at least as large",
+            ));
         }
         let urls: Vec<&str> = self.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {
@@ -172,6 +204,9 @@ mod tests {
             RedisConfig { connect_timeout: Duration::ZERO, ..config(&["redis://h"]) },
             RedisConfig { command_timeout: Duration::ZERO, ..config(&["redis://h"]) },
             RedisConfig { heartbeat_interval: Duration::ZERO, ..config(&["redis://h"]) },
+            RedisConfig { publish_timeout: Duration::ZERO, ..config(&["redis://h"]) },
+            RedisConfig { max_publication_size: 0, ..config(&["redis://h"]) },
+            RedisConfig { backlog_bytes: 10, max_publication_size: 11, ..config(&["redis://h"]) },
         ] {
             assert!(matches!(c.endpoints(), Err(RedisBrokerError::InvalidConfig(_))));
         }

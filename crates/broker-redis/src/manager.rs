@@ -465,3 +465,141 @@ impl Interest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The interest state machine on its own: every order of add, remove, confirm, linger
+    //! and connection loss the manager can see, without Redis.
+
+    use super::*;
+    use crate::config::RedisConfig;
+
+    const LINGER: Duration = Duration::from_millis(100);
+
+    fn interest() -> Interest {
+        let config = RedisConfig { linger: LINGER, ..RedisConfig::default() };
+        let mut i = Interest::new(Arc::new(Shared::new(config, Arc::new(fanout_hub::Registry::new()), Vec::new())));
+        i.up = true;
+        i
+    }
+
+    fn ch(s: &str) -> ChannelName {
+        ChannelName::new(s).unwrap()
+    }
+
+    fn pending(i: &Interest) -> Vec<ChannelName> {
+        let mut p: Vec<_> = i.pending.iter().cloned().collect();
+        p.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        p
+    }
+
+    fn ready(i: &mut Interest, channel: &str) -> oneshot::Receiver<Result<(), BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        i.apply(Command::Ready(ch(channel), tx));
+        rx
+    }
+
+    #[test]
+    fn add_subscribes_once_and_remove_lingers_until_due() {
+        let mut i = interest();
+        i.apply(Command::Add(ch("a")));
+        assert_eq!(pending(&i), [ch("a")]);
+        i.pending.clear();
+        i.confirmed(&[ch("a")]);
+        assert!(i.subscribed.contains("a"));
+        let removed_at = Instant::now();
+        i.apply(Command::Remove(ch("a")));
+        assert!(i.take_due(removed_at).is_empty(), "unsubscribed before the linger ran out");
+        assert_eq!(i.take_due(removed_at + LINGER * 2), [ch("a")]);
+        assert!(!i.subscribed.contains("a"));
+        assert!(i.take_due(removed_at + LINGER * 3).is_empty(), "unsubscribed twice");
+    }
+
+    #[test]
+    fn remove_then_add_within_the_linger_keeps_the_subscription() {
+        let mut i = interest();
+        i.apply(Command::Add(ch("a")));
+        i.pending.clear();
+        i.confirmed(&[ch("a")]);
+        let t0 = Instant::now();
+        i.apply(Command::Remove(ch("a")));
+        i.apply(Command::Add(ch("a")));
+        assert!(pending(&i).is_empty(), "already subscribed: nothing to send");
+        assert!(i.take_due(t0 + LINGER * 2).is_empty(), "a wanted channel was unsubscribed");
+        assert!(i.subscribed.contains("a") && i.wanted.contains("a"));
+    }
+
+    #[test]
+    fn a_stale_linger_entry_does_not_unsubscribe_a_later_removal_early() {
+        let mut i = interest();
+        i.apply(Command::Add(ch("a")));
+        i.pending.clear();
+        i.confirmed(&[ch("a")]);
+        let t0 = Instant::now();
+        i.apply(Command::Remove(ch("a")));
+        i.apply(Command::Add(ch("a")));
+        std::thread::sleep(Duration::from_millis(5));
+        i.apply(Command::Remove(ch("a")));
+        let second = *i.lingering.get("a").unwrap();
+        assert!(second > t0 + LINGER);
+        assert!(i.take_due(t0 + LINGER).is_empty(), "the first, withdrawn removal fired");
+        assert_eq!(i.take_due(second), [ch("a")]);
+    }
+
+    #[test]
+    fn add_and_remove_before_the_subscribe_went_out_send_nothing() {
+        let mut i = interest();
+        i.apply(Command::Add(ch("a")));
+        i.apply(Command::Remove(ch("a")));
+        assert!(pending(&i).is_empty());
+        assert!(i.take_due(Instant::now() + LINGER * 2).is_empty());
+    }
+
+    #[test]
+    fn ready_waits_for_the_confirmation_and_fails_when_interest_goes() {
+        let mut i = interest();
+        let mut not_wanted = ready(&mut i, "x");
+        assert!(matches!(not_wanted.try_recv(), Ok(Err(_))));
+        i.apply(Command::Add(ch("a")));
+        i.apply(Command::Add(ch("b")));
+        let mut a = ready(&mut i, "a");
+        let mut b = ready(&mut i, "b");
+        assert!(a.try_recv().is_err(), "answered before Redis confirmed");
+        i.confirmed(&[ch("a")]);
+        assert_eq!(a.try_recv(), Ok(Ok(())));
+        i.apply(Command::Remove(ch("b")));
+        assert!(matches!(b.try_recv(), Ok(Err(_))));
+        assert_eq!(ready(&mut i, "a").try_recv(), Ok(Ok(())));
+    }
+
+    #[test]
+    fn a_refused_channel_fails_ready_at_once_until_asked_for_again() {
+        let mut i = interest();
+        i.apply(Command::Add(ch("a")));
+        let mut waiting = ready(&mut i, "a");
+        let error = redis::RedisError::from((redis::ErrorKind::Client, "NOPERM"));
+        i.refused(&[ch("a")], &error);
+        assert!(matches!(waiting.try_recv(), Ok(Err(_))));
+        assert!(matches!(ready(&mut i, "a").try_recv(), Ok(Err(_))));
+        i.apply(Command::Remove(ch("a")));
+        i.apply(Command::Add(ch("a")));
+        assert!(ready(&mut i, "a").try_recv().is_err(), "a fresh interest waits for its subscription");
+    }
+
+    #[test]
+    fn losing_the_connection_resubscribes_everything_wanted_and_fails_waiters() {
+        let mut i = interest();
+        for c in ["a", "b", "c"] {
+            i.apply(Command::Add(ch(c)));
+        }
+        i.pending.clear();
+        i.confirmed(&[ch("a"), ch("b")]);
+        i.apply(Command::Remove(ch("b")));
+        let mut c = ready(&mut i, "c");
+        i.go_down();
+        assert!(matches!(c.try_recv(), Ok(Err(_))));
+        assert_eq!(pending(&i), [ch("a"), ch("c")], "wanted channels, and only those, are subscribed again");
+        assert!(i.subscribed.is_empty() && i.lingering.is_empty() && i.linger_queue.is_empty());
+        assert!(matches!(ready(&mut i, "a").try_recv(), Ok(Err(_))), "ready while down must fail at once");
+    }
+}

@@ -11,6 +11,10 @@ pub(crate) struct Metrics {
     pub resubscribe_seconds: Histogram,
     pub received: Counter,
     pub invalid_envelope: Counter,
+    pub dropped_too_large: Counter,
+    pub dropped_backlog: Counter,
+    /// Bytes read from Redis and not yet fanned out.
+    pub backlog_bytes: Gauge,
     pub errors: Errors,
 }
 
@@ -32,6 +36,9 @@ impl Metrics {
             resubscribe_seconds: histogram!("fanout_broker_resubscribe_duration_seconds"),
             received: counter!("fanout_broker_publications_received_total"),
             invalid_envelope: counter!("fanout_publications_dropped_total", "reason" => "invalid_envelope"),
+            dropped_too_large: counter!("fanout_publications_dropped_total", "reason" => "too_large"),
+            dropped_backlog: counter!("fanout_publications_dropped_total", "reason" => "broker_backlog"),
+            backlog_bytes: gauge!("fanout_broker_backlog_bytes"),
             errors: Errors {
                 publish: errors("publish"),
                 subscribe: errors("subscribe"),

@@ -29,7 +29,7 @@ impl Publisher {
             dialing: tokio::sync::Mutex::new(()),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.command_timeout)),
+                .set_response_timeout(Some(config.publish_timeout)),
         }
     }
 
@@ -89,7 +89,7 @@ impl Publisher {
         cmd.arg(key).arg(payload);
         // The connection's own response timeout should fire first; this one also bounds the
         // time spent queued behind other requests on the multiplexed connection.
-        let result = tokio::time::timeout(shared.config.command_timeout, cmd.query_async::<()>(&mut connection)).await;
+        let result = tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<()>(&mut connection)).await;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {

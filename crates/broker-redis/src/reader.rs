@@ -1,9 +1,19 @@
-//! The pub/sub reader: every message Redis pushes becomes a delivery to the local registry,
-//! in the order Redis sent them; anything that is not a valid publication is dropped.
+//! The pub/sub reader: every message Redis pushes goes through a byte-bounded backlog to
+//! a delivery task that hands it to the local registry, in the order Redis sent them;
+//! anything that is not a valid publication, or is larger than allowed, is dropped and
+//! counted.
+//!
+//! Why a backlog: redis-rs moves pub/sub messages from the socket into an unbounded
+//! channel of its own, so a reader that fans out inline and falls behind makes that channel
+//! grow without limit (and Redis's output-buffer limit never fires, because the socket is
+//! always read). Here the reader only moves messages from that channel into the backlog,
+//! which keeps redis-rs's channel near empty, and the delivery task fans out; when the
+//! backlog is full, new messages are dropped and counted rather than held.
 
 use std::{
+    collections::VecDeque,
     fmt::Display,
-    sync::{Arc, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -11,6 +21,7 @@ use bytes::Bytes;
 use fanout_protocol::{decode_envelope, ChannelName, Publication};
 use futures_util::StreamExt;
 use redis::aio::PubSubStream;
+use tokio::sync::Notify;
 
 use crate::broker::Shared;
 
@@ -18,11 +29,124 @@ use crate::broker::Shared;
 /// backend cannot flood the log.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Reads until the connection closes. Delivering inline, rather than queueing for another
-/// task, is what keeps publications in Redis order.
+/// Room an envelope takes around its `data` (keys, version, ts, encoding), with margin; a
+/// payload larger than `max_publication_size` plus this is dropped without decoding it.
+const ENVELOPE_OVERHEAD: usize = 256;
+
+/// Messages read from Redis and not yet delivered, bounded in bytes.
+struct Backlog {
+    state: Mutex<Queue>,
+    wake: Notify,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<redis::Msg>,
+    bytes: usize,
+    /// The connection ended: deliver what is queued, then stop.
+    closed: bool,
+}
+
+fn size_of(msg: &redis::Msg) -> usize {
+    msg.get_payload_bytes().len() + msg.get_channel_name().len()
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `msg` unless that would exceed the bound; false when it was dropped.
+    fn push(&self, msg: redis::Msg) -> Result<usize, redis::Msg> {
+        let size = size_of(&msg);
+        let mut q = self.lock();
+        if q.bytes + size > self.limit && !q.messages.is_empty() {
+            return Err(msg);
+        }
+        q.bytes += size;
+        let was_empty = q.messages.is_empty();
+        q.messages.push_back(msg);
+        let bytes = q.bytes;
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(bytes)
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Everything queued, once there is something; `None` when closed and empty.
+    async fn take(&self, into: &mut VecDeque<redis::Msg>) -> Option<()> {
+        loop {
+            {
+                let mut q = self.lock();
+                if !q.messages.is_empty() {
+                    std::mem::swap(&mut q.messages, into);
+                    return Some(());
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            // notify_one keeps a permit when nobody waits, so a push between the check
+            // above and this await is not missed.
+            self.wake.notified().await;
+        }
+    }
+
+    /// The delivery task reports a message done: its bytes no longer count.
+    fn done(&self, size: usize) -> usize {
+        let mut q = self.lock();
+        q.bytes -= size.min(q.bytes);
+        q.bytes
+    }
+}
+
+/// Aborts the delivery task when the reader goes (the manager aborts the reader when it
+/// gives a connection up).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads until the connection closes, then lets the delivery task finish what was read.
 pub(crate) async fn run(shared: Arc<Shared>, mut stream: PubSubStream) {
+    let backlog =
+        Arc::new(Backlog { state: Mutex::default(), wake: Notify::new(), limit: shared.config.backlog_bytes });
+    let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone())));
     while let Some(msg) = stream.next().await {
-        shared.on_message(msg.get_channel_name(), msg.get_payload_bytes());
+        match backlog.push(msg) {
+            Ok(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
+            Err(msg) => {
+                shared.metrics.dropped_backlog.increment(1);
+                shared
+                    .warn(msg.get_channel_name(), &"the node is behind on fan-out: backlog full, publication dropped");
+            }
+        }
+    }
+    backlog.close();
+    let _ = (&mut delivery.0).await;
+}
+
+/// Fans out what the reader queued, oldest first.
+async fn deliver(shared: Arc<Shared>, backlog: Arc<Backlog>) {
+    let mut batch = VecDeque::new();
+    while backlog.take(&mut batch).await.is_some() {
+        while let Some(msg) = batch.pop_front() {
+            shared.on_message(msg.get_channel_name(), msg.get_payload_bytes());
+            let left = backlog.done(size_of(&msg));
+            shared.metrics.backlog_bytes.set(left as f64);
+        }
+        // A long batch must not keep other tasks on this worker waiting.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -39,10 +163,17 @@ impl Shared {
                 Err(e) => return self.invalid(redis_channel, &e),
             },
         };
+        let max = self.config.max_publication_size;
+        if payload.len() > max + ENVELOPE_OVERHEAD {
+            return self.too_large(redis_channel);
+        }
         let (ts, enc, data) = match decode_envelope(payload) {
             Ok(envelope) => envelope,
             Err(e) => return self.invalid(redis_channel, &e),
         };
+        if data.len() > max {
+            return self.too_large(redis_channel);
+        }
         self.metrics.received.increment(1);
         self.registry.deliver(&Publication { channel, ts, enc, data: Bytes::copy_from_slice(data) });
     }
@@ -52,12 +183,25 @@ impl Shared {
         self.active.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
     }
 
+    fn too_large(&self, redis_channel: &str) {
+        self.metrics.dropped_too_large.increment(1);
+        self.warn(
+            redis_channel,
+            &format_args!("publication larger than max_publication_size ({})", self.config.max_publication_size),
+        );
+    }
+
     fn invalid(&self, redis_channel: &str, reason: &dyn Display) {
         self.metrics.invalid_envelope.increment(1);
+        self.warn(redis_channel, reason);
+    }
+
+    /// Logs a dropped publication, at most once per [`WARN_EVERY`].
+    fn warn(&self, redis_channel: &str, reason: &dyn Display) {
         let suppressed = self.invalid_log.lock().unwrap_or_else(PoisonError::into_inner).allow(Instant::now());
         if let Some(suppressed) = suppressed {
             let channel: String = redis_channel.chars().take(300).collect();
-            tracing::warn!(channel, error = %reason, suppressed, "dropped an invalid publication from Redis");
+            tracing::warn!(channel, error = %reason, suppressed, "dropped a publication from Redis");
         }
     }
 }

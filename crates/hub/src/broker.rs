@@ -16,6 +16,18 @@ pub enum BrokerError {
     Timeout,
 }
 
+impl BrokerError {
+    /// What an untrusted client may be told: no addresses, no Redis or ACL text (those go
+    /// to the node's log). A timeout says the outcome is unknown, because it is: the
+    /// broker may still deliver what it was handed.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "broker unavailable; try again",
+            BrokerError::Timeout => "broker did not answer in time; the outcome is unknown",
+        }
+    }
+}
+
 /// Carries publications between nodes and keeps the node subscribed to the channels its
 /// clients want. Publications that arrive are handed to the [`crate::Registry`] the broker
 /// was built with.

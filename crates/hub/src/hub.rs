@@ -7,7 +7,7 @@ use fanout_protocol::{ChannelName, Publication};
 use crate::{
     broker::{Broker, BrokerError},
     outbox::Outbox,
-    registry::{Change, Registry},
+    registry::Registry,
 };
 
 /// Subscribes and publishes on behalf of local clients, keeping the broker's per-node
@@ -34,9 +34,7 @@ impl Hub {
         if !self.broker.is_up() {
             return Err(BrokerError::Unavailable("broker is disconnected".into()));
         }
-        if self.registry.insert(channel, outbox) == Change::Interest {
-            self.broker.add_interest(channel);
-        }
+        self.registry.insert_with(channel, outbox, || self.broker.add_interest(channel));
         let ready = match tokio::time::timeout(self.subscribe_timeout, self.broker.ready(channel)).await {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout),
@@ -49,9 +47,7 @@ impl Hub {
 
     /// Removes subscriber `id` from `channel`; a no-op when it was not subscribed.
     pub fn unsubscribe(&self, channel: &ChannelName, id: u64) {
-        if self.registry.remove(channel, id) == Change::Interest {
-            self.broker.remove_interest(channel);
-        }
+        self.registry.remove_with(channel, id, || self.broker.remove_interest(channel));
     }
 
     /// Hands a publication to the broker, which delivers it to every node subscribed.
@@ -73,6 +69,70 @@ mod tests {
 
     use super::*;
     use crate::EmbeddedBroker;
+
+    /// A broker that records the interest changes it is told about, in order.
+    #[derive(Default)]
+    struct Recorder {
+        events: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl Broker for Recorder {
+        fn publish<'a>(&'a self, _: &'a Publication) -> crate::BoxFuture<'a, Result<(), BrokerError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn add_interest(&self, _: &ChannelName) {
+            self.events.lock().unwrap().push(true);
+        }
+        fn remove_interest(&self, _: &ChannelName) {
+            self.events.lock().unwrap().push(false);
+        }
+        fn ready<'a>(&'a self, _: &'a ChannelName) -> crate::BoxFuture<'a, Result<(), BrokerError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn is_up(&self) -> bool {
+            true
+        }
+    }
+
+    /// Last subscribers leaving while new ones join, on several threads at once: the broker
+    /// must hear add, remove, add, ... strictly alternating, ending in what the registry
+    /// holds. (Told after the registry lock is released, a join could overtake the leave it
+    /// raced, and the broker would end unsubscribed from a channel with a subscriber.)
+    #[test]
+    fn interest_reaches_the_broker_in_registry_order() {
+        let registry = Arc::new(Registry::new());
+        let recorder = Arc::new(Recorder::default());
+        let hub = Hub::new(registry.clone(), recorder.clone(), Duration::from_secs(1));
+        let channel = ChannelName::new("race").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+                    let outbox = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
+                    for _ in 0..20_000 {
+                        rt.block_on(hub.subscribe(&channel, &outbox)).unwrap();
+                        hub.unsubscribe(&channel, outbox.id());
+                    }
+                });
+            }
+        });
+        let keeper = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
+        runtime.block_on(hub.subscribe(&channel, &keeper)).unwrap();
+        let events = recorder.events.lock().unwrap().clone();
+        assert!(events.len() >= 2, "no interest changes recorded");
+        for (i, pair) in events.windows(2).enumerate() {
+            assert_ne!(
+                pair[0],
+                pair[1],
+                "interest change {i} and {} are both {}",
+                i + 1,
+                if pair[0] { "add" } else { "remove" }
+            );
+        }
+        assert_eq!(events.last(), Some(&true), "the channel has a subscriber, so the broker's last word must be add");
+        assert_eq!(registry.subscriber_count("race"), 1);
+    }
 
     #[tokio::test]
     async fn embedded_hub_delivers_in_order() {

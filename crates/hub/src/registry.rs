@@ -81,8 +81,14 @@ impl Registry {
         &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 
-    /// Adds `outbox` as a subscriber of `channel`.
-    pub fn insert(&self, channel: &ChannelName, outbox: &Arc<Outbox>) -> Change {
+    /// Adds `outbox` as a subscriber of `channel`; `on_interest` runs when this is the
+    /// channel's first local subscriber, while the shard lock is still held.
+    ///
+    /// Under the lock, so the broker hears of interest changes in the order the registry
+    /// made them: told after the lock is released, a join racing the last leave could
+    /// reach the broker before that leave, which would then unsubscribe a channel that has
+    /// a subscriber again. The callback must only enqueue (the broker's interest calls do).
+    pub fn insert_with(&self, channel: &ChannelName, outbox: &Arc<Outbox>, on_interest: impl FnOnce()) -> Change {
         let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);
         let subs = shard.entry(channel.clone()).or_default();
         if subs.contains_key(&outbox.id()) {
@@ -91,14 +97,16 @@ impl Registry {
         subs.insert(outbox.id(), outbox.clone());
         self.metrics.subscriptions.increment(1.0);
         if subs.len() == 1 {
+            on_interest();
             Change::Interest
         } else {
             Change::Local
         }
     }
 
-    /// Removes subscriber `id` from `channel`.
-    pub fn remove(&self, channel: &ChannelName, id: u64) -> Change {
+    /// Removes subscriber `id` from `channel`; `on_interest` runs, under the shard lock,
+    /// when it was the last local subscriber (see [`Self::insert_with`]).
+    pub fn remove_with(&self, channel: &ChannelName, id: u64, on_interest: impl FnOnce()) -> Change {
         let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);
         let Some(subs) = shard.get_mut(channel.as_str()) else { return Change::None };
         if subs.swap_remove(&id).is_none() {
@@ -107,10 +115,21 @@ impl Registry {
         self.metrics.subscriptions.decrement(1.0);
         if subs.is_empty() {
             shard.remove(channel.as_str());
+            on_interest();
             Change::Interest
         } else {
             Change::Local
         }
+    }
+
+    /// [`Self::insert_with`] with nothing to tell.
+    pub fn insert(&self, channel: &ChannelName, outbox: &Arc<Outbox>) -> Change {
+        self.insert_with(channel, outbox, || {})
+    }
+
+    /// [`Self::remove_with`] with nothing to tell.
+    pub fn remove(&self, channel: &ChannelName, id: u64) -> Change {
+        self.remove_with(channel, id, || {})
     }
 
     /// Local subscribers of `channel`.
