@@ -57,12 +57,13 @@ impl Backlog {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `msg` unless that would exceed the bound; false when it was dropped.
-    fn push(&self, msg: redis::Msg) -> Result<usize, redis::Msg> {
+    /// Queues `msg` unless that would exceed the bound: the bytes now queued, or `None`
+    /// when it was dropped.
+    fn push(&self, msg: redis::Msg) -> Option<usize> {
         let size = size_of(&msg);
         let mut q = self.lock();
         if q.bytes + size > self.limit && !q.messages.is_empty() {
-            return Err(msg);
+            return None;
         }
         q.bytes += size;
         let was_empty = q.messages.is_empty();
@@ -72,7 +73,7 @@ impl Backlog {
         if was_empty {
             self.wake.notify_one();
         }
-        Ok(bytes)
+        Some(bytes)
     }
 
     fn close(&self) {
@@ -124,11 +125,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stream: PubSubStream) {
     let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone())));
     while let Some(msg) = stream.next().await {
         match backlog.push(msg) {
-            Ok(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
-            Err(msg) => {
+            Some(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
+            None => {
                 shared.metrics.dropped_backlog.increment(1);
-                shared
-                    .warn(msg.get_channel_name(), &"the node is behind on fan-out: backlog full, publication dropped");
+                shared.warn("(any)", &"the node is behind on fan-out: backlog full, publication dropped");
             }
         }
     }

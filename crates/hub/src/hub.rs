@@ -17,11 +17,23 @@ pub struct Hub {
     registry: Arc<Registry>,
     broker: Arc<dyn Broker>,
     subscribe_timeout: Duration,
+    /// Publications handed to the broker and not yet answered: a broker that stalls shows
+    /// here first.
+    publishing: metrics::Gauge,
+}
+
+/// Counts one publication in flight for as long as it lives (a cancelled publish too).
+struct InFlight<'a>(&'a metrics::Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 impl Hub {
     pub fn new(registry: Arc<Registry>, broker: Arc<dyn Broker>, subscribe_timeout: Duration) -> Self {
-        Self { registry, broker, subscribe_timeout }
+        Self { registry, broker, subscribe_timeout, publishing: metrics::gauge!("fanout_broker_publishes_in_flight") }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -52,6 +64,8 @@ impl Hub {
 
     /// Hands a publication to the broker, which delivers it to every node subscribed.
     pub async fn publish(&self, publication: &Publication) -> Result<(), BrokerError> {
+        self.publishing.increment(1.0);
+        let _in_flight = InFlight(&self.publishing);
         self.broker.publish(publication).await
     }
 

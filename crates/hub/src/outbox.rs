@@ -96,11 +96,24 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a frame unless that would exceed the byte bound.
+    /// Queues a frame unless that would exceed the byte bound. Refused once the outbox is
+    /// draining: a drain lets no new publication in.
     pub fn push(&self, frame: Bytes, ts: u64) -> Push {
+        self.push_if(frame, ts, Status::Open)
+    }
+
+    /// Queues the session's own answer to something the client asked (a command reply, a
+    /// Pong): accepted while draining too, because an answer that is due must go out
+    /// before the 1001 (a `publish` the broker took and never acknowledged would be retried
+    /// by the client as a duplicate).
+    pub fn push_reply(&self, frame: Bytes) -> Push {
+        self.push_if(frame, 0, Status::Draining)
+    }
+
+    fn push_if(&self, frame: Bytes, ts: u64, also: Status) -> Push {
         let len = frame.len();
         let mut state = self.lock();
-        if state.status != Status::Open {
+        if state.status != Status::Open && state.status != also {
             return Push::Refused;
         }
         if self.in_flight.load(Ordering::Relaxed) + len > self.limit {
@@ -175,7 +188,7 @@ impl Outbox {
     /// callers drain before closing.
     pub fn close(&self) {
         let mut state = self.lock();
-        if state.status == Status::Open {
+        if matches!(state.status, Status::Open | Status::Draining) {
             state.status = Status::Closed;
         }
         state.queue = VecDeque::new();
@@ -239,11 +252,14 @@ mod tests {
         o.push(Bytes::from_static(b"a"), 0);
         o.drain();
         assert_eq!(o.push(Bytes::from_static(b"b"), 0), Push::Refused);
+        assert_eq!(o.push_reply(Bytes::from_static(b"reply")), Push::Queued);
         let mut q = VecDeque::new();
         assert_eq!(o.take_now(&mut q), Some(Status::Draining));
-        assert_eq!(q.len(), 1);
+        assert_eq!(q.len(), 2);
         assert_eq!(o.take_now(&mut q), Some(Status::Draining));
-        assert_eq!(q.len(), 1);
+        assert_eq!(q.len(), 2);
+        o.close();
+        assert_eq!(o.push_reply(Bytes::from_static(b"late")), Push::Refused);
     }
 
     #[tokio::test]

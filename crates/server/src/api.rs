@@ -31,10 +31,13 @@ pub struct Internal {
     pub draining: Arc<AtomicBool>,
     pub api_key: Option<String>,
     pub max_body: usize,
+    /// Longest time a request body may take to arrive (408 beyond).
+    pub body_timeout: std::time::Duration,
     pub max_message_size: usize,
 }
 
 static BAD_REQUEST_LOG: LogLimiter = LogLimiter::new(10_000);
+static BROKER_ERROR_LOG: LogLimiter = LogLimiter::new(10_000);
 
 impl Handler for Internal {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -126,12 +129,9 @@ impl Internal {
             );
         };
         if let Some(key) = &self.api_key {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+            let given =
+                req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
                 return api_error(
                     format,
                     StatusCode::UNAUTHORIZED,
@@ -140,9 +140,20 @@ impl Internal {
                 );
             }
         }
-        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        // Bounded in time as well as size: a body that never finishes must not hold the
+        // connection (and its slot in the listener's pool) forever.
+        let collected = tokio::time::timeout(self.body_timeout, Limited::new(req.into_body(), self.max_body).collect());
+        let body = match collected.await {
+            Err(_) => {
+                return api_error(
+                    format,
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorCode::BadRequest,
+                    "the request body did not arrive in time",
+                )
+            }
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return api_error(
                     format,
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,7 +161,7 @@ impl Internal {
                     "request body exceeds max_http_body",
                 );
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 return api_error(
                     format,
                     StatusCode::BAD_REQUEST,
@@ -180,7 +191,12 @@ impl Internal {
         for channel in request.channels {
             let publication = Publication { channel, ts, enc: request.enc, data: request.data.clone() };
             if let Err(e) = self.hub.publish(&publication).await {
-                return api_error(format, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &e.to_string());
+                // The caller learns that the broker failed, not how (no addresses or Redis
+                // text); a 503 means the outcome is unknown (docs/protocol.md).
+                if let Some(suppressed) = BROKER_ERROR_LOG.check() {
+                    tracing::warn!(%peer, error = %e, suppressed, "broker failed an API publish");
+                }
+                return api_error(format, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.client_message());
             }
             self.metrics.publications_http.increment(1);
         }

@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// A JWKS file larger than this is refused (it is read on every change).
 const MAX_JWKS_BYTES: u64 = 1 << 20;
+/// The most keys one token's signature is checked against (a token without `kid`, or a
+/// `kid` several keys share). Key rotation keeps two or three keys live at once.
+pub const MAX_KEYS_PER_TOKEN: usize = 3;
+
 /// Keys kept from a JWKS file: a token without `kid` is tried against each matching one.
 const MAX_JWKS_KEYS: usize = 32;
 
@@ -288,7 +292,9 @@ impl Verifier {
                 .map(|k| &k.key),
         );
         let mut last = TokenError::NoKey;
-        for key in candidates {
+        // Bounded: a token without `kid` would otherwise cost one signature check per key
+        // of its family, and a client can make the node check a token per upgrade.
+        for key in candidates.take(MAX_KEYS_PER_TOKEN) {
             match jsonwebtoken::decode::<Claims>(token, key, validation) {
                 Ok(data) => return Ok(Grant::compile(data.claims)),
                 // The signature did not match this key: try the next one.
@@ -444,15 +450,20 @@ pub enum Identity {
     Token(Box<Grant>),
 }
 
+/// The credentials of an `Authorization: Bearer …` value. The scheme is case-insensitive
+/// (RFC 7235); both listeners read their bearer tokens through here.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// The token of an upgrade request: `Authorization: Bearer` first, then the `token`
 /// query parameter. `Err` when a token is present but not readable.
 pub fn token_from_request(headers: &http::HeaderMap, query: Option<&str>) -> Result<Option<String>, TokenError> {
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| TokenError::Malformed)?;
-        if let Some((scheme, token)) = value.split_once(' ') {
-            if scheme.eq_ignore_ascii_case("bearer") {
-                return Ok(Some(token.trim().to_owned()));
-            }
+        if let Some(token) = bearer(value) {
+            return Ok(Some(token.to_owned()));
         }
     }
     let Some(query) = query else { return Ok(None) };

@@ -116,6 +116,17 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_IDLE_TIMEOUT", value_name = "DURATION")]
     pub idle_timeout: Option<humantime::Duration>,
 
+    /// Connections per listener that have not finished their HTTP request (upgrades and API
+    /// calls in progress); one address may hold a tenth of them, and when they are all taken
+    /// the oldest silent one is dropped for a newcomer [default: 10000]
+    #[arg(long, env = "FANOUT_MAX_PENDING_CONNECTIONS", value_name = "N")]
+    pub max_pending_connections: Option<usize>,
+
+    /// Largest `data` accepted from Redis (backends publishing straight into it), bytes; larger
+    /// publications are dropped and counted [default: 65536]
+    #[arg(long, env = "FANOUT_MAX_PUBLICATION_SIZE", value_name = "BYTES")]
+    pub max_publication_size: Option<usize>,
+
     /// Largest accepted HTTP API request body, bytes; larger gets 413 [default: 1048576]
     #[arg(long, env = "FANOUT_MAX_HTTP_BODY", value_name = "BYTES")]
     pub max_http_body: Option<usize>,
@@ -193,6 +204,8 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub max_http_body: Option<usize>,
+    pub max_pending_connections: Option<usize>,
+    pub max_publication_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub broker_timeout: Option<Duration>,
     pub api_key: Option<String>,
@@ -303,6 +316,8 @@ pub struct Config {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub max_http_body: usize,
+    pub max_pending_connections: usize,
+    pub max_publication_size: usize,
     pub broker_timeout: Duration,
     pub api_key: Option<String>,
     pub jwt_hmac_secret: Option<String>,
@@ -337,6 +352,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             max_http_body: 1024 * 1024,
+            max_pending_connections: 10_000,
+            max_publication_size: 64 * 1024,
             broker_timeout: Duration::from_secs(5),
             api_key: None,
             jwt_hmac_secret: None,
@@ -393,6 +410,15 @@ impl Config {
             ping_interval: dur(a.ping_interval).or(f.ping_interval).unwrap_or(d.ping_interval),
             idle_timeout: dur(a.idle_timeout).or(f.idle_timeout).unwrap_or(d.idle_timeout),
             max_http_body: a.max_http_body.or(f.max_http_body).unwrap_or(d.max_http_body),
+            max_pending_connections: a
+                .max_pending_connections
+                .or(f.max_pending_connections)
+                .unwrap_or(d.max_pending_connections),
+            // Unset, it follows a smaller outbound queue down, so a small queue alone is valid.
+            max_publication_size: a.max_publication_size.or(f.max_publication_size).unwrap_or_else(|| {
+                let queue = a.outbound_queue_bytes.or(f.outbound_queue_bytes).unwrap_or(d.outbound_queue_bytes);
+                d.max_publication_size.min(queue.saturating_sub(1024)).max(1)
+            }),
             broker_timeout: dur(a.broker_timeout).or(f.broker_timeout).unwrap_or(d.broker_timeout),
             api_key: a.api_key.or(f.api_key).filter(|s| !s.is_empty()),
             jwt_hmac_secret,
@@ -422,11 +448,33 @@ impl Config {
         Ok(config)
     }
 
+    /// The Redis broker's settings, or `None` for the embedded broker.
+    pub fn redis_config(&self) -> Option<fanout_broker_redis::RedisConfig> {
+        if self.redis_urls.is_empty() {
+            return None;
+        }
+        Some(fanout_broker_redis::RedisConfig {
+            urls: self.redis_urls.clone(),
+            password: self.redis_password.clone(),
+            prefix: self.redis_prefix.clone(),
+            // The heartbeat and subscribe commands stay short whatever broker_timeout is, so
+            // a dead Redis is noticed in seconds; a publish may take all of broker_timeout.
+            command_timeout: self.broker_timeout.min(Duration::from_secs(2)),
+            publish_timeout: self.broker_timeout,
+            max_publication_size: self.max_publication_size,
+            ..fanout_broker_redis::RedisConfig::default()
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         for url in &self.redis_urls {
             if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| url.starts_with(s)) {
                 return Err(invalid("redis_url", format!("{url:?} is not a redis://, rediss:// or redis+unix:// URL")));
             }
+        }
+        // Everything the broker would refuse at start, refused here, before any port is bound.
+        if let Some(redis) = self.redis_config() {
+            redis.validate().map_err(|e| invalid("redis_url", e.to_string()))?;
         }
         if self.redis_urls.is_empty() && self.redis_password.is_some() {
             return Err(invalid("redis_password", "set without redis_url"));
@@ -469,6 +517,15 @@ impl Config {
         }
         if self.max_subscriptions == 0 {
             return Err(invalid("max_subscriptions", "must be at least 1"));
+        }
+        if self.max_pending_connections == 0 {
+            return Err(invalid("max_pending_connections", "must be at least 1"));
+        }
+        if self.max_publication_size == 0 || self.max_publication_size + 1024 > self.outbound_queue_bytes {
+            return Err(invalid(
+                "max_publication_size",
+                "must be at least 1 and below outbound_queue_bytes by 1 KiB, or one publication overflows every subscriber's queue",
+            ));
         }
         if self.max_http_body < 64 {
             return Err(invalid("max_http_body", "must be at least 64 bytes"));

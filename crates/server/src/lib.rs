@@ -23,15 +23,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fanout_broker_redis::{RedisBroker, RedisConfig};
+use fanout_broker_redis::RedisBroker;
 use fanout_hub::{Broker, EmbeddedBroker, Hub, Registry};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
-
-/// Pending HTTP connections (before upgrade) allowed per listener, on top of sessions.
-const MAX_HANDSHAKES: usize = 10_000;
 
 /// Runs a node until `shutdown` resolves, then drains: `/readyz` turns 503, new upgrades
 /// are refused, every session closes with 1001, and this returns once they are gone or
@@ -42,18 +39,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
 
+    // Everything that reads files or can refuse the configuration happens before any port
+    // is bound, and fails as a configuration error (exit 64).
+    let verifier = match config.auth_settings() {
+        Some(settings) => Some(Arc::new(
+            auth::Verifier::new(&settings).map_err(|e| ConfigError::Invalid { key: "auth", message: e.to_string() })?,
+        )),
+        None => None,
+    };
     let registry = Arc::new(Registry::new());
-    let broker: Arc<dyn Broker> = if config.redis_urls.is_empty() {
-        Arc::new(EmbeddedBroker::new(registry.clone()))
-    } else {
-        let redis = RedisConfig {
-            urls: config.redis_urls.clone(),
-            password: config.redis_password.clone(),
-            prefix: config.redis_prefix.clone(),
-            command_timeout: config.broker_timeout.min(Duration::from_secs(2)),
-            ..RedisConfig::default()
-        };
-        RedisBroker::start(redis, registry.clone(), background.child_token()).context("starting the Redis broker")?
+    let broker: Arc<dyn Broker> = match config.redis_config() {
+        None => Arc::new(EmbeddedBroker::new(registry.clone())),
+        Some(redis) => RedisBroker::start(redis, registry.clone(), background.child_token())
+            .map_err(|e| ConfigError::Invalid { key: "redis_url", message: e.to_string() })?,
     };
     let hub = Hub::new(registry, broker, config.broker_timeout);
     spawn_upkeep(prometheus.clone(), background.clone());
@@ -68,25 +66,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if config.api_key.is_none() && !internal_addr.ip().is_loopback() {
         tracing::warn!(%internal_addr, "no api_key is set and the internal listener is not on loopback: anyone who can reach it can publish");
     }
-
-    let verifier = match config.auth_settings() {
-        Some(settings) => {
-            let verifier = Arc::new(auth::Verifier::new(&settings).context("loading the token keys")?);
-            if config.jwt_hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
-                tracing::warn!(
-                    "jwt_hmac_secret is shorter than 32 bytes: HS256 secrets that short can be brute-forced"
-                );
-            }
-            tokio::spawn(verifier.clone().watch_jwks(
-                config.auth.jwks_reload_interval,
-                background.child_token(),
-                m.jwks_reloads.clone(),
-            ));
-            tracing::info!(algorithms = ?config.auth.algorithms, required = config.auth.required, "connection tokens are verified");
-            Some(verifier)
+    if let Some(verifier) = &verifier {
+        if config.jwt_hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            tracing::warn!("jwt_hmac_secret is shorter than 32 bytes: HS256 secrets that short can be brute-forced");
         }
-        None => None,
-    };
+        tokio::spawn(verifier.clone().watch_jwks(
+            config.auth.jwks_reload_interval,
+            background.child_token(),
+            m.jwks_reloads.clone(),
+        ));
+        tracing::info!(algorithms = ?config.auth.algorithms, required = config.auth.required, "connection tokens are verified");
+    }
 
     let draining = Arc::new(AtomicBool::new(false));
     let sessions = TaskTracker::new();
@@ -133,9 +123,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         draining: draining.clone(),
         api_key: config.api_key.clone(),
         max_body: config.max_http_body,
+        body_timeout: config.handshake_timeout,
         max_message_size: config.max_message_size,
     });
-    let accept = |name, header_timeout| listener::Accept { name, max_connections: MAX_HANDSHAKES, header_timeout };
+    let accept = |name, header_timeout| listener::Accept {
+        name,
+        max_connections: config.max_pending_connections,
+        header_timeout,
+        trusted_proxies: limit::TrustedProxies::new(config.trusted_proxies.clone()),
+    };
     let public_loop = tokio::spawn(listener::accept_loop(
         public,
         accept("public", config.handshake_timeout),

@@ -1,8 +1,17 @@
 //! The accept loop both listeners share: a permit before each accept (so a connection
-//! flood queues in the kernel backlog instead of in our memory), one HTTP/1.1 connection
-//! task per socket, and graceful shutdown of connections that are still plain HTTP.
+//! flood queues in the kernel backlog instead of in our memory), per-address accounting of
+//! connections that have not finished their request, shedding of the oldest silent ones
+//! when the pool is full, one HTTP/1.1 connection task per socket, and graceful shutdown
+//! of connections that are still plain HTTP.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,6 +21,8 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub type Body = Full<Bytes>;
+
+static REFUSED_LOG: fanout_hub::LogLimiter = fanout_hub::LogLimiter::new(10_000);
 
 /// Serves requests of one listener.
 pub trait Handler: Send + Sync + 'static {
@@ -25,6 +36,90 @@ pub struct Accept {
     /// Concurrent HTTP connections (before any upgrade).
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// Peers exempt from the per-address share (proxies carry many clients' connections).
+    pub trusted_proxies: crate::limit::TrustedProxies,
+}
+
+impl Accept {
+    /// Connections one address (IPv6: one /64) may hold before its request is complete: a
+    /// tenth of the pool, so no single address can fill it and lock everyone else out.
+    pub fn per_address(&self) -> usize {
+        (self.max_connections / 10).max(1)
+    }
+}
+
+/// The listener's connections that have not yet completed a request: how many per
+/// address, and the silent ones (no request yet) by age, to shed the oldest.
+#[derive(Default)]
+struct Pending {
+    per_address: HashMap<IpAddr, usize>,
+    /// Connection number → how to drop it. Numbers grow, so the first is the oldest.
+    silent: BTreeMap<u64, CancellationToken>,
+    next: u64,
+}
+
+/// Shared by the accept loop and its connection tasks.
+struct Table {
+    pending: Mutex<Pending>,
+    refused_per_address: metrics::Counter,
+    shed: metrics::Counter,
+}
+
+impl Table {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a connection from `key` unless that address is over its share.
+    fn admit(self: &Arc<Self>, key: IpAddr, limit: Option<usize>) -> Option<Entry> {
+        let mut p = self.lock();
+        let count = p.per_address.entry(key).or_default();
+        if limit.is_some_and(|l| *count >= l) {
+            return None;
+        }
+        *count += 1;
+        let id = p.next;
+        p.next += 1;
+        let cancel = CancellationToken::new();
+        p.silent.insert(id, cancel.clone());
+        Some(Entry { table: self.clone(), key, id, cancel })
+    }
+
+    /// Drops the oldest connection that has not sent a request; false if there is none.
+    fn shed_oldest(&self) -> bool {
+        let Some((_, cancel)) = self.lock().silent.pop_first() else { return false };
+        cancel.cancel();
+        self.shed.increment(1);
+        true
+    }
+}
+
+/// One admitted connection; leaves the table when dropped.
+struct Entry {
+    table: Arc<Table>,
+    key: IpAddr,
+    id: u64,
+    cancel: CancellationToken,
+}
+
+impl Entry {
+    /// The connection sent a request: it is no longer a silent one to shed.
+    fn spoke(&self) {
+        self.table.lock().silent.remove(&self.id);
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let mut p = self.table.lock();
+        p.silent.remove(&self.id);
+        if let Some(count) = p.per_address.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                p.per_address.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Accepts until `stop` is cancelled, then asks open HTTP connections to finish their
@@ -38,30 +133,66 @@ pub async fn accept_loop<H: Handler>(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let dropped = |reason: &'static str| metrics::counter!("fanout_listener_connections_dropped_total", "listener" => settings.name, "reason" => reason);
+    let table = Arc::new(Table {
+        pending: Mutex::default(),
+        refused_per_address: dropped("per_address"),
+        shed: dropped("shed"),
+    });
+    let per_address = settings.per_address();
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning; the backlog holds the rest.
-                    tracing::warn!(listener = settings.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let (permit, accepted) = match permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, None),
+            // The pool is full. Wait for a slot; but when a new client arrives first, make
+            // room by shedding the oldest connection that never sent a request, rather
+            // than making every newcomer wait behind idle sockets.
+            Err(_) => tokio::select! {
+                _ = stop.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => (p, None), Err(_) => break },
+                r = listener.accept() => {
+                    table.shed_oldest();
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        p = permits.clone().acquire_owned() => match p { Ok(p) => (p, Some(r)), Err(_) => break },
+                    }
                 }
             },
+        };
+        let accepted = match accepted {
+            Some(r) => r,
+            None => tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => r,
+            },
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning; the backlog holds the rest.
+                tracing::warn!(listener = settings.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let key = crate::limit::IpRateLimiter::key(peer.ip());
+        let limit = (!settings.trusted_proxies.trusts(peer.ip())).then_some(per_address);
+        let Some(entry) = table.admit(key, limit) else {
+            table.refused_per_address.increment(1);
+            if let Some(suppressed) = REFUSED_LOG.check() {
+                tracing::info!(listener = settings.name, %peer, per_address, suppressed, "refused a connection: its address holds its share of pending connections");
+            }
+            continue;
         };
         let handler = handler.clone();
         let stop = stop.clone();
         let timeout = settings.header_timeout;
         tracker.spawn(async move {
             let _permit = permit;
+            let entry = Arc::new(entry);
+            let cancel = entry.cancel.clone();
             let service = service_fn(move |req| {
                 let handler = handler.clone();
+                entry.spoke();
                 async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
             });
             let conn = http1::Builder::new()
@@ -72,6 +203,8 @@ pub async fn accept_loop<H: Handler>(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                // Shed: the pool was full and this was the oldest connection still silent.
+                _ = cancel.cancelled() => {}
                 _ = stop.cancelled() => {
                     // Let an upgrade whose 101 is already on the wire complete, so its
                     // session can close it properly, before asking the rest to finish.

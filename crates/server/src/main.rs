@@ -38,6 +38,10 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(fanout_server::run(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.downcast_ref::<fanout_server::ConfigError>().is_some() => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE

@@ -60,6 +60,12 @@ fn describe() {
         "Node-local fan-out: publication received to queued for every local subscriber"
     );
     g!("fanout_broker_up", "1 while the broker connection is up");
+    g!("fanout_broker_publishes_in_flight", "Publications handed to the broker and not yet answered");
+    g!("fanout_broker_backlog_bytes", Unit::Bytes, "Bytes read from Redis and not yet fanned out");
+    c!(
+        "fanout_listener_connections_dropped_total",
+        "Connections dropped before their request completed, by listener and reason (per_address, shed)"
+    );
     c!("fanout_broker_reconnects_total", "Broker reconnections");
     c!("fanout_broker_errors_total", "Broker command errors, by operation");
     h!(

@@ -105,6 +105,16 @@ const LATENCY_SAMPLE_EVERY: u32 = 8;
 const MAX_IOV: usize = 64;
 
 static BAD_INPUT_LOG: LogLimiter = LogLimiter::new(10_000);
+static BROKER_ERROR_LOG: LogLimiter = LogLimiter::new(10_000);
+
+/// What the command rate says about one more frame from the client.
+enum Charge {
+    Allowed,
+    /// Over the rate: refuse this one.
+    Refused,
+    /// Far over the rate for long: close the connection (1008).
+    Abusive,
+}
 
 /// How a pass of the event loop ended the session.
 enum End {
@@ -139,6 +149,10 @@ pub async fn run(stream: TcpStream, leftover: Bytes, format: Encoding, shared: A
         commands: TokenBucket::new(rate, now),
         abuse: TokenBucket::new(rate, now),
         publish_rates: Vec::new(),
+        refreshes: TokenBucket::new(REFRESH_RATE, now),
+        pongs_unsent: 0,
+        mid_frame_is_pong: false,
+        latest_ping: None,
         outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
         decoder: FrameDecoder::new(leftover, shared.limits.max_message_size),
         pending: VecDeque::new(),
@@ -182,7 +196,27 @@ struct Session {
     abuse: TokenBucket,
     /// Publish-rate buckets by namespace slot, allocated on the first rate-limited publish.
     publish_rates: Vec<Option<TokenBucket>>,
+    /// `refresh` verifies a signature, the costliest thing a client can ask for: it gets a
+    /// bucket of its own, far below the command rate.
+    refreshes: TokenBucket,
+    /// Pongs queued and not yet fully written.
+    pongs_unsent: u8,
+    /// The front of `pending`, partly written, is a Pong (its header is already gone).
+    mid_frame_is_pong: bool,
+    /// The latest Ping that arrived while [`MAX_UNSENT_PONGS`] Pongs were unwritten: only
+    /// it gets an answer (RFC 6455 §5.5.3 allows answering the most recent only).
+    latest_ping: Option<Bytes>,
 }
+
+/// Pongs a client that does not read can have queued; past it, only the latest Ping is
+/// remembered, so a pinger that never reads pins a few hundred bytes, not a queue.
+const MAX_UNSENT_PONGS: u8 = 16;
+
+/// `refresh` commands per second per connection, and their burst.
+const REFRESH_RATE: Rate = Rate { per_second: 1.0, burst: 3.0 };
+
+/// The header byte of a server Pong frame (FIN + opcode 0xA); nothing else starts so.
+const PONG_HEADER: u8 = 0x8A;
 
 fn expiry_of(identity: &Identity, verifier: Option<&Verifier>) -> Option<Instant> {
     match (identity, verifier) {
@@ -211,13 +245,22 @@ impl Session {
         let mut next_ping = Instant::now() + limits.ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
+        // Bytes the client sent together with its upgrade request (a command, a Ping) are
+        // already here: handle them now, not when the client happens to send again.
+        if self.decoder.has_buffered() {
+            if let Some(end) = self.process().await {
+                return end;
+            }
+        }
         loop {
             // Reading the socket is done by readiness + try_read, so every branch here is
-            // cancel-safe and no partially read frame is ever dropped.
+            // cancel-safe and no partially read frame is ever dropped. Not biased: under
+            // constant traffic the outbox is always ready, and polled first it would starve
+            // the client's input (its Close, its commands) and the timer (token expiry, idle
+            // timeout). tokio starts at a random branch each pass.
             tokio::select! {
-                biased;
-                // Always polled, even while earlier frames wait for the socket: an outbox
-                // that overflows behind a stalled socket must still end the session now.
+                // Polled even while earlier frames wait for the socket: an outbox that
+                // overflows behind a stalled socket must still end the session now.
                 status = self.outbox.take(&mut self.pending) => match status {
                     Status::Open => {
                         // Let the rest of this fan-out, and publications right behind it,
@@ -290,6 +333,11 @@ impl Session {
             }
             Err(_) => return Some(End::Close(CloseReason::Disconnected)),
         }
+        self.process().await
+    }
+
+    /// Handles every complete frame the decoder holds.
+    async fn process(&mut self) -> Option<End> {
         loop {
             match self.decoder.next_item() {
                 Ok(Some(Incoming::Message { binary, payload })) => {
@@ -301,10 +349,19 @@ impl Session {
                         return Some(end);
                     }
                 }
-                Ok(Some(Incoming::Ping(payload))) => {
-                    self.outbox.push(frame(OpCode::Pong, &payload), 0);
+                // Control frames cost the node like commands do, so they count against the
+                // same rate; one over it is ignored (a Ping goes unanswered), and far over
+                // it closes the connection like any flood.
+                Ok(Some(Incoming::Ping(payload))) => match self.charge() {
+                    Charge::Allowed => self.pong(payload),
+                    Charge::Refused => {}
+                    Charge::Abusive => return Some(End::Close(CloseReason::RateLimited)),
+                },
+                Ok(Some(Incoming::Pong)) => {
+                    if let Charge::Abusive = self.charge() {
+                        return Some(End::Close(CloseReason::RateLimited));
+                    }
                 }
-                Ok(Some(Incoming::Pong)) => {}
                 Ok(Some(Incoming::Close(code))) => return Some(End::ClientClose(code)),
                 Ok(None) => break,
                 Err(e) => {
@@ -324,7 +381,34 @@ impl Session {
     }
 
     fn reply(&self, reply: &Reply<'_>) {
-        self.outbox.push(encode_reply(self.format, reply), 0);
+        self.outbox.push_reply(encode_reply(self.format, reply));
+    }
+
+    /// Answers a Ping, keeping at most [`MAX_UNSENT_PONGS`] Pongs unwritten.
+    fn pong(&mut self, payload: Bytes) {
+        if self.pongs_unsent >= MAX_UNSENT_PONGS {
+            self.latest_ping = Some(payload);
+            return;
+        }
+        if self.outbox.push_reply(frame(OpCode::Pong, &payload)) == fanout_hub::Push::Queued {
+            self.pongs_unsent += 1;
+        }
+    }
+
+    /// Takes one token from the command rate for a frame the client sent.
+    fn charge(&mut self) -> Charge {
+        let Some(rate) = self.shared.limits.command_rate else { return Charge::Allowed };
+        let now = std::time::Instant::now();
+        if self.commands.try_take(rate, now) {
+            return Charge::Allowed;
+        }
+        if self.abuse.try_take(abuse_rate(rate), now) {
+            return Charge::Refused;
+        }
+        if let Some(suppressed) = BAD_INPUT_LOG.check() {
+            tracing::info!(peer = ?self.stream.peer_addr().ok(), suppressed, "closing a connection that kept sending far over its command rate");
+        }
+        Charge::Abusive
     }
 
     fn error(&self, id: Option<u64>, code: ErrorCode, message: &str) {
@@ -335,16 +419,10 @@ impl Session {
     /// Handles one command frame; `Some` when the session must end because of it.
     async fn command(&mut self, enc: Encoding, payload: &[u8]) -> Option<End> {
         let decoded = decode_command(enc, payload);
-        let now = std::time::Instant::now();
-        // Every frame counts, malformed ones too: they cost as much to handle.
-        if let Some(rate) = self.shared.limits.command_rate {
-            if !self.commands.try_take(rate, now) {
-                if !self.abuse.try_take(abuse_rate(rate), now) {
-                    if let Some(suppressed) = BAD_INPUT_LOG.check() {
-                        tracing::info!(peer = ?self.stream.peer_addr().ok(), suppressed, "closing a connection that kept sending far over its command rate");
-                    }
-                    return Some(End::Close(CloseReason::RateLimited));
-                }
+        // Every data frame counts, malformed ones too: they cost as much to handle.
+        match self.charge() {
+            Charge::Allowed => {}
+            Charge::Refused => {
                 let id = match &decoded {
                     Ok(cmd) => cmd.id(),
                     Err(e) => e.id,
@@ -352,6 +430,7 @@ impl Session {
                 self.error(id, ErrorCode::RateLimited, "too many commands: slow down");
                 return None;
             }
+            Charge::Abusive => return Some(End::Close(CloseReason::RateLimited)),
         }
         self.execute(decoded).await;
         None
@@ -385,7 +464,7 @@ impl Session {
                         self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
                         self.subscriptions.insert(channel);
                     }
-                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+                    Err(e) => self.broker_error(id, "subscribe", &e),
                 }
             }
             Command::Unsubscribe { id, channel } => {
@@ -411,12 +490,21 @@ impl Session {
                         self.shared.metrics.publications_ws.increment(1);
                         self.reply(&Reply::Published { id });
                     }
-                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+                    Err(e) => self.broker_error(id, "publish", &e),
                 }
             }
             Command::Ping { id } => self.reply(&Reply::Pong { id }),
             Command::Refresh { id, token } => self.refresh(id, &token),
         }
+    }
+
+    /// The client learns that the broker failed, not how: addresses and Redis or ACL text
+    /// go to the log only.
+    fn broker_error(&self, id: Option<u64>, op: &'static str, e: &fanout_hub::BrokerError) {
+        if let Some(suppressed) = BROKER_ERROR_LOG.check() {
+            tracing::warn!(op, error = %e, suppressed, "broker failed a client's request");
+        }
+        self.error(id, ErrorCode::Unavailable, e.client_message());
     }
 
     fn denied(&self, id: Option<u64>, denied: Denied) {
@@ -432,9 +520,12 @@ impl Session {
     /// changes nothing. Subscriptions the new token no longer allows are dropped, each
     /// announced with an `unsubscribed` that carries no `id`.
     fn refresh(&mut self, id: Option<u64>, token: &str) {
-        let Some(verifier) = &self.shared.verifier else {
+        let Some(verifier) = self.shared.verifier.clone() else {
             return self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node");
         };
+        if !self.refreshes.try_take(REFRESH_RATE, std::time::Instant::now()) {
+            return self.error(id, ErrorCode::RateLimited, "too many refreshes: at most one per second");
+        }
         let m = &self.shared.metrics;
         let current_sub = match &self.identity {
             Identity::Token(grant) => grant.sub.clone(),
@@ -478,6 +569,7 @@ impl Session {
         let m = &self.shared.metrics;
         let mut delivered = 0u64;
         let mut oldest_ts = 0u64;
+        let mut pongs_written = 0u8;
         while !self.pending.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
@@ -496,9 +588,17 @@ impl Session {
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else { break };
                 if front.frame.len() > written {
+                    if !self.mid_frame {
+                        self.mid_frame_is_pong = front.frame.first() == Some(&PONG_HEADER);
+                    }
                     front.frame.advance(written);
                     self.mid_frame = true;
                     break;
+                }
+                let was_pong =
+                    if self.mid_frame { self.mid_frame_is_pong } else { front.frame.first() == Some(&PONG_HEADER) };
+                if was_pong {
+                    pongs_written += 1;
                 }
                 written -= front.frame.len();
                 if front.ts != 0 {
@@ -525,6 +625,12 @@ impl Session {
                 m.latency.record(now_micros().saturating_sub(oldest_ts) as f64 / 1e6);
             }
             self.writes = self.writes.wrapping_add(1);
+        }
+        if pongs_written > 0 {
+            self.pongs_unsent = self.pongs_unsent.saturating_sub(pongs_written);
+            if let Some(payload) = self.latest_ping.take() {
+                self.pong(payload);
+            }
         }
         Ok(())
     }
@@ -572,22 +678,26 @@ impl Session {
             if tokio::time::timeout(grace, self.flush_all()).await.is_ok_and(|r| r.is_ok())
                 && reason != CloseReason::Client
             {
-                // Wait briefly for the client's Close (or EOF) so unread input does not
-                // turn our close into a reset that could discard the Close frame.
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.drain_input()).await;
+                // Wait briefly for the client's Close: then the handshake is complete and
+                // the server closes TCP at once (RFC 6455 §7.1.1). Reading until then also
+                // keeps unread input from turning our close into a reset that could
+                // discard the Close frame.
+                let _ = tokio::time::timeout(CLOSE_GRACE, self.await_client_close()).await;
             }
         }
         reason
     }
 
-    /// Reads and discards input until EOF.
-    async fn drain_input(&mut self) {
-        let mut sink = [0u8; 512];
+    /// Reads and discards input until the client's Close frame or EOF.
+    async fn await_client_close(&mut self) {
         loop {
+            if self.decoder.client_closed() {
+                return;
+            }
             if self.stream.readable().await.is_err() {
                 return;
             }
-            match self.stream.try_read(&mut sink) {
+            match self.stream.try_read_buf(self.decoder.read_buf()) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

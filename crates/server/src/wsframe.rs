@@ -58,6 +58,8 @@ pub struct FrameDecoder {
     max_message: usize,
     /// A fragmented message being reassembled: (is binary, payload so far).
     partial: Option<(bool, BytesMut)>,
+    /// While closing: bytes of the current frame still to be discarded.
+    skip: u64,
 }
 
 /// Socket reads ask for at least this much room; small enough to keep idle connections
@@ -66,7 +68,7 @@ pub const READ_CHUNK: usize = 4096;
 
 impl FrameDecoder {
     pub fn new(leftover: Bytes, max_message: usize) -> Self {
-        Self { buf: BytesMut::from(&leftover[..]), max_message, partial: None }
+        Self { buf: BytesMut::from(&leftover[..]), max_message, partial: None, skip: 0 }
     }
 
     /// The buffer to read into, with room for at least `READ_CHUNK` more bytes.
@@ -82,13 +84,59 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether bytes read from the client before any frame was decoded are waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// After the server sent its Close: discards frames until the client's Close, which
+    /// ends the closing handshake (RFC 6455 §7.1.1: the server then closes the TCP
+    /// connection). Lenient on purpose, because it also runs after a protocol error: only
+    /// frame lengths are read, payloads are skipped without being buffered.
+    pub fn client_closed(&mut self) -> bool {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.buf.len() as u64);
+                self.buf.advance(n as usize);
+                self.skip -= n;
+                if self.skip > 0 {
+                    return false;
+                }
+            }
+            let b = &self.buf[..];
+            if b.len() < 2 {
+                return false;
+            }
+            let (ext, len7) = match b[1] & 0x7F {
+                126 => (2, None),
+                127 => (8, None),
+                n => (0, Some(u64::from(n))),
+            };
+            let header_len = 2 + ext + if b[1] & 0x80 != 0 { 4 } else { 0 };
+            if b.len() < header_len {
+                return false;
+            }
+            if b[0] & 0x0F == 0x8 {
+                return true;
+            }
+            let len = match len7 {
+                Some(n) => n,
+                None if ext == 2 => u64::from(u16::from_be_bytes([b[2], b[3]])),
+                None => u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()),
+            };
+            self.buf.advance(header_len);
+            self.skip = len;
+        }
+    }
+
     /// The next complete item, `Ok(None)` when more bytes are needed.
     pub fn next_item(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
             let Some(Header { fin, opcode, header_len, payload_len, mask }) = self.header()? else { return Ok(None) };
-            let total = header_len + payload_len;
-            if self.buf.len() < total {
-                self.buf.reserve(total - self.buf.len());
+            // No room is reserved for the announced payload: a 14-byte header followed by a
+            // trickle must not pin the whole message's worth of memory. `read_buf` grows
+            // the buffer as bytes actually arrive (BytesMut doubles, so this stays amortised).
+            if self.buf.len() < header_len + payload_len {
                 return Ok(None);
             }
             self.buf.advance(header_len);
@@ -306,6 +354,40 @@ mod tests {
             decoder(&client_frame(true, 8, &[0x03, 0xe8]), 10).next_item(),
             Ok(Some(Incoming::Close(Some(1000))))
         );
+    }
+
+    #[test]
+    fn a_header_and_a_trickle_pin_only_what_arrived() {
+        // The header announces 60,000 bytes; only 10 of them arrive.
+        let frame = client_frame(true, 2, &[7; 60_000]);
+        let mut d = FrameDecoder::new(Bytes::new(), 65_536);
+        d.read_buf().extend_from_slice(&frame[..14 + 10]);
+        assert_eq!(d.next_item(), Ok(None));
+        assert!(d.buf.capacity() < 3 * READ_CHUNK, "reserved {} bytes for a trickle", d.buf.capacity());
+        // The rest arriving in read-sized pieces still completes the message.
+        for chunk in frame[24..].chunks(READ_CHUNK) {
+            d.read_buf().extend_from_slice(chunk);
+        }
+        assert_eq!(d.next_item(), Ok(Some(Incoming::Message { binary: true, payload: Bytes::from(vec![7; 60_000]) })));
+    }
+
+    #[test]
+    fn closing_skips_to_the_clients_close_whatever_precedes_it() {
+        // An unmasked frame with reserved bits (what made the server close), a big masked
+        // frame arriving in pieces, then the client's Close.
+        let mut wire = vec![0xf1, 0x02, b'h', b'i'];
+        wire.extend(client_frame(true, 2, &[1; 70_000]));
+        wire.extend(client_frame(true, 8, &[0x03, 0xe8]));
+        let mut d = FrameDecoder::new(Bytes::new(), 1000);
+        let mut seen = false;
+        for chunk in wire.chunks(1000) {
+            assert!(!seen, "Close found before it arrived");
+            d.read_buf().extend_from_slice(chunk);
+            seen = d.client_closed();
+            assert!(d.buf.len() <= 2000, "closing buffered {} bytes", d.buf.len());
+        }
+        assert!(seen);
+        assert!(!FrameDecoder::new(Bytes::from_static(&[0x81, 0x85]), 10).client_closed());
     }
 
     #[test]

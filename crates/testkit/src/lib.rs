@@ -14,6 +14,16 @@ pub use raw::{client_frame, RawFrame, RawWs};
 pub use redis::{free_port, RedisServer};
 pub use ws::{Event, WsClient};
 
+/// Polls `check` until it holds, every 20 ms; panics naming `what` after `within`. For
+/// waiting on an event (a metric, a state) instead of sleeping a fixed time and asserting.
+pub async fn eventually(what: &str, within: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "did not happen within {within:?}: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends a signal to a process by pid (`TERM`, `KILL`, `STOP`, `CONT`).
 pub fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();

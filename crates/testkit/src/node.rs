@@ -114,10 +114,16 @@ impl Node {
 
     /// The current value of an unlabelled metric (or the sum over its label sets).
     pub async fn metric(&self, name: &str) -> f64 {
+        self.metric_with(name, "").await
+    }
+
+    /// A metric summed over the series whose label text contains `label`
+    /// (`reason="shed"`, say; `""`: every series).
+    pub async fn metric_with(&self, name: &str, label: &str) -> f64 {
         let body = crate::http(self.internal, "GET", "/metrics", &[], b"").await.text();
         body.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

@@ -50,11 +50,32 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 impl RawWs {
     /// Performs the HTTP upgrade by hand (JSON subprotocol).
     pub async fn connect(addr: std::net::SocketAddr) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        Self::connect_from(addr, None, &[]).await
+    }
+
+    /// A TCP connection from `source` (any loopback address works on Linux), or the
+    /// default address; nothing sent.
+    pub async fn tcp_from(addr: std::net::SocketAddr, source: Option<std::net::IpAddr>) -> TcpStream {
+        match source {
+            None => TcpStream::connect(addr).await.expect("connect"),
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind((ip, 0).into()).expect("bind the source address");
+                socket.connect(addr).await.expect("connect")
+            }
+        }
+    }
+
+    /// The upgrade from `source`, with `first` (frames, say) sent in the same write as the
+    /// request, as a client that does not wait for the 101 would.
+    pub async fn connect_from(addr: std::net::SocketAddr, source: Option<std::net::IpAddr>, first: &[u8]) -> Self {
+        let mut stream = Self::tcp_from(addr, source).await;
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: fanout.v1.json\r\n\r\n"
         );
-        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(first);
+        stream.write_all(&bytes).await.expect("write");
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
         while !buf.ends_with(b"\r\n\r\n") {
