@@ -4,6 +4,7 @@
 # installs its own tools), then runs every test:
 # the Rust workspace (unit, property and integration tests against real redis-server
 # processes and real fanout nodes) and the Helm chart / deploy checks.
+# the Autobahn|Testsuite conformance runs (scripts/autobahn.sh).
 # Ends with one line "tests: N passed, M failed" and exits non-zero on any failure.
 set -uo pipefail
 
@@ -12,15 +13,29 @@ cd "$ROOT"
 
 log() { printf '== %s\n' "$*" >&2; }
 
+apt_updated=""
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ -z "$apt_updated" ]; then
+    $sudo apt-get update -qq && apt_updated=1
+  fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 need_redis() {
   command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
   log "redis-server is missing: installing it from Debian's packages"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  apt_install redis-server
   # The tests start their own servers; the packaged service is not needed.
-  $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
+  systemctl disable --now redis-server >/dev/null 2>&1 || true
   command -v redis-server >/dev/null || { echo "tests: 0 passed, 1 failed"; exit 1; }
+}
+
+# The TLS test makes a certificate with openssl; the Python tools need venv.
+need_tools() {
+  command -v openssl >/dev/null || { log "installing openssl"; apt_install openssl; }
+  python3 -c 'import ensurepip, venv' 2>/dev/null || { log "installing python3-venv"; apt_install python3-venv; }
 }
 
 # crates/server/tests/examples.rs runs examples/python and examples/node against real nodes.
@@ -57,6 +72,7 @@ need_examples() {
 }
 
 need_redis
+need_tools
 need_examples
 
 failed_steps=()
@@ -71,9 +87,16 @@ log "helm chart and deploy checks"
 scripts/helm-check.sh 2>&1 | tee "$log_dir/helm.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("helm-check")
 
+log "Autobahn|Testsuite conformance"
+scripts/autobahn.sh 2>&1 | tee "$log_dir/autobahn.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("autobahn")
+
 sum() { awk -v want="$2" '{ for (i = 1; i < NF; i++) if ($(i+1) ~ "^" want) s += $i } END { print s + 0 }' "$1"; }
-passed=$(( $(grep -h '^test result:' "$log_dir/cargo.log" | sum /dev/stdin passed) + $(grep -h '^helm-check: [0-9]' "$log_dir/helm.log" | sum /dev/stdin passed) ))
-failed=$(( $(grep -h '^test result:' "$log_dir/cargo.log" | sum /dev/stdin failed) + $(grep -h '^helm-check: [0-9]' "$log_dir/helm.log" | sum /dev/stdin failed) ))
+count() { # count WORD: passed or failed, over every runner's closing lines
+  grep -h -e '^test result:' -e '^helm-check: [0-9]' -e '^autobahn: [0-9]' "$log_dir"/*.log | sum /dev/stdin "$1"
+}
+passed=$(count passed)
+failed=$(count failed)
 if [ ${#failed_steps[@]} -gt 0 ] && [ "$failed" -eq 0 ]; then failed=${#failed_steps[@]}; fi
 [ ${#failed_steps[@]} -eq 0 ] || log "failed: ${failed_steps[*]}"
 echo "tests: $passed passed, $failed failed"

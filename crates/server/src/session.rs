@@ -213,7 +213,7 @@ struct Session {
 const MAX_UNSENT_PONGS: u8 = 16;
 
 /// `refresh` commands per second per connection, and their burst.
-const REFRESH_RATE: Rate = Rate { per_second: 1.0, burst: 3.0 };
+const REFRESH_RATE: Rate = Rate { per_second: 1.0, burst: 8.0 };
 
 /// The header byte of a server Pong frame (FIN + opcode 0xA); nothing else starts so.
 const PONG_HEADER: u8 = 0x8A;
@@ -524,7 +524,11 @@ impl Session {
             return self.error(id, ErrorCode::BadRequest, "authentication is not enabled on this node");
         };
         if !self.refreshes.try_take(REFRESH_RATE, std::time::Instant::now()) {
-            return self.error(id, ErrorCode::RateLimited, "too many refreshes: at most one per second");
+            return self.error(
+                id,
+                ErrorCode::RateLimited,
+                "too many refreshes: at most one per second after a burst of 8",
+            );
         }
         let m = &self.shared.metrics;
         let current_sub = match &self.identity {

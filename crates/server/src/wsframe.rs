@@ -60,6 +60,9 @@ pub struct FrameDecoder {
     partial: Option<(bool, BytesMut)>,
     /// While closing: bytes of the current frame still to be discarded.
     skip: u64,
+    /// The client has sent a Close frame (a valid one or not): the closing handshake needs
+    /// nothing more from it.
+    peer_closed: bool,
 }
 
 /// Socket reads ask for at least this much room; small enough to keep idle connections
@@ -68,7 +71,7 @@ pub const READ_CHUNK: usize = 4096;
 
 impl FrameDecoder {
     pub fn new(leftover: Bytes, max_message: usize) -> Self {
-        Self { buf: BytesMut::from(&leftover[..]), max_message, partial: None, skip: 0 }
+        Self { buf: BytesMut::from(&leftover[..]), max_message, partial: None, skip: 0, peer_closed: false }
     }
 
     /// The buffer to read into, with room for at least `READ_CHUNK` more bytes.
@@ -95,6 +98,9 @@ impl FrameDecoder {
     /// frame lengths are read, payloads are skipped without being buffered.
     pub fn client_closed(&mut self) -> bool {
         loop {
+            if self.peer_closed {
+                return true;
+            }
             if self.skip > 0 {
                 let n = self.skip.min(self.buf.len() as u64);
                 self.buf.advance(n as usize);
@@ -117,6 +123,7 @@ impl FrameDecoder {
                 return false;
             }
             if b[0] & 0x0F == 0x8 {
+                self.peer_closed = true;
                 return true;
             }
             let len = match len7 {
@@ -216,22 +223,30 @@ impl FrameDecoder {
                 self.partial = Some((binary, so_far));
                 Ok(None)
             }
-            0x8 => match payload.len() {
-                0 => Ok(Some(Incoming::Close(None))),
-                1 => Err(FrameError::Protocol("close frame with a 1-byte payload")),
-                _ => {
-                    let code = u16::from_be_bytes([payload[0], payload[1]]);
-                    if std::str::from_utf8(&payload[2..]).is_err() {
-                        return Err(FrameError::InvalidUtf8);
-                    }
-                    if !fastwebsockets::CloseCode::from(code).is_allowed() {
-                        return Err(FrameError::Protocol("invalid close code"));
-                    }
-                    Ok(Some(Incoming::Close(Some(code))))
-                }
-            },
+            0x8 => {
+                self.peer_closed = true;
+                close_payload(&payload)
+            }
             0x9 => Ok(Some(Incoming::Ping(payload.freeze()))),
             _ => Ok(Some(Incoming::Pong)),
+        }
+    }
+}
+
+/// A Close frame's payload: its code, when it has a valid one.
+fn close_payload(payload: &[u8]) -> Result<Option<Incoming>, FrameError> {
+    match payload.len() {
+        0 => Ok(Some(Incoming::Close(None))),
+        1 => Err(FrameError::Protocol("close frame with a 1-byte payload")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err(FrameError::InvalidUtf8);
+            }
+            if !fastwebsockets::CloseCode::from(code).is_allowed() {
+                return Err(FrameError::Protocol("invalid close code"));
+            }
+            Ok(Some(Incoming::Close(Some(code))))
         }
     }
 }

@@ -365,3 +365,23 @@ async fn a_broker_failure_tells_the_client_nothing_about_redis() {
     assert_eq!(reply["code"], "unavailable");
     assert!(!reply["message"].as_str().unwrap().contains(&port), "{reply}");
 }
+
+#[tokio::test]
+async fn refresh_costs_a_signature_check_so_it_has_its_own_small_rate() {
+    let node = node(&["--jwt-hmac-secret", SECRET, "--command-rate", "0"]);
+    let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token = encode(&Header::default(), &json!({"sub":"a","exp":exp}), &EncodingKey::from_secret(SECRET.as_bytes()))
+        .unwrap();
+    let mut c = WsClient::connect(&format!("{}?token={token}", node.ws_url()), None).await.unwrap();
+    let mut codes = Vec::new();
+    for id in 0..20 {
+        c.send(json!({"op":"refresh","token":"not.a.token","id":id})).await;
+        codes.push(c.next_value().await["code"].as_str().unwrap_or_default().to_owned());
+    }
+    // The burst of 8 is checked (and refused as forbidden); past it, one a second (a slow
+    // machine may refill one or two), and the rest are not even parsed.
+    let checked = codes.iter().filter(|c| *c == "forbidden").count();
+    assert!((8..=10).contains(&checked), "{codes:?}");
+    assert_eq!(codes[..8], ["forbidden"; 8], "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "rate_limited").count(), 20 - checked, "{codes:?}");
+}

@@ -96,8 +96,13 @@ async fn metrics_follow_real_traffic() {
             assert_eq!(s.next_value().await["data"], json!(i));
         }
     }
-    // Deliveries are counted when the frame is written; give the last write a moment.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Deliveries are counted once the write returns, which can be a moment after the client
+    // read the frame: wait for the count, then assert everything exactly.
+    let want = get(&before, "fanout_deliveries_total") + 2.0 * N as f64;
+    fanout_testkit::eventually("every delivery is counted", Duration::from_secs(10), async || {
+        get(&scrape(&node).await, "fanout_deliveries_total") >= want
+    })
+    .await;
     let after = scrape(&node).await;
     assert_eq!(get(&after, "fanout_deliveries_total") - get(&before, "fanout_deliveries_total"), 2.0 * N as f64);
     assert_eq!(get(&after, r#"fanout_publications_total{source="ws"}"#), N as f64);
@@ -111,7 +116,10 @@ async fn metrics_follow_real_traffic() {
 
     drop(a);
     drop(b);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    fanout_testkit::eventually("both sessions have ended", Duration::from_secs(10), async || {
+        get(&scrape(&node).await, "fanout_connections") == 1.0
+    })
+    .await;
     let end = scrape(&node).await;
     assert_eq!(get(&end, "fanout_connections"), 1.0);
     assert_eq!(get(&end, "fanout_subscriptions"), 0.0);

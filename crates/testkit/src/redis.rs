@@ -25,9 +25,15 @@ impl RedisServer {
 
     /// A server that requires `password` (`requirepass`).
     pub fn start_with(password: Option<&str>) -> Self {
-        let mut server = Self { port: free_port(), password: password.map(str::to_owned), tls: None, child: None };
-        server.spawn();
-        server
+        // A port that was free a moment ago can be taken by the time redis-server binds it
+        // (by another test process): then try another.
+        for _ in 0..5 {
+            let mut server = Self { port: free_port(), password: password.map(str::to_owned), tls: None, child: None };
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server could not bind a free port five times");
     }
 
     /// A free port with nothing listening on it (yet).
@@ -43,8 +49,9 @@ impl RedisServer {
     }
 
     /// A server that speaks only TLS, with a freshly made self-signed certificate (which no
-    /// client trusts), logging verbosely to [`Self::log`]. `None` when `openssl` is missing.
-    pub fn start_tls() -> Option<Self> {
+    /// client trusts), logging verbosely to [`Self::log`]. Panics when `openssl` is missing
+    /// (scripts/test.sh installs it): a TLS test that skips itself proves nothing.
+    pub fn start_tls() -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("fanout-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -57,12 +64,13 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        if !made.is_ok_and(|s| s.success()) {
-            return None;
-        }
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "openssl is needed to make the test certificate (apt-get install openssl)"
+        );
         let mut server = Self { port, password: None, tls: Some(dir), child: None };
         server.spawn();
-        Some(server)
+        server
     }
 
     /// What a TLS server has logged so far.
@@ -90,6 +98,12 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        assert!(self.try_spawn(), "redis-server could not listen on port {}", self.port);
+    }
+
+    /// Starts the process and waits until it answers; false when it exited instead (its
+    /// port was taken).
+    fn try_spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "server already running");
         let port = self.port.to_string();
         let dir = std::env::temp_dir();
@@ -116,34 +130,31 @@ impl RedisServer {
         }
         let child = cmd.spawn().expect("redis-server must be installed (apt-get install -y redis-server)");
         self.child = Some(child);
-        match &self.tls {
-            None => self.wait_answering(),
-            Some(_) => self.wait_listening(),
-        }
-    }
-
-    fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on port {} did not come up", self.port);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Blocks until the server answers PING (or NOAUTH, which is an answer too).
-    fn wait_answering(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let tls = self.tls.is_some();
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                let mut buf = [0u8; 64];
-                if s.write_all(b"PING\r\n").is_ok() && matches!(s.read(&mut buf), Ok(n) if n > 0) {
-                    return;
-                }
+            if if tls { self.listening() } else { self.answering() } {
+                return true;
+            }
+            if self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some())) {
+                self.child = None;
+                return false;
             }
             assert!(Instant::now() < deadline, "redis-server on port {} did not come up", self.port);
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    fn listening(&self) -> bool {
+        TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    /// Whether the server answers PING (or NOAUTH, which is an answer too).
+    fn answering(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 64];
+        s.write_all(b"PING\r\n").is_ok() && matches!(s.read(&mut buf), Ok(n) if n > 0)
     }
 
     /// SIGKILL: the server vanishes without a goodbye; the port is free to restart on.
@@ -233,8 +244,28 @@ fn redis_server() -> String {
     std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, chosen below the kernel's ephemeral range:
+/// a test that stops a server and starts it again on the same port must not find it taken
+/// meanwhile by some connection's local port (which the kernel picks from that range, as it
+/// does for a bind to port 0). Each process starts at its own offset and checks by binding.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const SPAN: u32 = 10_000;
+    if low > SPAN + 1024 {
+        let base = low - SPAN;
+        let offset = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+        for _ in 0..SPAN {
+            let port = base + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
 }
 
