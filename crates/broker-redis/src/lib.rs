@@ -14,9 +14,11 @@
 //! * one **multiplexed command connection** for `PUBLISH`, so a slow fan-out never delays
 //!   a publish and a burst of publishes never delays the heartbeat.
 //!
-//! Publications read from the pub/sub connection are decoded and handed to the
-//! [`fanout_hub::Registry`] directly in the reader task, in the order Redis sent them;
-//! there is no queue in between.
+//! Publications read from the pub/sub connection go, in the order Redis sent them,
+//! through a byte-bounded backlog ([`RedisConfig::backlog_bytes`]) to a delivery task that
+//! decodes them and hands them to the [`fanout_hub::Registry`]. redis-rs buffers pub/sub
+//! messages without bound, so the reader keeps that buffer empty and the backlog is where
+//! a node that falls behind drops (and counts) publications instead of growing.
 //!
 //! # Outages
 //!
@@ -52,7 +54,8 @@
 //! `fanout_broker_reconnects_total`, `fanout_broker_resubscribe_duration_seconds`,
 //! `fanout_broker_publications_received_total`,
 //! `fanout_broker_errors_total{op="publish"|"subscribe"|"unsubscribe"|"ping"|"connect"}`
-//! and `fanout_publications_dropped_total{reason="invalid_envelope"}`.
+//! `fanout_broker_backlog_bytes`, and
+//! `fanout_publications_dropped_total{reason="invalid_envelope"|"too_large"|"broker_backlog"}`.
 
 mod backoff;
 mod broker;

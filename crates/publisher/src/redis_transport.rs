@@ -46,18 +46,20 @@ impl RedisTransport {
     }
 
     /// One attempt at publishing every `(channel, enc, data)` in one pipeline, each in its
-    /// own envelope stamped now.
+    /// own envelope, all stamped with one `ts` (a broadcast is one publication, entered at
+    /// one moment, whichever channels carry it; the HTTP API stamps it the same way).
     pub(crate) async fn publish<'a>(
         &self,
         items: impl Iterator<Item = (&'a str, Encoding, &'a [u8])>,
     ) -> Result<(), PublishError> {
         let mut pipe = redis::pipe();
         let mut key = String::new();
+        let ts = now_micros();
         for (channel, enc, data) in items {
             key.clear();
             key.push_str(&self.prefix);
             key.push_str(channel);
-            pipe.cmd("PUBLISH").arg(&key).arg(encode_envelope(now_micros(), enc, data)).ignore();
+            pipe.cmd("PUBLISH").arg(&key).arg(encode_envelope(ts, enc, data)).ignore();
         }
         if pipe.is_empty() {
             return Ok(());

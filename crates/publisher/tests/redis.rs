@@ -82,13 +82,17 @@ async fn batches_are_pipelined_in_order_and_broadcast_reaches_every_channel() {
     }
     p.broadcast(&["a", "b", "c"], &"all").await.unwrap();
     let mut got: Vec<String> = Vec::new();
+    let mut stamps = Vec::new();
     for _ in 0..3 {
         let (channel, payload) = next(&mut stream).await;
         assert_envelope(&payload, before, Encoding::Json, br#""all""#);
+        stamps.push(fanout_protocol::decode_envelope(&payload).unwrap().0);
         got.push(channel);
     }
     got.sort();
     assert_eq!(got, ["fanout:a", "fanout:b", "fanout:c"]);
+    // One publication: the same ts on every channel, as through the HTTP API.
+    assert!(stamps.windows(2).all(|w| w[0] == w[1]), "{stamps:?}");
 }
 
 #[tokio::test]

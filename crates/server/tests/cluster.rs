@@ -165,3 +165,45 @@ async fn garbage_in_redis_is_counted_and_never_delivered() {
     assert_eq!(node.metric("fanout_broker_publications_received_total").await, 1.0);
     assert_eq!(http(node.internal, "GET", "/readyz", &[], b"").await.status, 200);
 }
+
+/// Last subscribers leaving while new ones join, over and over, on one node: after every
+/// round the node must still hold its Redis subscription for the channel that has a
+/// subscriber, and deliver to it what another node publishes. (With interest told to the
+/// broker out of order, a round could end with Redis unsubscribed after the linger and
+/// the subscriber receiving nothing, forever.)
+#[tokio::test]
+async fn subscription_churn_never_leaves_a_subscriber_deaf() {
+    let redis = RedisServer::start();
+    let [a, b] = <[Node; 2]>::try_from(nodes(&redis, 2)).ok().unwrap();
+    let mut publisher = WsClient::json(&a.ws_url()).await;
+    let mut churners = Vec::new();
+    for _ in 0..8 {
+        churners.push(WsClient::json(&b.ws_url()).await);
+    }
+    for round in 0..20u64 {
+        // Every churner subscribes and unsubscribes, pipelined, all at once.
+        for c in &mut churners {
+            for i in 0..5 {
+                c.send(json!({"op":"subscribe","channel":"churn","id":i * 2})).await;
+                c.send(json!({"op":"unsubscribe","channel":"churn","id":i * 2 + 1})).await;
+            }
+        }
+        for c in &mut churners {
+            for _ in 0..10 {
+                let reply = c.next_value().await;
+                assert!(reply["op"] == "subscribed" || reply["op"] == "unsubscribed", "{reply}");
+            }
+        }
+        // One stays; after the linger any wrongly ordered removal would have hit Redis.
+        let mut stayer = WsClient::json(&b.ws_url()).await;
+        stayer.subscribe("churn").await;
+        let linger_passed = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < linger_passed {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        publisher.publish("churn", json!(round)).await;
+        let got = stayer.recv_timeout(Duration::from_secs(10)).await.value();
+        assert_eq!(got["data"], json!(round), "round {round}: the subscriber got {got}");
+        assert_eq!(redis.cli(&["PUBSUB", "NUMSUB", "fanout:churn"]).lines().nth(1), Some("1"), "round {round}");
+    }
+}

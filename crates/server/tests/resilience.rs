@@ -199,6 +199,11 @@ fn bad_configuration_exits_64_before_binding() {
     let cases: Vec<Vec<String>> = vec![
         vec!["--max-message-size".into(), "1".into()],
         vec!["--redis-url".into(), "http://nope".into()],
+        // Parsed by the Redis client, not just by scheme: these used to fail after binding.
+        vec!["--redis-url".into(), "redis://127.0.0.1:notaport".into()],
+        vec!["--redis-url".into(), "redis://127.0.0.1:6379/notadb".into()],
+        vec!["--max-publication-size".into(), "2000000".into()],
+        vec!["--max-pending-connections".into(), "0".into()],
         vec!["--ping-interval".into(), "soon".into()],
         vec!["--no-such-flag".into()],
         vec!["--config".into(), "/nonexistent/fanout.toml".into()],

@@ -26,6 +26,10 @@ handshake_timeout = {{ $c.handshakeTimeout | toString | toJson }}
 ping_interval = {{ $c.pingInterval | toString | toJson }}
 idle_timeout = {{ $c.idleTimeout | toString | toJson }}
 max_http_body = {{ $c.maxHttpBody | int64 }}
+max_pending_connections = {{ $c.maxPendingConnections | int64 }}
+{{- with $c.maxPublicationSize }}
+max_publication_size = {{ . | int64 }}
+{{- end }}
 broker_timeout = {{ $c.brokerTimeout | toString | toJson }}
 allowed_origins = {{ $c.allowedOrigins | default list | toJson }}
 max_connections_per_ip_per_second = {{ $c.maxConnectionsPerIpPerSecond | float64 | toJson }}

@@ -259,6 +259,8 @@ credentials (they belong in the Secret).
   "ping_interval" "config.pingInterval"
   "idle_timeout" "config.idleTimeout"
   "max_http_body" "config.maxHttpBody"
+  "max_pending_connections" "config.maxPendingConnections"
+  "max_publication_size" "config.maxPublicationSize"
   "broker_timeout" "config.brokerTimeout"
   "allowed_origins" "config.allowedOrigins"
   "max_connections_per_ip_per_second" "config.maxConnectionsPerIpPerSecond"
