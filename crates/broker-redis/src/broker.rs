@@ -4,11 +4,11 @@ use std::{
     collections::HashSet,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
     },
 };
 
-use fanout_hub::{BoxFuture, Broker, BrokerError, Registry};
+use fanout_hub::{BoxFuture, Broker, BrokerError, LogLimiter, Registry};
 use fanout_protocol::{ChannelName, Publication};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -19,7 +19,6 @@ use crate::{
     manager::{Command, Manager},
     metrics::Metrics,
     publisher::Publisher,
-    reader::WarnLimiter,
 };
 
 /// State shared by the broker handle, the connection manager, the reader and publishers.
@@ -36,7 +35,8 @@ pub(crate) struct Shared {
     pub active: RwLock<HashSet<ChannelName>>,
     pub publisher: Publisher,
     pub metrics: Metrics,
-    pub invalid_log: Mutex<WarnLimiter>,
+    /// One warning per 10 s about publications dropped on their way in from Redis.
+    pub drop_log: LogLimiter,
 }
 
 impl Shared {
@@ -61,7 +61,7 @@ impl Shared {
             status: watch::Sender::new(false),
             active: RwLock::new(HashSet::new()),
             metrics: Metrics::new(),
-            invalid_log: Mutex::new(WarnLimiter::default()),
+            drop_log: LogLimiter::new(10_000),
         }
     }
 

@@ -278,15 +278,7 @@ impl Manager {
 
     fn keys(&self, channels: &[ChannelName]) -> Vec<String> {
         let prefix = self.shared.config.prefix.as_str();
-        channels
-            .iter()
-            .map(|c| {
-                let mut key = String::with_capacity(prefix.len() + c.as_str().len());
-                key.push_str(prefix);
-                key.push_str(c.as_str());
-                key
-            })
-            .collect()
+        channels.iter().map(|c| fanout_protocol::redis_channel(prefix, c.as_str())).collect()
     }
 }
 

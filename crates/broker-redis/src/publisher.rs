@@ -80,10 +80,7 @@ impl Publisher {
             Some(c) => c,
             None => self.dial(shared).await?,
         };
-        let prefix = &shared.config.prefix;
-        let mut key = String::with_capacity(prefix.len() + p.channel.as_str().len());
-        key.push_str(prefix);
-        key.push_str(p.channel.as_str());
+        let key = fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str());
         let payload = encode_envelope(p.ts, p.enc, &p.data);
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(key).arg(payload);

@@ -14,7 +14,6 @@ use std::{
     collections::VecDeque,
     fmt::Display,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -24,10 +23,6 @@ use redis::aio::PubSubStream;
 use tokio::sync::Notify;
 
 use crate::broker::Shared;
-
-/// At most one warning per this long about invalid publications, so a misbehaving
-/// backend cannot flood the log.
-const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Room an envelope takes around its `data` (keys, version, ts, encoding), with margin; a
 /// payload larger than `max_publication_size` plus this is dropped without decoding it.
@@ -196,50 +191,12 @@ impl Shared {
         self.warn(redis_channel, reason);
     }
 
-    /// Logs a dropped publication, at most once per [`WARN_EVERY`].
+    /// Logs a dropped publication, at most once per 10 s, so a misbehaving backend cannot
+    /// flood the log.
     fn warn(&self, redis_channel: &str, reason: &dyn Display) {
-        let suppressed = self.invalid_log.lock().unwrap_or_else(PoisonError::into_inner).allow(Instant::now());
-        if let Some(suppressed) = suppressed {
+        if let Some(suppressed) = self.drop_log.check() {
             let channel: String = redis_channel.chars().take(300).collect();
             tracing::warn!(channel, error = %reason, suppressed, "dropped a publication from Redis");
         }
-    }
-}
-
-/// Decides which warnings are logged: one per [`WARN_EVERY`], carrying how many were
-/// suppressed since the last.
-#[derive(Default)]
-pub(crate) struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimiter {
-    /// `Some(suppressed since the last logged one)` if this one is to be logged.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self.last.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_warning_per_window_with_a_count() {
-        let mut l = WarnLimiter::default();
-        let t0 = Instant::now();
-        assert_eq!(l.allow(t0), Some(0));
-        for i in 1..=5 {
-            assert_eq!(l.allow(t0 + Duration::from_secs(i)), None);
-        }
-        assert_eq!(l.allow(t0 + WARN_EVERY), Some(5));
-        assert_eq!(l.allow(t0 + WARN_EVERY + Duration::from_secs(1)), None);
-        assert_eq!(l.allow(t0 + WARN_EVERY * 3), Some(1));
     }
 }

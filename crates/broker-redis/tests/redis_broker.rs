@@ -523,3 +523,62 @@ fn start_needs_a_runtime() {
     );
     assert_eq!(r.err(), Some(RedisBrokerError::NoRuntime));
 }
+
+/// A flood into Redis faster than the node fans out: what was read and not yet fanned out
+/// stays within `backlog_bytes`, the excess is dropped and counted, every publication is
+/// either delivered or counted as dropped, and delivery goes on afterwards. (redis-rs
+/// buffers pub/sub messages without bound; before the backlog, a node that fell behind
+/// grew by the whole flood.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_faster_than_the_fan_out_is_bounded_and_counted() {
+    const FLOOD: u64 = 20_000;
+    let server = RedisServer::start();
+    let backlog = 32 * 1024;
+    let node =
+        Node::start(RedisConfig { backlog_bytes: backlog, max_publication_size: 1024, ..config(vec![server.url()]) });
+    node.wait_status(true, Duration::from_secs(10)).await;
+    // 2,000 local subscribers that never read make each publication's fan-out slow
+    // (2,000 pushes) while Redis delivers a pipelined flood as fast as it can.
+    let channel = ch("flood");
+    let subscribers: Vec<_> = (0..2_000).map(|_| Arc::new(Outbox::new(Encoding::Json, 64 << 20))).collect();
+    for s in &subscribers {
+        node.registry.insert(&channel, s);
+    }
+    node.broker.add_interest(&channel);
+    node.ready("flood").await.unwrap();
+    let mut conn = server.connection().await;
+    let mut pipe = redis::pipe();
+    for ts in 1..=FLOOD {
+        pipe.cmd("PUBLISH")
+            .arg("fanout:flood")
+            .arg(encode_envelope(ts, Encoding::Json, b"\"0123456789abcdef\""))
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let mut peak = 0.0f64;
+    let settled = eventually(Duration::from_secs(120), || {
+        peak = peak.max(node.metric("fanout_broker_backlog_bytes"));
+        let done = node.metric("fanout_broker_publications_received_total")
+            + node.metric(r#"fanout_publications_dropped_total{reason="broker_backlog"}"#);
+        async move { done >= FLOOD as f64 }
+    })
+    .await;
+    let received = node.metric("fanout_broker_publications_received_total");
+    let dropped = node.metric(r#"fanout_publications_dropped_total{reason="broker_backlog"}"#);
+    assert!(settled, "received {received} + dropped {dropped} never reached {FLOOD}");
+    assert_eq!(received + dropped, FLOOD as f64, "every publication is delivered or counted");
+    assert!(dropped > 0.0, "the fan-out kept up after all: no flood");
+    assert!(peak <= backlog as f64, "the backlog held {peak} bytes, over its {backlog}");
+    // Each subscriber got exactly what was received, in Redis order.
+    let mut q = VecDeque::new();
+    subscribers[0].take_now(&mut q);
+    assert_eq!(q.len() as f64, received);
+    assert!(q.iter().zip(q.iter().skip(1)).all(|(a, b)| a.ts < b.ts));
+    // And the node goes on: the next publication arrives.
+    node.publish("flood", FLOOD + 1, "1").await.unwrap();
+    assert_eq!(
+        receive(&subscribers[1], (received as usize) + 1, Duration::from_secs(10)).await.last().map(|o| o.ts),
+        Some(FLOOD + 1)
+    );
+    eprintln!("flood of {FLOOD}: {received} delivered, {dropped} dropped, backlog peak {peak} of {backlog} bytes");
+}

@@ -40,6 +40,15 @@ impl EnvelopeError {
     }
 }
 
+/// The Redis channel a fanout channel travels on: the configured prefix, then the name
+/// (`fanout:` + `chat:lobby`). Every component that talks to Redis builds it here.
+pub fn redis_channel(prefix: &str, channel: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + channel.len());
+    key.push_str(prefix);
+    key.push_str(channel);
+    key
+}
+
 /// Encodes an envelope: `{"v":1,"ts":ts,"enc":enc,"data":bin(data)}`.
 pub fn encode_envelope(ts: u64, enc: Encoding, data: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(32 + data.len());

@@ -3,7 +3,7 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use fanout_protocol::{encode_envelope, now_micros, Encoding};
+use fanout_protocol::{encode_envelope, now_micros, redis_channel, Encoding};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RetryMethod};
 
 use crate::PublishError;
@@ -53,13 +53,9 @@ impl RedisTransport {
         items: impl Iterator<Item = (&'a str, Encoding, &'a [u8])>,
     ) -> Result<(), PublishError> {
         let mut pipe = redis::pipe();
-        let mut key = String::new();
         let ts = now_micros();
         for (channel, enc, data) in items {
-            key.clear();
-            key.push_str(&self.prefix);
-            key.push_str(channel);
-            pipe.cmd("PUBLISH").arg(&key).arg(encode_envelope(ts, enc, data)).ignore();
+            pipe.cmd("PUBLISH").arg(redis_channel(&self.prefix, channel)).arg(encode_envelope(ts, enc, data)).ignore();
         }
         if pipe.is_empty() {
             return Ok(());

@@ -467,40 +467,13 @@ pub fn token_from_request(headers: &http::HeaderMap, query: Option<&str>) -> Res
         }
     }
     let Some(query) = query else { return Ok(None) };
-    for pair in query.split('&') {
-        if let Some(raw) = pair.strip_prefix("token=") {
-            if raw.len() > MAX_TOKEN_LEN * 3 {
-                return Err(TokenError::TooLong);
-            }
-            return percent_decode(raw).map(Some).ok_or(TokenError::Malformed);
-        }
+    // Bounded before decoding: at most three bytes of escapes per token byte.
+    if query.len() > MAX_TOKEN_LEN * 3 + 1024 {
+        return Err(TokenError::TooLong);
     }
-    Ok(None)
-}
-
-/// Decodes `%XX` escapes (a JWT needs none, but a client may escape anyway).
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    // A JWT needs no escapes, but a client may escape anyway; a bad escape is kept as it
+    // is and fails verification like any malformed token.
+    Ok(form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned()))
 }
 
 #[cfg(test)]
@@ -567,7 +540,9 @@ mod tests {
         assert_eq!(token_from_request(&h, None), Ok(None));
         assert_eq!(token_from_request(&h, Some("a=1&token=x.y.z")), Ok(Some("x.y.z".into())));
         assert_eq!(token_from_request(&h, Some("token=a%2Eb")), Ok(Some("a.b".into())));
-        assert_eq!(token_from_request(&h, Some("token=%zz")), Err(TokenError::Malformed));
+        assert_eq!(token_from_request(&h, Some("token=%zz")), Ok(Some("%zz".into())));
+        let long = format!("token={}", "a".repeat(MAX_TOKEN_LEN * 4));
+        assert_eq!(token_from_request(&h, Some(&long)), Err(TokenError::TooLong));
         h.insert(http::header::AUTHORIZATION, "Bearer h.e.d".parse().unwrap());
         assert_eq!(token_from_request(&h, Some("token=q")), Ok(Some("h.e.d".into())));
         h.insert(http::header::AUTHORIZATION, "Basic abc".parse().unwrap());

@@ -146,44 +146,29 @@ impl IpRateLimiter {
     }
 }
 
-/// An address block, `10.0.0.0/8` or a single address.
+/// An address block, `10.0.0.0/8`, or a single address: ipnet's, which wants a prefix, so
+/// a bare address is taken as a block of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl std::str::FromStr for IpNet {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
+        let s = s.trim();
+        let net = if s.contains('/') {
+            s.parse::<ipnet::IpNet>().map_err(|_| format!("{s:?} is not a CIDR block"))?
+        } else {
+            ipnet::IpNet::from(s.parse::<IpAddr>().map_err(|_| format!("{s:?} is not an address or CIDR block"))?)
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has a bad prefix"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
+        Ok(Self(net))
     }
 }
 
 impl IpNet {
+    /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) match their IPv4 blocks.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 }
 
