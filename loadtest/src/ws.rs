@@ -213,25 +213,9 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, 
     Ok(Some((Frame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, payload: &buf[header..end] }, end)))
 }
 
-/// Appends a final, masked client frame to `out`.
+/// Appends a final, masked client frame to `out` (the protocol crate's encoder).
 pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | opcode);
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= u16::MAX as usize {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    for (i, b) in out[start..].iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
+    fanout_protocol::write_client_frame(out, true, opcode, payload, mask);
 }
 
 /// A masked Close frame with a status code.

@@ -34,6 +34,29 @@ pub fn frame_header(op: OpCode, payload_len: usize, out: &mut [u8; MAX_FRAME_HEA
     }
 }
 
+/// Appends a masked client frame (what a browser sends) to `out`: the one encoder the
+/// test kit, the property tests and the load tester share. `mask` need not be random
+/// there; a real client's must be (RFC 6455 §5.3).
+pub fn write_client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(if fin { 0x80 } else { 0 } | (opcode & 0x0F));
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[start..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
 /// A complete final frame: header followed by `payload`.
 pub fn frame(op: OpCode, payload: &[u8]) -> Bytes {
     let mut head = [0u8; MAX_FRAME_HEADER];
@@ -73,6 +96,26 @@ pub(crate) fn frame_in_place(op: OpCode, mut buf: Vec<u8>) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_frames_have_the_right_length_form_and_unmask_to_the_payload() {
+        for (len, header) in [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10), (70_000, 10)] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mask = [1, 2, 3, 4];
+            let mut out = Vec::new();
+            write_client_frame(&mut out, len % 2 == 0, 0x2, &payload, mask);
+            assert_eq!(out[0], if len % 2 == 0 { 0x82 } else { 0x02 });
+            assert_eq!(out[1] & 0x80, 0x80, "client frames are masked");
+            let announced = match out[1] & 0x7F {
+                126 => u64::from(u16::from_be_bytes([out[2], out[3]])),
+                127 => u64::from_be_bytes(out[2..10].try_into().unwrap()),
+                n => u64::from(n),
+            };
+            assert_eq!((announced, out.len()), (len as u64, header + 4 + len), "{len}");
+            let unmasked: Vec<u8> = out[header + 4..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            assert_eq!(unmasked, payload);
+        }
+    }
 
     #[test]
     fn header_lengths() {

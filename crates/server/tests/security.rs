@@ -663,3 +663,25 @@ async fn api_key_variants_are_refused() {
     assert_eq!(http(node.internal, "GET", "/healthz", &[], b"").await.status, 200);
     assert_eq!(http(node.internal, "GET", "/metrics", &[], b"").await.status, 200);
 }
+
+/// A token without `kid` is checked against at most three keys of its family, so one
+/// upgrade cannot make the node verify a signature against every key of a large JWKS.
+#[tokio::test]
+async fn a_token_without_kid_is_tried_against_at_most_three_keys() {
+    let dir = TempDir::new("kidless");
+    let (ec, ec2) = (ec_key("ec-private.pem"), ec_key("ec2-private.pem"));
+    let keys = [
+        ("k1", Algorithm::ES256, &ec),
+        ("k2", Algorithm::ES256, &ec),
+        ("k3", Algorithm::ES256, &ec),
+        ("k4", Algorithm::ES256, &ec2),
+    ];
+    let path = dir.write("keys.json", &jwks(&keys));
+    let node = node_with(&dir, &format!("[auth]\nalgorithms = [\"ES256\"]\njwks_file = {path:?}\n"), &[]);
+    let c = claims("dave", 60, &[], &[]);
+    // Signed by the fourth key: found by its kid, never by trying keys in turn.
+    assert!(connect(&node, Some(&sign(Algorithm::ES256, &ec2, Some("k4"), &c)), false).await.is_ok());
+    assert_eq!(connect(&node, Some(&sign(Algorithm::ES256, &ec2, None, &c)), false).await.err(), Some(401));
+    // Signed by one of the first three: found without a kid.
+    assert!(connect(&node, Some(&sign(Algorithm::ES256, &ec, None, &c)), false).await.is_ok());
+}
