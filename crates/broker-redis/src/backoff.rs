@@ -1,10 +1,7 @@
 //! The reconnect delay: exponential, capped, with jitter so a fleet of nodes that lost the
 //! same Redis does not reconnect in lockstep.
 
-use std::{
-    hash::{BuildHasher, RandomState},
-    time::Duration,
-};
+use std::time::Duration;
 
 /// First delay after a failed attempt; the attempt right after a lost connection is
 /// immediate (a restarted Redis is often already back).
@@ -14,12 +11,11 @@ pub(crate) struct Backoff {
     next: Duration,
     max: Duration,
     attempts: u64,
-    hasher: RandomState,
 }
 
 impl Backoff {
     pub fn new(max: Duration) -> Self {
-        Self { next: BASE.min(max), max, attempts: 0, hasher: RandomState::new() }
+        Self { next: BASE.min(max), max, attempts: 0 }
     }
 
     /// The delay before the next attempt: between half and all of the current step.
@@ -28,9 +24,7 @@ impl Backoff {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = step / 2;
-        let nanos = half.as_nanos() as u64;
-        let jitter = if nanos == 0 { 0 } else { self.hasher.hash_one(self.attempts) % (nanos + 1) };
-        half + Duration::from_nanos(jitter)
+        half + Duration::from_nanos(fastrand::u64(..=half.as_nanos() as u64))
     }
 
     /// Failed attempts since the last reset.

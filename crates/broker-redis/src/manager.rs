@@ -479,6 +479,15 @@ mod tests {
         ChannelName::new(s).unwrap()
     }
 
+    /// An interest in `channel` that Redis has confirmed.
+    fn subscribed_to(channel: &str) -> Interest {
+        let mut i = interest();
+        i.apply(Command::Add(ch(channel)));
+        i.pending.clear();
+        i.confirmed(&[ch(channel)]);
+        i
+    }
+
     fn pending(i: &Interest) -> Vec<ChannelName> {
         let mut p: Vec<_> = i.pending.iter().cloned().collect();
         p.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -509,10 +518,7 @@ mod tests {
 
     #[test]
     fn remove_then_add_within_the_linger_keeps_the_subscription() {
-        let mut i = interest();
-        i.apply(Command::Add(ch("a")));
-        i.pending.clear();
-        i.confirmed(&[ch("a")]);
+        let mut i = subscribed_to("a");
         let t0 = Instant::now();
         i.apply(Command::Remove(ch("a")));
         i.apply(Command::Add(ch("a")));
@@ -523,10 +529,7 @@ mod tests {
 
     #[test]
     fn a_stale_linger_entry_does_not_unsubscribe_a_later_removal_early() {
-        let mut i = interest();
-        i.apply(Command::Add(ch("a")));
-        i.pending.clear();
-        i.confirmed(&[ch("a")]);
+        let mut i = subscribed_to("a");
         let t0 = Instant::now();
         i.apply(Command::Remove(ch("a")));
         i.apply(Command::Add(ch("a")));

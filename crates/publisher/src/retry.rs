@@ -1,9 +1,6 @@
 //! How often and how long to wait before repeating a publish that failed retryably.
 
-use std::{
-    hash::{BuildHasher, Hasher},
-    time::Duration,
-};
+use std::time::Duration;
 
 /// Bounded exponential backoff: retry `n` (0-based) waits a random time between half
 /// and all of `min(initial_backoff * 2^n, max_backoff)`. The randomness keeps many
@@ -36,16 +33,8 @@ impl RetryPolicy {
         if spread == 0 {
             return ceiling;
         }
-        half + Duration::from_nanos(random_u64() % (spread + 1))
+        half + Duration::from_nanos(fastrand::u64(..=spread))
     }
-}
-
-/// A fresh random number without a dependency: `RandomState` is seeded randomly per thread
-/// and advanced on every construction.
-fn random_u64() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0x9e37_79b9_7f4a_7c15);
-    h.finish()
 }
 
 #[cfg(test)]

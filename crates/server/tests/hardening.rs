@@ -141,17 +141,23 @@ async fn a_pinger_that_never_reads_pins_almost_nothing() {
     assert!(grown < 8 * 1024, "the node grew by {grown} KiB for a pinger");
 }
 
-#[tokio::test]
-async fn a_reply_due_when_the_drain_starts_goes_out_before_1001() {
-    let redis = RedisServer::start();
-    let node = node(&["--redis-url", &redis.url(), "--broker-timeout", "30s"]);
+/// A client whose `publish` (with `id`) the node has handed to Redis, which is frozen.
+async fn publish_into_frozen_redis(redis: &RedisServer, node: &Node, id: u64) -> WsClient {
     let mut c = WsClient::json(&node.ws_url()).await;
     redis.freeze();
-    c.send(json!({"op":"publish","channel":"acks","data":1,"id":7})).await;
+    c.send(json!({"op":"publish","channel":"acks","data":1,"id":id})).await;
     eventually("the publish is waiting on the frozen Redis", async || {
         node.metric("fanout_broker_publishes_in_flight").await == 1.0
     })
     .await;
+    c
+}
+
+#[tokio::test]
+async fn a_reply_due_when_the_drain_starts_goes_out_before_1001() {
+    let redis = RedisServer::start();
+    let node = node(&["--redis-url", &redis.url(), "--broker-timeout", "30s"]);
+    let mut c = publish_into_frozen_redis(&redis, &node, 7).await;
     node.signal("TERM");
     eventually("the node is draining", async || http(node.internal, "GET", "/readyz", &[], b"").await.status == 503)
         .await;
@@ -176,10 +182,7 @@ async fn a_reply_due_when_the_drain_starts_goes_out_before_1001() {
 async fn a_publish_may_wait_for_the_whole_broker_timeout() {
     let redis = RedisServer::start();
     let node = node(&["--redis-url", &redis.url(), "--broker-timeout", "20s"]);
-    let mut c = WsClient::json(&node.ws_url()).await;
-    redis.freeze();
-    c.send(json!({"op":"publish","channel":"slow","data":1,"id":3})).await;
-    eventually("the publish is waiting", async || node.metric("fanout_broker_publishes_in_flight").await == 1.0).await;
+    let mut c = publish_into_frozen_redis(&redis, &node, 3).await;
     // Past the 2 s the publish used to be capped at, well inside broker_timeout.
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.thaw();
