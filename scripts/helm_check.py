@@ -42,13 +42,25 @@ COUNTERS_AND_GAUGES = {
 HISTOGRAMS = {"fanout_delivery_latency_seconds", "fanout_broadcast_duration_seconds",
               "fanout_broker_resubscribe_duration_seconds"}
 ALLOWED_METRICS = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
-# What the gateway's fanout.toml may hold (crates/server/src/config.rs, FileConfig).
-TOML_KEYS = {"public_addr", "internal_addr", "redis_url", "redis_password", "redis_prefix", "log_level",
-             "log_format", "drain_timeout", "max_connections", "max_message_size", "outbound_queue_bytes",
-             "max_subscriptions", "handshake_timeout", "ping_interval", "idle_timeout", "max_http_body", "max_pending_connections", "max_publication_size",
-             "broker_timeout", "api_key", "jwt_hmac_secret", "allowed_origins",
-             "max_connections_per_ip_per_second", "connection_rate_burst", "command_rate", "command_burst",
-             "trusted_proxies"}
+# What the gateway's fanout.toml may hold: one key per `fanout serve` flag (the settings are
+# declared once, in crates/server/src/config.rs), read from the built binary's --help; the
+# list below is only the fallback when nothing is built.
+FALLBACK_TOML_KEYS = {"public_addr", "internal_addr", "redis_url", "redis_password", "redis_prefix", "log_level",
+                      "log_format", "drain_timeout", "max_connections", "max_message_size", "outbound_queue_bytes",
+                      "max_subscriptions", "handshake_timeout", "ping_interval", "idle_timeout", "max_http_body",
+                      "max_pending_connections", "max_publication_size", "broker_timeout", "api_key",
+                      "jwt_hmac_secret", "allowed_origins", "max_connections_per_ip_per_second",
+                      "connection_rate_burst", "command_rate", "command_burst", "trusted_proxies"}
+
+
+def toml_keys():
+    binary = find_binary()
+    if not binary:
+        return FALLBACK_TOML_KEYS
+    out = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    return {m.replace("-", "_") for m in re.findall(r"^\s+--([a-z-]+) <", out, re.M)} - {"config"}
+
+
 AUTH_KEYS = {"algorithms", "public_key_file", "jwks_file", "jwks_reload_interval", "required", "leeway",
              "audience", "issuer"}
 NAMESPACE_KEYS = {"anonymous_subscribe", "client_publish", "max_message_size", "publish_rate", "publish_burst"}
@@ -327,7 +339,7 @@ def chart_assertions(c, scenario, docs, values):
         assert os.path.dirname(path) in mounts, "%s is not on a mounted volume" % path
         cm, text = rendered_toml(docs)
         cfg = tomllib.loads(text)
-        unknown = {k for k, v in cfg.items() if not isinstance(v, dict)} - TOML_KEYS
+        unknown = {k for k, v in cfg.items() if not isinstance(v, dict)} - toml_keys()
         assert not unknown, "unknown TOML keys %s" % sorted(unknown)
         tables = {k for k, v in cfg.items() if isinstance(v, dict)}
         assert tables <= {"auth", "namespaces"}, "unknown TOML tables %s" % sorted(tables - {"auth", "namespaces"})

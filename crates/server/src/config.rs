@@ -1,11 +1,17 @@
 //! Node configuration: command-line flags, `FANOUT_*` environment variables and a TOML
 //! file, merged in that order of precedence and validated before anything is bound.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr as _, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr as _,
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{parser::ValueSource, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     auth::{self, AuthSettings},
@@ -31,11 +37,12 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 #[command(name = "fanout", version, about = "fanout: a horizontally scaled WebSocket pub/sub gateway")]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: CliCommand,
 }
 
+/// What the `fanout` binary was asked to do.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum CliCommand {
     /// Run a gateway node.
     Serve(Box<ServeArgs>),
     /// Publish to channels through a node's HTTP API or straight into Redis.
@@ -44,9 +51,8 @@ pub enum Command {
     Subscribe(crate::cli::SubscribeArgs),
 }
 
-/// Every setting is optional here: unset flags fall back to the environment (handled by
-/// clap), then to the config file, then to the built-in default.
-#[derive(Debug, Default, Args)]
+/// `fanout serve`'s arguments: the config file, and every setting.
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// TOML file holding any of the settings below (flags and environment win over it), plus
     /// the `[auth]` table (algorithms, public_key_file, jwks_file, required, leeway, audience,
@@ -55,170 +61,159 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Public listener: `GET /ws` and `GET /healthz` [default: 0.0.0.0:8080]
-    #[arg(long, env = "FANOUT_PUBLIC_ADDR", value_name = "ADDR")]
-    pub public_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
 
-    /// Internal listener: HTTP publish API, `/metrics`, `/healthz`, `/readyz` [default: 0.0.0.0:9090]
-    #[arg(long, env = "FANOUT_INTERNAL_ADDR", value_name = "ADDR")]
-    pub internal_addr: Option<SocketAddr>,
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Every node setting, each declared once: its type, its default, its help text, its
+/// flag and `FANOUT_*` variable (clap) and its TOML key (serde, the field name). Sources
+/// merge flags > environment > file > default by clap's record of where each value came
+/// from ([`Config::from_matches`]); `--help`, the README table and the chart are checked
+/// against this by `tests/settings.rs`. Adding a setting means adding a field here (and
+/// using it).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Public listener: `GET /ws` and `GET /healthz`
+    #[arg(long, env = "FANOUT_PUBLIC_ADDR", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub public_addr: SocketAddr,
+
+    /// Internal listener: HTTP publish API, `/metrics`, `/healthz`, `/readyz`
+    #[arg(long, env = "FANOUT_INTERNAL_ADDR", value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    pub internal_addr: SocketAddr,
 
     /// Redis URL (`redis://`, `rediss://`), or a comma-separated list of Redis Cluster
     /// nodes. Unset: the embedded single-node broker.
     #[arg(long, env = "FANOUT_REDIS_URL", value_name = "URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 
     /// Redis password (overrides one in the URL).
     #[arg(long, env = "FANOUT_REDIS_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_password: Option<String>,
 
-    /// Prefix of the Redis channel a fanout channel maps to [default: fanout:]
-    #[arg(long, env = "FANOUT_REDIS_PREFIX", value_name = "PREFIX")]
-    pub redis_prefix: Option<String>,
+    /// Prefix of the Redis channel a fanout channel maps to
+    #[arg(long, env = "FANOUT_REDIS_PREFIX", value_name = "PREFIX", default_value = "fanout:")]
+    pub redis_prefix: String,
 
-    /// Log filter, RUST_LOG syntax [default: info]
-    #[arg(long, env = "FANOUT_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    /// Log filter, RUST_LOG syntax
+    #[arg(long, env = "FANOUT_LOG_LEVEL", value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
 
-    /// Log format: text or json [default: text]
-    #[arg(long, env = "FANOUT_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+    /// Log format: text or json
+    #[arg(long, env = "FANOUT_LOG_FORMAT", value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
 
-    /// How long a draining node waits for connections to close before exiting [default: 30s]
-    #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", value_name = "DURATION")]
-    pub drain_timeout: Option<humantime::Duration>,
+    /// How long a draining node waits for connections to close before exiting
+    #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 
-    /// Maximum WebSocket connections; further upgrades get 503 [default: 100000]
-    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<usize>,
+    /// Maximum WebSocket connections; further upgrades get 503
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", value_name = "N", default_value = "100000")]
+    pub max_connections: usize,
 
-    /// Largest accepted client message (one frame, or all fragments together), bytes; larger closes with 1009 [default: 65536]
-    #[arg(long, env = "FANOUT_MAX_MESSAGE_SIZE", value_name = "BYTES")]
-    pub max_message_size: Option<usize>,
+    /// Largest accepted client message (one frame, or all fragments together), bytes; larger closes with 1009
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_SIZE", value_name = "BYTES", default_value = "65536")]
+    pub max_message_size: usize,
 
-    /// Per-connection outbound queue bound, bytes; overflow closes with 4008 [default: 1048576]
-    #[arg(long, env = "FANOUT_OUTBOUND_QUEUE_BYTES", value_name = "BYTES")]
-    pub outbound_queue_bytes: Option<usize>,
+    /// Per-connection outbound queue bound, bytes; overflow closes with 4008
+    #[arg(long, env = "FANOUT_OUTBOUND_QUEUE_BYTES", value_name = "BYTES", default_value = "1048576")]
+    pub outbound_queue_bytes: usize,
 
-    /// Maximum subscriptions per connection [default: 1000]
-    #[arg(long, env = "FANOUT_MAX_SUBSCRIPTIONS", value_name = "N")]
-    pub max_subscriptions: Option<usize>,
+    /// Maximum subscriptions per connection
+    #[arg(long, env = "FANOUT_MAX_SUBSCRIPTIONS", value_name = "N", default_value = "1000")]
+    pub max_subscriptions: usize,
 
-    /// Time allowed for a client to send its HTTP upgrade request [default: 10s]
-    #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
-    pub handshake_timeout: Option<humantime::Duration>,
+    /// Time allowed for a client to send its HTTP upgrade request, or an API request its body (408)
+    #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 
-    /// Interval of server Ping frames [default: 25s]
-    #[arg(long, env = "FANOUT_PING_INTERVAL", value_name = "DURATION")]
-    pub ping_interval: Option<humantime::Duration>,
+    /// Interval of server Ping frames
+    #[arg(long, env = "FANOUT_PING_INTERVAL", value_name = "DURATION", default_value = "25s", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
 
-    /// A connection that sends nothing (not even a Pong) for this long is closed [default: 60s]
-    #[arg(long, env = "FANOUT_IDLE_TIMEOUT", value_name = "DURATION")]
-    pub idle_timeout: Option<humantime::Duration>,
+    /// A connection that sends nothing (not even a Pong) for this long is closed, at the next ping
+    #[arg(long, env = "FANOUT_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+
+    /// Largest accepted HTTP API request body, bytes; larger gets 413
+    #[arg(long, env = "FANOUT_MAX_HTTP_BODY", value_name = "BYTES", default_value = "1048576")]
+    pub max_http_body: usize,
 
     /// Connections per listener that have not finished their HTTP request (upgrades and API
     /// calls in progress); one address may hold a tenth of them, and when they are all taken
-    /// the oldest silent one is dropped for a newcomer [default: 10000]
-    #[arg(long, env = "FANOUT_MAX_PENDING_CONNECTIONS", value_name = "N")]
-    pub max_pending_connections: Option<usize>,
+    /// the oldest silent one is dropped for a newcomer
+    #[arg(long, env = "FANOUT_MAX_PENDING_CONNECTIONS", value_name = "N", default_value = "10000")]
+    pub max_pending_connections: usize,
 
     /// Largest `data` accepted from Redis (backends publishing straight into it), bytes; larger
-    /// publications are dropped and counted [default: 65536]
+    /// publications are dropped and counted. Unset: 65536, or less with a small outbound queue
     #[arg(long, env = "FANOUT_MAX_PUBLICATION_SIZE", value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_publication_size: Option<usize>,
 
-    /// Largest accepted HTTP API request body, bytes; larger gets 413 [default: 1048576]
-    #[arg(long, env = "FANOUT_MAX_HTTP_BODY", value_name = "BYTES")]
-    pub max_http_body: Option<usize>,
-
-    /// How long a subscribe or publish may wait for the broker [default: 5s]
-    #[arg(long, env = "FANOUT_BROKER_TIMEOUT", value_name = "DURATION")]
-    pub broker_timeout: Option<humantime::Duration>,
+    /// How long a subscribe or publish may wait for the broker (then 503 / unavailable: outcome unknown)
+    #[arg(long, env = "FANOUT_BROKER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub broker_timeout: Duration,
 
     /// API key required as `Authorization: Bearer KEY` on the internal HTTP API.
     #[arg(long, env = "FANOUT_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
 
     /// HS256 secret for connection tokens; turns authentication on (other algorithms and
     /// key files: the config file's `[auth]` table).
     #[arg(long, env = "FANOUT_JWT_HMAC_SECRET", value_name = "SECRET", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_hmac_secret: Option<String>,
 
+    /// Allowed `Origin` values for browser upgrades, comma-separated (unset: any).
+    #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+
     /// New WebSocket connections per second from one client address (IPv6: one /64); over it
-    /// upgrades get 429. 0 turns the limit off [default: 100]
-    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_IP_PER_SECOND", value_name = "RATE")]
-    pub max_connections_per_ip_per_second: Option<f64>,
+    /// upgrades get 429. 0 turns the limit off
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_IP_PER_SECOND", value_name = "RATE", default_value = "100")]
+    pub max_connections_per_ip_per_second: f64,
 
-    /// Connections one client address may open in a burst before its per-second rate applies [default: 200]
-    #[arg(long, env = "FANOUT_CONNECTION_RATE_BURST", value_name = "N")]
-    pub connection_rate_burst: Option<u32>,
+    /// Connections one client address may open in a burst before its per-second rate applies
+    #[arg(long, env = "FANOUT_CONNECTION_RATE_BURST", value_name = "N", default_value = "200")]
+    pub connection_rate_burst: u32,
 
-    /// Commands per second one connection may send; over it they get a rate_limited error, and
-    /// a client sending over three times the rate is closed with 1008. 0 turns the limit off [default: 100]
-    #[arg(long, env = "FANOUT_COMMAND_RATE", value_name = "RATE")]
-    pub command_rate: Option<f64>,
+    /// Commands (and Ping/Pong frames) per second one connection may send; over it they get a
+    /// rate_limited error, and a client sending over three times the rate is closed with 1008.
+    /// 0 turns the limit off
+    #[arg(long, env = "FANOUT_COMMAND_RATE", value_name = "RATE", default_value = "100")]
+    pub command_rate: f64,
 
     /// Commands one connection may send in a burst before its per-second rate applies; keep it at
-    /// least max_subscriptions so a reconnecting client can resubscribe at once [default: 1000]
-    #[arg(long, env = "FANOUT_COMMAND_BURST", value_name = "N")]
-    pub command_burst: Option<u32>,
+    /// least max_subscriptions so a reconnecting client can resubscribe at once
+    #[arg(long, env = "FANOUT_COMMAND_BURST", value_name = "N", default_value = "1000")]
+    pub command_burst: u32,
 
     /// Proxies (addresses or CIDR blocks, comma-separated) whose X-Forwarded-For names the
     /// client for the per-IP limit; connections from anyone else are charged to their own address.
     #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_name = "CIDRS", value_delimiter = ',')]
-    pub trusted_proxies: Option<Vec<String>>,
-
-    /// Allowed `Origin` values for browser upgrades, comma-separated (unset: any).
-    #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// The TOML file: the same keys as the flags, in snake_case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub public_addr: Option<SocketAddr>,
-    pub internal_addr: Option<SocketAddr>,
-    pub redis_url: Option<String>,
-    pub redis_password: Option<String>,
-    pub redis_prefix: Option<String>,
-    pub log_level: Option<String>,
-    pub log_format: Option<LogFormat>,
-    #[serde(default, with = "humantime_serde")]
-    pub drain_timeout: Option<Duration>,
-    pub max_connections: Option<usize>,
-    pub max_message_size: Option<usize>,
-    pub outbound_queue_bytes: Option<usize>,
-    pub max_subscriptions: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub ping_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
-    pub max_http_body: Option<usize>,
-    pub max_pending_connections: Option<usize>,
-    pub max_publication_size: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub broker_timeout: Option<Duration>,
-    pub api_key: Option<String>,
-    pub jwt_hmac_secret: Option<String>,
-    pub allowed_origins: Option<Vec<String>>,
-    pub max_connections_per_ip_per_second: Option<f64>,
-    pub connection_rate_burst: Option<u32>,
-    pub command_rate: Option<f64>,
-    pub command_burst: Option<u32>,
-    pub trusted_proxies: Option<Vec<String>>,
-    pub auth: Option<AuthFile>,
-    #[serde(default)]
-    pub namespaces: BTreeMap<String, NamespaceConfig>,
 }
 
 /// The `[auth]` table.
@@ -296,153 +291,127 @@ impl Default for AuthConfig {
     }
 }
 
-/// A complete, validated node configuration.
+/// A complete, validated node configuration: the merged [`Settings`] (reached through
+/// `Deref`, so `config.max_connections` is the setting) and what is derived from them.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub public_addr: SocketAddr,
-    pub internal_addr: SocketAddr,
-    /// Empty: the embedded broker.
+    pub settings: Settings,
+    /// `redis_url` split into its URLs; empty: the embedded broker.
     pub redis_urls: Vec<String>,
-    pub redis_password: Option<String>,
-    pub redis_prefix: String,
-    pub log_level: String,
-    pub log_format: LogFormat,
-    pub drain_timeout: Duration,
-    pub max_connections: usize,
-    pub max_message_size: usize,
-    pub outbound_queue_bytes: usize,
-    pub max_subscriptions: usize,
-    pub handshake_timeout: Duration,
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-    pub max_http_body: usize,
-    pub max_pending_connections: usize,
-    pub max_publication_size: usize,
-    pub broker_timeout: Duration,
-    pub api_key: Option<String>,
-    pub jwt_hmac_secret: Option<String>,
-    pub allowed_origins: Vec<String>,
-    /// 0: no per-IP limit.
-    pub max_connections_per_ip_per_second: f64,
-    pub connection_rate_burst: u32,
-    /// 0: no per-connection command limit.
-    pub command_rate: f64,
-    pub command_burst: u32,
-    pub trusted_proxies: Vec<IpNet>,
+    /// `max_publication_size`, or its default for this outbound queue.
+    pub publication_limit: usize,
+    /// `trusted_proxies`, parsed.
+    pub proxies: Vec<IpNet>,
     pub auth: AuthConfig,
     pub namespaces: BTreeMap<String, NamespaceConfig>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            public_addr: ([0, 0, 0, 0], 8080).into(),
-            internal_addr: ([0, 0, 0, 0], 9090).into(),
-            redis_urls: Vec::new(),
-            redis_password: None,
-            redis_prefix: "fanout:".into(),
-            log_level: "info".into(),
-            log_format: LogFormat::Text,
-            drain_timeout: Duration::from_secs(30),
-            max_connections: 100_000,
-            max_message_size: 64 * 1024,
-            outbound_queue_bytes: 1024 * 1024,
-            max_subscriptions: 1000,
-            handshake_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            max_http_body: 1024 * 1024,
-            max_pending_connections: 10_000,
-            max_publication_size: 64 * 1024,
-            broker_timeout: Duration::from_secs(5),
-            api_key: None,
-            jwt_hmac_secret: None,
-            allowed_origins: Vec::new(),
-            max_connections_per_ip_per_second: 100.0,
-            connection_rate_burst: 200,
-            command_rate: 100.0,
-            command_burst: 1000,
-            trusted_proxies: Vec::new(),
-            auth: AuthConfig::default(),
-            namespaces: BTreeMap::new(),
-        }
+impl std::ops::Deref for Config {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
     }
 }
 
+/// What a config file holds besides settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTables {
+    #[serde(default)]
+    auth: Option<AuthFile>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
 impl Config {
-    /// Merges flags/environment over the file over the defaults, then validates.
-    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
-        let file = match &args.config {
+    /// The configuration `fanout serve` was started with: `matches` are its parsed flags and
+    /// environment; the file they name (if any) is read and merged under them.
+    pub fn load(matches: &ArgMatches) -> Result<Self, ConfigError> {
+        let args = ServeArgs::from_arg_matches(matches).map_err(|e| invalid("arguments", e.to_string()))?;
+        let (file, path) = match &args.config {
             Some(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
+                let table = toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+                (table, path.clone())
             }
-            None => FileConfig::default(),
+            None => (toml::Table::new(), PathBuf::new()),
         };
-        Self::merge(args, file)
+        Self::merge(&args.settings, matches, file, &path)
     }
 
-    pub fn merge(a: ServeArgs, f: FileConfig) -> Result<Self, ConfigError> {
-        let d = Config::default();
-        let dur = |x: Option<humantime::Duration>| x.map(Duration::from);
-        let redis_url = a.redis_url.or(f.redis_url);
-        let jwt_hmac_secret = a.jwt_hmac_secret.or(f.jwt_hmac_secret).filter(|s| !s.is_empty());
-        let auth = resolve_auth(f.auth.unwrap_or_default(), jwt_hmac_secret.as_deref())?;
+    /// As [`Self::load`], from `fanout serve` arguments (`args`, the environment included)
+    /// and a file's text: how tests build configurations.
+    pub fn from_args(args: &[&str], file: Option<&str>) -> Result<Self, ConfigError> {
+        let matches = ServeArgs::augment_args(Command::new("serve").no_binary_name(true))
+            .try_get_matches_from(args)
+            .map_err(|e| invalid("arguments", e.to_string()))?;
+        let settings = ServeArgs::from_arg_matches(&matches).map_err(|e| invalid("arguments", e.to_string()))?.settings;
+        let path = PathBuf::from("(test)");
+        let table = toml::from_str::<toml::Table>(file.unwrap_or_default())
+            .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        Self::merge(&settings, &matches, table, &path)
+    }
+
+    /// Flags and environment (`cli`, with clap's record in `matches` of where each value
+    /// came from) over the file's settings over the defaults, then derived values, then
+    /// validation. Generic over the settings: one serde map, each key taken from the file
+    /// unless a flag or the environment gave it.
+    fn merge(cli: &Settings, matches: &ArgMatches, mut file: toml::Table, path: &Path) -> Result<Self, ConfigError> {
+        let parse = |e: toml::de::Error| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() };
+        let mut tables = toml::Table::new();
+        for key in ["auth", "namespaces"] {
+            if let Some(value) = file.remove(key) {
+                tables.insert(key.into(), value);
+            }
+        }
+        let tables: FileTables = tables.try_into().map_err(parse)?;
+        let known: Vec<String> = ServeArgs::augment_args(Command::new("serve"))
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .collect();
+        let mut merged =
+            toml::Table::try_from(cli).map_err(|e| invalid("arguments", format!("cannot merge settings: {e}")))?;
+        for (key, value) in file {
+            if !known.contains(&key) || key == "config" {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!("unknown setting `{key}`"),
+                });
+            }
+            let given = matches.value_source(&key).is_some_and(|s| s != ValueSource::DefaultValue);
+            if !given {
+                merged.insert(key, value);
+            }
+        }
+        let mut settings: Settings = merged.try_into().map_err(parse)?;
+        for secret in [&mut settings.api_key, &mut settings.jwt_hmac_secret, &mut settings.redis_password] {
+            if secret.as_deref() == Some("") {
+                *secret = None;
+            }
+        }
+        let auth = resolve_auth(tables.auth.unwrap_or_default(), settings.jwt_hmac_secret.as_deref())?;
         let config = Config {
-            public_addr: a.public_addr.or(f.public_addr).unwrap_or(d.public_addr),
-            internal_addr: a.internal_addr.or(f.internal_addr).unwrap_or(d.internal_addr),
-            redis_urls: redis_url
+            redis_urls: settings
+                .redis_url
                 .as_deref()
                 .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
-            redis_password: a.redis_password.or(f.redis_password).filter(|s| !s.is_empty()),
-            redis_prefix: a.redis_prefix.or(f.redis_prefix).unwrap_or(d.redis_prefix),
-            log_level: a.log_level.or(f.log_level).unwrap_or(d.log_level),
-            log_format: a.log_format.or(f.log_format).unwrap_or(d.log_format),
-            drain_timeout: dur(a.drain_timeout).or(f.drain_timeout).unwrap_or(d.drain_timeout),
-            max_connections: a.max_connections.or(f.max_connections).unwrap_or(d.max_connections),
-            max_message_size: a.max_message_size.or(f.max_message_size).unwrap_or(d.max_message_size),
-            outbound_queue_bytes: a.outbound_queue_bytes.or(f.outbound_queue_bytes).unwrap_or(d.outbound_queue_bytes),
-            max_subscriptions: a.max_subscriptions.or(f.max_subscriptions).unwrap_or(d.max_subscriptions),
-            handshake_timeout: dur(a.handshake_timeout).or(f.handshake_timeout).unwrap_or(d.handshake_timeout),
-            ping_interval: dur(a.ping_interval).or(f.ping_interval).unwrap_or(d.ping_interval),
-            idle_timeout: dur(a.idle_timeout).or(f.idle_timeout).unwrap_or(d.idle_timeout),
-            max_http_body: a.max_http_body.or(f.max_http_body).unwrap_or(d.max_http_body),
-            max_pending_connections: a
-                .max_pending_connections
-                .or(f.max_pending_connections)
-                .unwrap_or(d.max_pending_connections),
             // Unset, it follows a smaller outbound queue down, so a small queue alone is valid.
-            max_publication_size: a.max_publication_size.or(f.max_publication_size).unwrap_or_else(|| {
-                let queue = a.outbound_queue_bytes.or(f.outbound_queue_bytes).unwrap_or(d.outbound_queue_bytes);
-                d.max_publication_size.min(queue.saturating_sub(1024)).max(1)
-            }),
-            broker_timeout: dur(a.broker_timeout).or(f.broker_timeout).unwrap_or(d.broker_timeout),
-            api_key: a.api_key.or(f.api_key).filter(|s| !s.is_empty()),
-            jwt_hmac_secret,
-            allowed_origins: a.allowed_origins.or(f.allowed_origins).unwrap_or_default(),
-            max_connections_per_ip_per_second: a
-                .max_connections_per_ip_per_second
-                .or(f.max_connections_per_ip_per_second)
-                .unwrap_or(d.max_connections_per_ip_per_second),
-            connection_rate_burst: a
-                .connection_rate_burst
-                .or(f.connection_rate_burst)
-                .unwrap_or(d.connection_rate_burst),
-            command_rate: a.command_rate.or(f.command_rate).unwrap_or(d.command_rate),
-            command_burst: a.command_burst.or(f.command_burst).unwrap_or(d.command_burst),
-            trusted_proxies: a
+            publication_limit: settings
+                .max_publication_size
+                .unwrap_or_else(|| (64 * 1024).min(settings.outbound_queue_bytes.saturating_sub(1024)).max(1)),
+            proxies: settings
                 .trusted_proxies
-                .or(f.trusted_proxies)
-                .unwrap_or_default()
                 .iter()
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| s.parse::<IpNet>().map_err(|e| invalid("trusted_proxies", e)))
                 .collect::<Result<_, _>>()?,
             auth,
-            namespaces: f.namespaces,
+            namespaces: tables.namespaces,
+            settings,
         };
         config.validate()?;
         Ok(config)
@@ -461,7 +430,7 @@ impl Config {
             // a dead Redis is noticed in seconds; a publish may take all of broker_timeout.
             command_timeout: self.broker_timeout.min(Duration::from_secs(2)),
             publish_timeout: self.broker_timeout,
-            max_publication_size: self.max_publication_size,
+            max_publication_size: self.publication_limit,
             ..fanout_broker_redis::RedisConfig::default()
         })
     }
@@ -521,7 +490,7 @@ impl Config {
         if self.max_pending_connections == 0 {
             return Err(invalid("max_pending_connections", "must be at least 1"));
         }
-        if self.max_publication_size == 0 || self.max_publication_size + 1024 > self.outbound_queue_bytes {
+        if self.publication_limit == 0 || self.publication_limit + 1024 > self.outbound_queue_bytes {
             return Err(invalid(
                 "max_publication_size",
                 "must be at least 1 and below outbound_queue_bytes by 1 KiB, or one publication overflows every subscriber's queue",
@@ -696,13 +665,14 @@ fn resolve_auth(f: AuthFile, hmac_secret: Option<&str>) -> Result<AuthConfig, Co
 mod tests {
     use super::*;
 
-    fn file(toml_text: &str) -> FileConfig {
-        toml::from_str(toml_text).unwrap()
+    /// Defaults and a file's text, no flags.
+    fn file(toml_text: &str) -> Result<Config, ConfigError> {
+        Config::from_args(&[], Some(toml_text))
     }
 
     #[test]
     fn defaults_are_valid() {
-        let c = Config::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        let c = file("").unwrap();
         assert_eq!(c.public_addr.port(), 8080);
         assert_eq!(c.internal_addr.port(), 9090);
         assert!(c.redis_urls.is_empty());
@@ -712,18 +682,26 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let args = ServeArgs { max_subscriptions: Some(7), ..Default::default() };
-        let f = file("max_subscriptions = 9\ndrain_timeout = \"2s\"\nredis_url = \"redis://a:1, redis://b:2\"");
-        let c = Config::merge(args, f).unwrap();
+        let f = "max_subscriptions = 9\ndrain_timeout = \"2s\"\nredis_url = \"redis://a:1, redis://b:2\"";
+        let c = Config::from_args(&["--max-subscriptions", "7"], Some(f)).unwrap();
         assert_eq!(c.max_subscriptions, 7);
         assert_eq!(c.drain_timeout, Duration::from_secs(2));
         assert_eq!(c.redis_urls, ["redis://a:1", "redis://b:2"]);
+        // A flag given with its default value still wins over the file.
+        let c = Config::from_args(&["--max-subscriptions", "1000"], Some(f)).unwrap();
+        assert_eq!(c.max_subscriptions, 1000);
+        // Lists and secrets merge the same way.
+        let c = Config::from_args(&["--trusted-proxies", "10.0.0.0/8,127.0.0.1"], Some("api_key = \"\"")).unwrap();
+        assert_eq!((c.proxies.len(), c.api_key.as_deref()), (2, None));
     }
 
     #[test]
     fn rejects_bad_values() {
-        assert!(toml::from_str::<FileConfig>("no_such_key = 1").is_err());
-        assert!(toml::from_str::<FileConfig>("drain_timeout = \"soon\"").is_err());
+        for f in ["no_such_key = 1", "drain_timeout = \"soon\"", "config = \"x.toml\"", "[no_such_table]"] {
+            assert!(matches!(file(f), Err(ConfigError::Parse { .. })), "{f}");
+        }
+        let e = file("max_conections = 5").unwrap_err().to_string();
+        assert!(e.contains("max_conections"), "{e}");
         for f in [
             "redis_url = \"http://x\"",
             "ping_interval = \"90s\"",
@@ -734,7 +712,7 @@ mod tests {
             "log_level = \"[[[\"",
             "redis_password = \"x\"",
         ] {
-            assert!(Config::merge(ServeArgs::default(), file(f)).is_err(), "{f}");
+            assert!(file(f).is_err(), "{f}");
         }
     }
 
@@ -744,12 +722,11 @@ mod tests {
 
     #[test]
     fn limits_and_auth_defaults() {
-        let c = Config::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        let c = file("").unwrap();
         assert_eq!((c.max_connections_per_ip_per_second, c.connection_rate_burst), (100.0, 200));
         assert_eq!((c.command_rate, c.command_burst), (100.0, 1000));
         assert!(c.auth_settings().is_none());
-        let args = ServeArgs { jwt_hmac_secret: Some("s".into()), command_rate: Some(0.0), ..Default::default() };
-        let c = Config::merge(args, FileConfig::default()).unwrap();
+        let c = Config::from_args(&["--jwt-hmac-secret", "s", "--command-rate", "0"], None).unwrap();
         assert_eq!(c.auth.algorithms, [Algorithm::HS256]);
         assert!(c.auth.required);
         assert_eq!(c.auth.leeway, Duration::from_secs(5));
@@ -760,20 +737,18 @@ mod tests {
     fn auth_table_infers_algorithms_from_keys() {
         let rsa = keys_dir().join("rsa-public.pem");
         let ec = keys_dir().join("ec-public.pem");
-        let f =
-            file(&format!("[auth]\npublic_key_file = {:?}\nrequired = false\nleeway = \"0s\"", rsa.to_str().unwrap()));
-        let c = Config::merge(ServeArgs::default(), f).unwrap();
+        let c =
+            file(&format!("[auth]\npublic_key_file = {:?}\nrequired = false\nleeway = \"0s\"", rsa.to_str().unwrap()))
+                .unwrap();
         assert_eq!(c.auth.algorithms, [Algorithm::RS256]);
         assert!(!c.auth.required);
-        let f = file(&format!("[auth]\npublic_key_file = {:?}", ec.to_str().unwrap()));
-        assert_eq!(Config::merge(ServeArgs::default(), f).unwrap().auth.algorithms, [Algorithm::ES256]);
-        let f = file(&format!(
+        let c = file(&format!("[auth]\npublic_key_file = {:?}", ec.to_str().unwrap())).unwrap();
+        assert_eq!(c.auth.algorithms, [Algorithm::ES256]);
+        let c = file(&format!(
             "jwt_hmac_secret = \"x\"\n[auth]\nalgorithms = [\"HS512\", \"RS256\"]\npublic_key_file = {rsa:?}"
-        ));
-        assert_eq!(
-            Config::merge(ServeArgs::default(), f).unwrap().auth.algorithms,
-            [Algorithm::HS512, Algorithm::RS256]
-        );
+        ))
+        .unwrap();
+        assert_eq!(c.auth.algorithms, [Algorithm::HS512, Algorithm::RS256]);
     }
 
     #[test]
@@ -803,12 +778,11 @@ mod tests {
             "command_rate = 5\ncommand_burst = 0".into(),
             "max_connections_per_ip_per_second = 5\nconnection_rate_burst = 0".into(),
         ] {
-            let parsed = toml::from_str::<FileConfig>(&f);
-            assert!(parsed.is_err() || Config::merge(ServeArgs::default(), parsed.unwrap()).is_err(), "{f}");
+            assert!(file(&f).is_err(), "{f}");
         }
         let ok = file(
             "[namespaces.\"\"]\nclient_publish = false\n[namespaces.\"*\"]\n[namespaces.chat]\npublish_rate = 0.5",
         );
-        assert_eq!(Config::merge(ServeArgs::default(), ok).unwrap().namespaces.len(), 3);
+        assert_eq!(ok.unwrap().namespaces.len(), 3);
     }
 }

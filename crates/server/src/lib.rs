@@ -109,7 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         auth_required: config.auth.required,
         ip_limiter: (config.max_connections_per_ip_per_second > 0.0)
             .then(|| limit::IpRateLimiter::new(config.max_connections_per_ip_per_second, config.connection_rate_burst)),
-        trusted_proxies: limit::TrustedProxies::new(config.trusted_proxies.clone()),
+        trusted_proxies: limit::TrustedProxies::new(config.proxies.clone()),
     });
     let internal_handler = Arc::new(api::Internal {
         hub,
@@ -130,7 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         name,
         max_connections: config.max_pending_connections,
         header_timeout,
-        trusted_proxies: limit::TrustedProxies::new(config.trusted_proxies.clone()),
+        trusted_proxies: limit::TrustedProxies::new(config.proxies.clone()),
     };
     let public_loop = tokio::spawn(listener::accept_loop(
         public,

@@ -2,15 +2,18 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use fanout_server::config::{Cli, Command, Config, LogFormat};
+use clap::{CommandFactory as _, FromArgMatches as _};
+use fanout_server::config::{Cli, CliCommand, Config, LogFormat};
 
 /// EX_USAGE from sysexits.h: the command line or configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // Matches kept, not just the parsed struct: they say where each setting came from
+    // (flag, environment or default), which is how the config file slots in between.
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (m, cli)));
+    let (matches, cli) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
@@ -20,8 +23,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => {
-            let config = match Config::load(*args) {
+        CliCommand::Serve(_) => {
+            let Some(serve) = matches.subcommand_matches("serve") else { return ExitCode::from(EXIT_CONFIG) };
+            let config = match Config::load(serve) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("fanout: {e}");
@@ -48,8 +52,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Publish(args) => client_runtime(fanout_server::cli::publish(args)),
-        Command::Subscribe(args) => client_runtime(fanout_server::cli::subscribe(args)),
+        CliCommand::Publish(args) => client_runtime(fanout_server::cli::publish(args)),
+        CliCommand::Subscribe(args) => client_runtime(fanout_server::cli::subscribe(args)),
     }
 }
 

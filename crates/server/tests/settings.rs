@@ -7,21 +7,21 @@
 use std::{collections::BTreeSet, path::Path};
 
 use clap::{Args as _, Command};
-use fanout_server::config::{FileConfig, ServeArgs};
+use fanout_server::config::{ServeArgs, Settings};
 
 fn repo(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)).unwrap()
 }
 
-/// (long flag, env var, help text) of every `fanout serve` setting.
-fn flags() -> Vec<(String, String, String)> {
+/// (long flag, env var, default as `--help` shows it) of every `fanout serve` setting.
+fn flags() -> Vec<(String, String, Option<String>)> {
     let cmd = ServeArgs::augment_args(Command::new("serve"));
     cmd.get_arguments()
         .filter_map(|a| {
             let long = a.get_long()?.to_owned();
             let env = a.get_env()?.to_string_lossy().into_owned();
-            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-            Some((long, env, help))
+            let default = a.get_default_values().first().map(|d| d.to_string_lossy().into_owned());
+            Some((long, env, default))
         })
         .collect()
 }
@@ -44,7 +44,7 @@ fn readme_rows() -> Vec<(String, String, String)> {
 
 /// Whether the TOML file accepts `key` (a wrong value type is fine: the key is known).
 fn toml_knows(key: &str) -> bool {
-    match toml::from_str::<FileConfig>(&format!("{key} = 0")) {
+    match toml::from_str::<Settings>(&format!("{key} = 0")) {
         Ok(_) => true,
         Err(e) => !e.to_string().contains("unknown field"),
     }
@@ -55,7 +55,7 @@ fn help_readme_and_toml_name_the_same_settings() {
     let flags = flags();
     let rows = readme_rows();
     assert!(flags.len() > 25 && rows.len() > 25, "parsed {} flags and {} README rows", flags.len(), rows.len());
-    for (long, env, help) in &flags {
+    for (long, env, default) in &flags {
         let key = long.replace('-', "_");
         assert_eq!(env, &format!("FANOUT_{}", key.to_uppercase()), "--{long}: environment variable");
         if long == "config" {
@@ -64,9 +64,8 @@ fn help_readme_and_toml_name_the_same_settings() {
         assert!(toml_knows(&key), "--{long} has no TOML key {key}");
         let row = rows.iter().find(|(f, _, _)| f == long).unwrap_or_else(|| panic!("README has no row for --{long}"));
         assert_eq!(row.1, key, "README row for --{long} names another TOML key");
-        // `--help` states defaults as "[default: X]"; the README must say the same.
-        if let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) {
-            assert_eq!(row.2, default, "--{long}: README default {:?}, --help default {default:?}", row.2);
+        if let Some(default) = default {
+            assert_eq!(&row.2, default, "--{long}: README default {:?}, --help default {default:?}", row.2);
         }
     }
     for (flag, _, _) in &rows {
