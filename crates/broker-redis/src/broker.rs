@@ -16,13 +16,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{Endpoint, RedisConfig},
     error::RedisBrokerError,
-    manager::{Command, Manager},
-    metrics::Metrics,
-    publisher::Publisher,
+    manager::{InterestChange, Manager},
+    metrics::BrokerMetrics,
+    publisher::PublishConnection,
 };
 
 /// State shared by the broker handle, the connection manager, the reader and publishers.
-pub(crate) struct Shared {
+pub(crate) struct BrokerState {
     pub registry: Arc<Registry>,
     pub config: RedisConfig,
     pub endpoints: Vec<Endpoint>,
@@ -33,13 +33,13 @@ pub(crate) struct Shared {
     /// Channels confirmed subscribed on the live pub/sub connection. Only the manager writes
     /// it; the reader borrows validated names from it instead of allocating new ones.
     pub active: RwLock<HashSet<ChannelName>>,
-    pub publisher: Publisher,
-    pub metrics: Metrics,
+    pub publisher: PublishConnection,
+    pub metrics: BrokerMetrics,
     /// One warning per 10 s about publications dropped on their way in from Redis.
     pub drop_log: LogLimiter,
 }
 
-impl Shared {
+impl BrokerState {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
@@ -53,14 +53,14 @@ impl Shared {
     pub fn new(config: RedisConfig, registry: Arc<Registry>, endpoints: Vec<Endpoint>) -> Self {
         Self {
             registry,
-            publisher: Publisher::new(&config),
+            publisher: PublishConnection::new(&config),
             config,
             endpoints,
             current: AtomicUsize::new(0),
             up: AtomicBool::new(false),
             status: watch::Sender::new(false),
             active: RwLock::new(HashSet::new()),
-            metrics: Metrics::new(),
+            metrics: BrokerMetrics::new(),
             drop_log: LogLimiter::new(10_000),
         }
     }
@@ -78,8 +78,8 @@ fn down() -> BrokerError {
 /// A [`Broker`] that shares publications between nodes through Redis pub/sub. See the
 /// crate documentation for how it behaves.
 pub struct RedisBroker {
-    shared: Arc<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<BrokerState>,
+    commands: mpsc::UnboundedSender<InterestChange>,
     tasks: TaskTracker,
 }
 
@@ -94,7 +94,7 @@ impl RedisBroker {
     ) -> Result<Arc<Self>, RedisBrokerError> {
         let endpoints = config.endpoints()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
-        let shared = Arc::new(Shared::new(config, registry, endpoints));
+        let shared = Arc::new(BrokerState::new(config, registry, endpoints));
         let (commands, receiver) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown, tasks.clone());
@@ -127,11 +127,11 @@ impl Broker for RedisBroker {
 
     fn add_interest(&self, channel: &ChannelName) {
         // Fails only once the manager has stopped, when there is nothing left to tell.
-        let _ = self.commands.send(Command::Add(channel.clone()));
+        let _ = self.commands.send(InterestChange::Add(channel.clone()));
     }
 
     fn remove_interest(&self, channel: &ChannelName) {
-        let _ = self.commands.send(Command::Remove(channel.clone()));
+        let _ = self.commands.send(InterestChange::Remove(channel.clone()));
     }
 
     fn ready<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -143,7 +143,7 @@ impl Broker for RedisBroker {
             // the `add_interest` that preceded it, so it cannot answer from a subscription
             // that is about to be withdrawn.
             let (tx, rx) = oneshot::channel();
-            self.commands.send(Command::Ready(channel.clone(), tx)).map_err(|_| down())?;
+            self.commands.send(InterestChange::Ready(channel.clone(), tx)).map_err(|_| down())?;
             rx.await.unwrap_or_else(|_| Err(down()))
         })
     }

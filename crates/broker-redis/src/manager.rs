@@ -19,7 +19,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{backoff::Backoff, broker::Shared, publisher::is_connection_error, reader};
+use crate::{backoff::Backoff, broker::BrokerState, publisher::is_connection_error, reader};
 
 /// Channels per SUBSCRIBE / UNSUBSCRIBE, so one command (and its confirmations) stays a
 /// reasonable size however many channels a reconnect has to restore.
@@ -32,7 +32,7 @@ type Waiter = oneshot::Sender<Result<(), BrokerError>>;
 
 /// What the broker handle asks of the manager; sent over an unbounded channel so the hub
 /// never waits on Redis to change interest.
-pub(crate) enum Command {
+pub(crate) enum InterestChange {
     Add(ChannelName),
     Remove(ChannelName),
     Ready(ChannelName, Waiter),
@@ -66,8 +66,8 @@ fn down() -> BrokerError {
 }
 
 pub(crate) struct Manager {
-    shared: Arc<Shared>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<BrokerState>,
+    commands: mpsc::UnboundedReceiver<InterestChange>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     interest: Interest,
@@ -75,8 +75,8 @@ pub(crate) struct Manager {
 
 impl Manager {
     pub fn new(
-        shared: Arc<Shared>,
-        commands: mpsc::UnboundedReceiver<Command>,
+        shared: Arc<BrokerState>,
+        commands: mpsc::UnboundedReceiver<InterestChange>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -283,7 +283,7 @@ impl Manager {
 }
 
 /// Opens the pub/sub and the publish connection to one endpoint and checks it answers.
-async fn dial(shared: Arc<Shared>, index: usize) -> Result<Link, String> {
+async fn dial(shared: Arc<BrokerState>, index: usize) -> Result<Link, String> {
     let endpoint = &shared.endpoints[index];
     let config = &shared.config;
     let pubsub = match timeout(config.connect_timeout, endpoint.client.get_async_pubsub()).await {
@@ -309,12 +309,12 @@ async fn dial(shared: Arc<Shared>, index: usize) -> Result<Link, String> {
 
 /// What the node wants subscribed and what Redis has confirmed, on the current connection.
 struct Interest {
-    shared: Arc<Shared>,
+    shared: Arc<BrokerState>,
     /// Connected and every wanted channel re-subscribed.
     up: bool,
     /// Channels with local subscribers.
     wanted: HashSet<ChannelName>,
-    /// Confirmed subscribed in Redis (lingering ones included); mirrored in `Shared::active`.
+    /// Confirmed subscribed in Redis (lingering ones included); mirrored in `BrokerState::active`.
     subscribed: HashSet<ChannelName>,
     /// Wanted, not yet sent.
     pending: HashSet<ChannelName>,
@@ -330,7 +330,7 @@ struct Interest {
 }
 
 impl Interest {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<BrokerState>) -> Self {
         Self {
             shared,
             up: false,
@@ -344,9 +344,9 @@ impl Interest {
         }
     }
 
-    fn apply(&mut self, cmd: Command) {
+    fn apply(&mut self, cmd: InterestChange) {
         match cmd {
-            Command::Add(channel) => {
+            InterestChange::Add(channel) => {
                 if !self.wanted.insert(channel.clone()) || self.lingering.remove(&channel).is_some() {
                     return;
                 }
@@ -354,7 +354,7 @@ impl Interest {
                     self.pending.insert(channel);
                 }
             }
-            Command::Remove(channel) => {
+            InterestChange::Remove(channel) => {
                 if !self.wanted.remove(&channel) {
                     return;
                 }
@@ -367,7 +367,7 @@ impl Interest {
                     self.linger_queue.push_back((deadline, channel));
                 }
             }
-            Command::Ready(channel, waiter) => {
+            InterestChange::Ready(channel, waiter) => {
                 let answer = if !self.up {
                     Err(down())
                 } else if !self.wanted.contains(&channel) {
@@ -470,7 +470,8 @@ mod tests {
 
     fn interest() -> Interest {
         let config = RedisConfig { linger: LINGER, ..RedisConfig::default() };
-        let mut i = Interest::new(Arc::new(Shared::new(config, Arc::new(fanout_hub::Registry::new()), Vec::new())));
+        let mut i =
+            Interest::new(Arc::new(BrokerState::new(config, Arc::new(fanout_hub::Registry::new()), Vec::new())));
         i.up = true;
         i
     }
@@ -482,7 +483,7 @@ mod tests {
     /// An interest in `channel` that Redis has confirmed.
     fn subscribed_to(channel: &str) -> Interest {
         let mut i = interest();
-        i.apply(Command::Add(ch(channel)));
+        i.apply(InterestChange::Add(ch(channel)));
         i.pending.clear();
         i.confirmed(&[ch(channel)]);
         i
@@ -496,20 +497,20 @@ mod tests {
 
     fn ready(i: &mut Interest, channel: &str) -> oneshot::Receiver<Result<(), BrokerError>> {
         let (tx, rx) = oneshot::channel();
-        i.apply(Command::Ready(ch(channel), tx));
+        i.apply(InterestChange::Ready(ch(channel), tx));
         rx
     }
 
     #[test]
     fn add_subscribes_once_and_remove_lingers_until_due() {
         let mut i = interest();
-        i.apply(Command::Add(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
         assert_eq!(pending(&i), [ch("a")]);
         i.pending.clear();
         i.confirmed(&[ch("a")]);
         assert!(i.subscribed.contains("a"));
         let removed_at = Instant::now();
-        i.apply(Command::Remove(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
         assert!(i.take_due(removed_at).is_empty(), "unsubscribed before the linger ran out");
         assert_eq!(i.take_due(removed_at + LINGER * 2), [ch("a")]);
         assert!(!i.subscribed.contains("a"));
@@ -520,8 +521,8 @@ mod tests {
     fn remove_then_add_within_the_linger_keeps_the_subscription() {
         let mut i = subscribed_to("a");
         let t0 = Instant::now();
-        i.apply(Command::Remove(ch("a")));
-        i.apply(Command::Add(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
         assert!(pending(&i).is_empty(), "already subscribed: nothing to send");
         assert!(i.take_due(t0 + LINGER * 2).is_empty(), "a wanted channel was unsubscribed");
         assert!(i.subscribed.contains("a") && i.wanted.contains("a"));
@@ -531,10 +532,10 @@ mod tests {
     fn a_stale_linger_entry_does_not_unsubscribe_a_later_removal_early() {
         let mut i = subscribed_to("a");
         let t0 = Instant::now();
-        i.apply(Command::Remove(ch("a")));
-        i.apply(Command::Add(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
         std::thread::sleep(Duration::from_millis(5));
-        i.apply(Command::Remove(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
         let second = *i.lingering.get("a").unwrap();
         assert!(second > t0 + LINGER);
         assert!(i.take_due(t0 + LINGER).is_empty(), "the first, withdrawn removal fired");
@@ -544,8 +545,8 @@ mod tests {
     #[test]
     fn add_and_remove_before_the_subscribe_went_out_send_nothing() {
         let mut i = interest();
-        i.apply(Command::Add(ch("a")));
-        i.apply(Command::Remove(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
         assert!(pending(&i).is_empty());
         assert!(i.take_due(Instant::now() + LINGER * 2).is_empty());
     }
@@ -555,14 +556,14 @@ mod tests {
         let mut i = interest();
         let mut not_wanted = ready(&mut i, "x");
         assert!(matches!(not_wanted.try_recv(), Ok(Err(_))));
-        i.apply(Command::Add(ch("a")));
-        i.apply(Command::Add(ch("b")));
+        i.apply(InterestChange::Add(ch("a")));
+        i.apply(InterestChange::Add(ch("b")));
         let mut a = ready(&mut i, "a");
         let mut b = ready(&mut i, "b");
         assert!(a.try_recv().is_err(), "answered before Redis confirmed");
         i.confirmed(&[ch("a")]);
         assert_eq!(a.try_recv(), Ok(Ok(())));
-        i.apply(Command::Remove(ch("b")));
+        i.apply(InterestChange::Remove(ch("b")));
         assert!(matches!(b.try_recv(), Ok(Err(_))));
         assert_eq!(ready(&mut i, "a").try_recv(), Ok(Ok(())));
     }
@@ -570,14 +571,14 @@ mod tests {
     #[test]
     fn a_refused_channel_fails_ready_at_once_until_asked_for_again() {
         let mut i = interest();
-        i.apply(Command::Add(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
         let mut waiting = ready(&mut i, "a");
         let error = redis::RedisError::from((redis::ErrorKind::Client, "NOPERM"));
         i.refused(&[ch("a")], &error);
         assert!(matches!(waiting.try_recv(), Ok(Err(_))));
         assert!(matches!(ready(&mut i, "a").try_recv(), Ok(Err(_))));
-        i.apply(Command::Remove(ch("a")));
-        i.apply(Command::Add(ch("a")));
+        i.apply(InterestChange::Remove(ch("a")));
+        i.apply(InterestChange::Add(ch("a")));
         assert!(ready(&mut i, "a").try_recv().is_err(), "a fresh interest waits for its subscription");
     }
 
@@ -585,11 +586,11 @@ mod tests {
     fn losing_the_connection_resubscribes_everything_wanted_and_fails_waiters() {
         let mut i = interest();
         for c in ["a", "b", "c"] {
-            i.apply(Command::Add(ch(c)));
+            i.apply(InterestChange::Add(ch(c)));
         }
         i.pending.clear();
         i.confirmed(&[ch("a"), ch("b")]);
-        i.apply(Command::Remove(ch("b")));
+        i.apply(InterestChange::Remove(ch("b")));
         let mut c = ready(&mut i, "c");
         i.go_down();
         assert!(matches!(c.try_recv(), Ok(Err(_))));

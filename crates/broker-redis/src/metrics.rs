@@ -3,7 +3,7 @@
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
-pub(crate) struct Metrics {
+pub(crate) struct BrokerMetrics {
     pub up: Gauge,
     /// Channels currently subscribed in Redis on the live connection.
     pub channels: Gauge,
@@ -26,7 +26,7 @@ pub(crate) struct Errors {
     pub connect: Counter,
 }
 
-impl Metrics {
+impl BrokerMetrics {
     pub fn new() -> Self {
         let errors = |op: &'static str| counter!("fanout_broker_errors_total", "op" => op);
         let m = Self {

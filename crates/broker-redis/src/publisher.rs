@@ -6,13 +6,13 @@ use fanout_hub::BrokerError;
 use fanout_protocol::{encode_envelope, Publication};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError};
 
-use crate::{broker::Shared, config::RedisConfig};
+use crate::{broker::BrokerState, config::RedisConfig};
 
 /// The live command connection. The manager installs a fresh one with every pub/sub
 /// connection; a publish that finds the connection broken drops it and the next publish
 /// dials again, so a connection killed on its own (`CLIENT KILL`) heals without waiting
 /// for the heartbeat.
-pub(crate) struct Publisher {
+pub(crate) struct PublishConnection {
     /// With a generation, so a failed publish only discards the connection it failed on.
     slot: Mutex<Option<(u64, MultiplexedConnection)>>,
     generation: std::sync::atomic::AtomicU64,
@@ -21,7 +21,7 @@ pub(crate) struct Publisher {
     config: AsyncConnectionConfig,
 }
 
-impl Publisher {
+impl PublishConnection {
     pub fn new(config: &RedisConfig) -> Self {
         Self {
             slot: Mutex::new(None),
@@ -53,7 +53,7 @@ impl Publisher {
         }
     }
 
-    async fn dial(&self, shared: &Shared) -> Result<(u64, MultiplexedConnection), BrokerError> {
+    async fn dial(&self, shared: &BrokerState) -> Result<(u64, MultiplexedConnection), BrokerError> {
         let _dialing = self.dialing.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
@@ -75,7 +75,7 @@ impl Publisher {
         self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 
-    pub async fn publish(&self, shared: &Shared, p: &Publication) -> Result<(), BrokerError> {
+    pub async fn publish(&self, shared: &BrokerState, p: &Publication) -> Result<(), BrokerError> {
         let (generation, mut connection) = match self.current() {
             Some(c) => c,
             None => self.dial(shared).await?,

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use redis::aio::PubSubStream;
 use tokio::sync::Notify;
 
-use crate::broker::Shared;
+use crate::broker::BrokerState;
 
 /// Room an envelope takes around its `data` (keys, version, ts, encoding), with margin; a
 /// payload larger than `max_publication_size` plus this is dropped without decoding it.
@@ -114,7 +114,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Reads until the connection closes, then lets the delivery task finish what was read.
-pub(crate) async fn run(shared: Arc<Shared>, mut stream: PubSubStream) {
+pub(crate) async fn run(shared: Arc<BrokerState>, mut stream: PubSubStream) {
     let backlog =
         Arc::new(Backlog { state: Mutex::default(), wake: Notify::new(), limit: shared.config.backlog_bytes });
     let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone())));
@@ -132,7 +132,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stream: PubSubStream) {
 }
 
 /// Fans out what the reader queued, oldest first.
-async fn deliver(shared: Arc<Shared>, backlog: Arc<Backlog>) {
+async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>) {
     let mut batch = VecDeque::new();
     while backlog.take(&mut batch).await.is_some() {
         while let Some(msg) = batch.pop_front() {
@@ -145,7 +145,7 @@ async fn deliver(shared: Arc<Shared>, backlog: Arc<Backlog>) {
     }
 }
 
-impl Shared {
+impl BrokerState {
     pub(crate) fn on_message(&self, redis_channel: &str, payload: &[u8]) {
         let Some(name) = redis_channel.strip_prefix(self.config.prefix.as_str()) else {
             return self.invalid(redis_channel, &"channel lacks the configured prefix");

@@ -41,7 +41,7 @@ pub enum Change {
     None,
 }
 
-struct Metrics {
+struct RegistryMetrics {
     subscriptions: metrics::Gauge,
     dropped_slow: metrics::Counter,
     dropped_unencodable: metrics::Counter,
@@ -54,7 +54,7 @@ struct Metrics {
 pub struct Registry {
     shards: Box<[RwLock<HashMap<ChannelName, Subscribers>>]>,
     hasher: RandomState,
-    metrics: Metrics,
+    metrics: RegistryMetrics,
 }
 
 impl Default for Registry {
@@ -68,7 +68,7 @@ impl Registry {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            metrics: Metrics {
+            metrics: RegistryMetrics {
                 subscriptions: metrics::gauge!("fanout_subscriptions"),
                 dropped_slow: metrics::counter!("fanout_publications_dropped_total", "reason" => "slow_consumer"),
                 dropped_unencodable: metrics::counter!("fanout_publications_dropped_total", "reason" => "unencodable"),

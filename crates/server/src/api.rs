@@ -19,12 +19,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::{
     listener::{respond, text, Body, Handler},
-    metrics::Metrics,
+    metrics::NodeMetrics,
 };
 
 pub struct Internal {
     pub hub: Hub,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<NodeMetrics>,
     pub prometheus: PrometheusHandle,
     /// Process metrics (memory, CPU, file descriptors) are read at scrape time.
     pub process: metrics_process::Collector,

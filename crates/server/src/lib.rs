@@ -35,7 +35,7 @@ pub use config::{Config, ConfigError};
 /// `drain_timeout` has passed.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let prometheus = metrics::install();
-    let m = Arc::new(metrics::Metrics::new());
+    let m = Arc::new(metrics::NodeMetrics::new());
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
 
@@ -84,7 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let stop_public = CancellationToken::new();
     let stop_internal = CancellationToken::new();
 
-    let session_shared = Arc::new(session::Shared {
+    let session_shared = Arc::new(session::SessionContext {
         hub: hub.clone(),
         live: session::Live::default(),
         metrics: m.clone(),

@@ -178,7 +178,7 @@ impl Rejection {
 }
 
 /// Every handle the server touches after start-up.
-pub struct Metrics {
+pub struct NodeMetrics {
     pub connections: Gauge,
     pub opened: Counter,
     closed: [Counter; CloseReason::ALL.len()],
@@ -204,7 +204,7 @@ pub struct Reloads {
     pub failed: Counter,
 }
 
-impl Metrics {
+impl NodeMetrics {
     pub fn new() -> Self {
         let build_info = metrics::gauge!("fanout_build_info", "version" => env!("CARGO_PKG_VERSION"));
         build_info.set(1.0);
@@ -247,7 +247,7 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
+impl Default for NodeMetrics {
     fn default() -> Self {
         Self::new()
     }

@@ -23,7 +23,7 @@ use crate::{
     limit::{IpRateLimiter, IpVerdict, TrustedProxies},
     listener::{text, Body, Handler},
     metrics::Rejection,
-    session::{self, Shared},
+    session::{self, SessionContext},
 };
 
 static REFUSED_TOKEN_LOG: LogLimiter = LogLimiter::new(10_000);
@@ -32,7 +32,7 @@ pub const SUBPROTOCOL_JSON: &str = "fanout.v1.json";
 pub const SUBPROTOCOL_MSGPACK: &str = "fanout.v1.msgpack";
 
 pub struct Public {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<SessionContext>,
     pub draining: Arc<AtomicBool>,
     /// One permit per open WebSocket connection.
     pub sessions: Arc<Semaphore>,

@@ -20,7 +20,7 @@ use tokio::{net::TcpStream, time::Instant};
 use crate::{
     auth::{Identity, Verifier},
     limit::{Rate, TokenBucket},
-    metrics::{CloseReason, Metrics},
+    metrics::{CloseReason, NodeMetrics},
     policy::{Denied, Policy},
     wsframe::{FrameDecoder, FrameError, Incoming},
 };
@@ -38,10 +38,10 @@ pub struct Limits {
 }
 
 /// What all sessions share.
-pub struct Shared {
+pub struct SessionContext {
     pub hub: Hub,
     pub live: Live,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<NodeMetrics>,
     pub limits: Limits,
     pub policy: Policy,
     /// None: authentication is off.
@@ -136,7 +136,13 @@ fn abuse_rate(rate: Rate) -> Rate {
 
 /// Runs a session to completion. `leftover` holds bytes the HTTP layer read past the
 /// upgrade request.
-pub async fn run(stream: TcpStream, leftover: Bytes, format: Encoding, shared: Arc<Shared>, identity: Identity) {
+pub async fn run(
+    stream: TcpStream,
+    leftover: Bytes,
+    format: Encoding,
+    shared: Arc<SessionContext>,
+    identity: Identity,
+) {
     let _ = stream.set_nodelay(true);
     let m = shared.metrics.clone();
     m.opened.increment(1);
@@ -187,7 +193,7 @@ struct Session {
     subscriptions: HashSet<ChannelName>,
     format: Encoding,
     last_seen: Instant,
-    shared: Arc<Shared>,
+    shared: Arc<SessionContext>,
     identity: Identity,
     /// When the token (plus leeway) expires; the session closes with 1008 then.
     expires_at: Option<Instant>,
