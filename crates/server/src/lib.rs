@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod limit;
 pub mod listener;
 pub mod metrics;

@@ -1,16 +1,12 @@
-//! One WebSocket connection: a single task owning the socket, its outbound queue, its
-//! subscriptions, from the upgrade to the close; and [`Live`], the set of open sessions a
-//! drain closes.
+//! One WebSocket session: the task that owns a connection from the upgrade to the close
+//! and decides what its frames mean (commands, auth, limits, subscriptions, the timers);
+//! and [`Live`], the set of open sessions a drain closes. Framing, writes and the closing
+//! handshake are `connection.rs`.
 
-use std::{
-    collections::{HashSet, VecDeque},
-    io::{self, IoSlice},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use bytes::{Buf, Bytes};
-use fanout_hub::{Hub, LogLimiter, Outbox, Outgoing, Status};
+use bytes::Bytes;
+use fanout_hub::{Hub, LogLimiter, Outbox, Status};
 use fanout_protocol::{
     close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, CommandError, Encoding,
     ErrorCode, OpCode, Publication, Reply,
@@ -19,10 +15,11 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
     auth::{Identity, Verifier},
+    connection::{Connection, Read},
     limit::{Rate, TokenBucket},
     metrics::{CloseReason, NodeMetrics},
     policy::{Denied, Policy},
-    wsframe::{FrameDecoder, FrameError, Incoming},
+    wsframe::{FrameError, Incoming},
 };
 
 /// Limits every session applies.
@@ -99,11 +96,6 @@ fn spread(id: u64) -> f64 {
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// One in this many writes of a session records a delivery-latency sample.
-const LATENCY_SAMPLE_EVERY: u32 = 8;
-/// IoSlices per vectored write (well under IOV_MAX).
-const MAX_IOV: usize = 64;
-
 static BAD_INPUT_LOG: LogLimiter = LogLimiter::new(10_000);
 static BROKER_ERROR_LOG: LogLimiter = LogLimiter::new(10_000);
 
@@ -143,7 +135,6 @@ pub async fn run(
     shared: Arc<SessionContext>,
     identity: Identity,
 ) {
-    let _ = stream.set_nodelay(true);
     let m = shared.metrics.clone();
     m.opened.increment(1);
     m.connections.increment(1.0);
@@ -156,43 +147,24 @@ pub async fn run(
         abuse: TokenBucket::new(rate, now),
         publish_rates: Vec::new(),
         refreshes: TokenBucket::new(REFRESH_RATE, now),
-        pongs_unsent: 0,
-        mid_frame_is_pong: false,
-        latest_ping: None,
         outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
-        decoder: FrameDecoder::new(leftover, shared.limits.max_message_size),
-        pending: VecDeque::new(),
-        mid_frame: false,
-        writes: 0,
+        conn: Connection::new(stream, leftover, shared.limits.max_message_size),
         subscriptions: HashSet::new(),
         format,
-        last_seen: Instant::now(),
-        stream,
         shared,
     };
     s.shared.live.join(&s.outbox);
     let end = s.event_loop().await;
-    s.shared.live.leave(s.outbox.id());
     // Boxed for the same reason: only a closing session needs the room.
     let reason = Box::pin(s.finish(end)).await;
     m.closed(reason).increment(1);
-    m.connections.decrement(1.0);
 }
 
 struct Session {
-    stream: TcpStream,
+    conn: Connection,
     outbox: Arc<Outbox>,
-    decoder: FrameDecoder,
-    /// Frames taken from the outbox and not yet fully written.
-    pending: VecDeque<Outgoing>,
-    /// The front of `pending` was partly written: it must be finished before any other
-    /// frame (such as a Close) can follow.
-    mid_frame: bool,
-    /// Writes that carried a publication, for latency sampling.
-    writes: u32,
     subscriptions: HashSet<ChannelName>,
     format: Encoding,
-    last_seen: Instant,
     shared: Arc<SessionContext>,
     identity: Identity,
     /// When the token (plus leeway) expires; the session closes with 1008 then.
@@ -205,24 +177,23 @@ struct Session {
     /// `refresh` verifies a signature, the costliest thing a client can ask for: it gets a
     /// bucket of its own, far below the command rate.
     refreshes: TokenBucket,
-    /// Pongs queued and not yet fully written.
-    pongs_unsent: u8,
-    /// The front of `pending`, partly written, is a Pong (its header is already gone).
-    mid_frame_is_pong: bool,
-    /// The latest Ping that arrived while [`MAX_UNSENT_PONGS`] Pongs were unwritten: only
-    /// it gets an answer (RFC 6455 §5.5.3 allows answering the most recent only).
-    latest_ping: Option<Bytes>,
 }
 
-/// Pongs a client that does not read can have queued; past it, only the latest Ping is
-/// remembered, so a pinger that never reads pins a few hundred bytes, not a queue.
-const MAX_UNSENT_PONGS: u8 = 16;
+/// Runs on every way out of a session, a panic included, so nothing it registered (its
+/// subscriptions, its place in the live set, the connection gauge) outlives it.
+impl Drop for Session {
+    fn drop(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+        }
+        self.shared.live.leave(self.outbox.id());
+        self.outbox.close();
+        self.shared.metrics.connections.decrement(1.0);
+    }
+}
 
 /// `refresh` commands per second per connection, and their burst.
 const REFRESH_RATE: Rate = Rate { per_second: 1.0, burst: 8.0 };
-
-/// The header byte of a server Pong frame (FIN + opcode 0xA); nothing else starts so.
-const PONG_HEADER: u8 = 0x8A;
 
 fn expiry_of(identity: &Identity, verifier: Option<&Verifier>) -> Option<Instant> {
     match (identity, verifier) {
@@ -253,7 +224,7 @@ impl Session {
         tokio::pin!(timer);
         // Bytes the client sent together with its upgrade request (a command, a Ping) are
         // already here: handle them now, not when the client happens to send again.
-        if self.decoder.has_buffered() {
+        if self.conn.has_buffered() {
             if let Some(end) = self.process().await {
                 return end;
             }
@@ -264,34 +235,34 @@ impl Session {
             // constant traffic the outbox is always ready, and polled first it would starve
             // the client's input (its Close, its commands) and the timer (token expiry, idle
             // timeout). tokio starts at a random branch each pass.
+            let writing = self.conn.has_pending();
+            let (pending, socket) = self.conn.split();
             tokio::select! {
                 // Polled even while earlier frames wait for the socket: an outbox that
                 // overflows behind a stalled socket must still end the session now.
-                status = self.outbox.take(&mut self.pending) => match status {
+                status = self.outbox.take(pending) => match status {
                     Status::Open => {
                         // Let the rest of this fan-out, and publications right behind it,
                         // reach the outbox first, so one write carries them all.
                         tokio::task::yield_now().await;
-                        match self.outbox.take_now(&mut self.pending) {
+                        match self.outbox.take_now(self.conn.pending()) {
                             Some(Status::Overflowed) => return End::Close(CloseReason::SlowConsumer),
                             Some(Status::Draining | Status::Closed) => return End::Close(CloseReason::Draining),
                             _ => {}
                         }
-                        if self.flush().is_err() {
+                        if self.conn.flush(&self.outbox, &self.shared.metrics).is_err() {
                             return End::Close(CloseReason::Disconnected);
                         }
                     }
                     Status::Overflowed => return End::Close(CloseReason::SlowConsumer),
                     Status::Draining | Status::Closed => return End::Close(CloseReason::Draining),
                 },
-                // poll_*_ready keep one waker slot per direction instead of queueing a
-                // waiter per pass, which the readable()/writable() futures would.
-                ready = std::future::poll_fn(|cx| self.stream.poll_write_ready(cx)), if !self.pending.is_empty() => {
-                    if ready.is_err() || self.flush().is_err() {
+                ready = std::future::poll_fn(|cx| socket.poll_write(cx)), if writing => {
+                    if ready.is_err() || self.conn.flush(&self.outbox, &self.shared.metrics).is_err() {
                         return End::Close(CloseReason::Disconnected);
                     }
                 }
-                ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
+                ready = std::future::poll_fn(|cx| socket.poll_read(cx)) => {
                     if ready.is_err() {
                         return End::Close(CloseReason::Disconnected);
                     }
@@ -309,7 +280,7 @@ impl Session {
                         return End::Close(CloseReason::AuthExpired);
                     }
                     if now >= next_ping {
-                        if self.last_seen.elapsed() >= limits.idle_timeout {
+                        if self.conn.silent_for() >= limits.idle_timeout {
                             return End::Close(CloseReason::IdleTimeout);
                         }
                         self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
@@ -328,24 +299,17 @@ impl Session {
 
     /// Reads what the socket has and handles every complete frame in it.
     async fn read(&mut self) -> Option<End> {
-        match self.stream.try_read_buf(self.decoder.read_buf()) {
-            Ok(0) => return Some(End::Close(CloseReason::Disconnected)),
-            Ok(_) => self.last_seen = Instant::now(),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Readiness is edge-triggered, so every burst ends with a read that finds
-                // nothing; the room reserved for it must not stay allocated while idle.
-                self.decoder.shrink_if_idle();
-                return None;
-            }
-            Err(_) => return Some(End::Close(CloseReason::Disconnected)),
+        match self.conn.read() {
+            Read::Gone => Some(End::Close(CloseReason::Disconnected)),
+            Read::Nothing => None,
+            Read::Data => self.process().await,
         }
-        self.process().await
     }
 
     /// Handles every complete frame the decoder holds.
     async fn process(&mut self) -> Option<End> {
         loop {
-            match self.decoder.next_item() {
+            match self.conn.next_frame() {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     // Commands are accepted in either format; replies use the connection's.
                     let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
@@ -359,7 +323,7 @@ impl Session {
                 // same rate; one over it is ignored (a Ping goes unanswered), and far over
                 // it closes the connection like any flood.
                 Ok(Some(Incoming::Ping(payload))) => match self.charge() {
-                    Charge::Allowed => self.pong(payload),
+                    Charge::Allowed => self.conn.pong(&self.outbox, payload),
                     Charge::Refused => {}
                     Charge::Abusive => return Some(End::Close(CloseReason::RateLimited)),
                 },
@@ -372,7 +336,7 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => {
                     if let Some(suppressed) = BAD_INPUT_LOG.check() {
-                        tracing::info!(peer = ?self.stream.peer_addr().ok(), error = %e, suppressed, "closing connection on a WebSocket protocol error");
+                        tracing::info!(peer = ?self.conn.peer_addr(), error = %e, suppressed, "closing connection on a WebSocket protocol error");
                     }
                     return Some(End::Close(match e {
                         FrameError::Protocol(_) => CloseReason::ProtocolError,
@@ -382,23 +346,11 @@ impl Session {
                 }
             }
         }
-        self.decoder.shrink_if_idle();
         None
     }
 
     fn reply(&self, reply: &Reply<'_>) {
         self.outbox.push_reply(encode_reply(self.format, reply));
-    }
-
-    /// Answers a Ping, keeping at most [`MAX_UNSENT_PONGS`] Pongs unwritten.
-    fn pong(&mut self, payload: Bytes) {
-        if self.pongs_unsent >= MAX_UNSENT_PONGS {
-            self.latest_ping = Some(payload);
-            return;
-        }
-        if self.outbox.push_reply(frame(OpCode::Pong, &payload)) == fanout_hub::Push::Queued {
-            self.pongs_unsent += 1;
-        }
     }
 
     /// Takes one token from the command rate for a frame the client sent.
@@ -412,7 +364,7 @@ impl Session {
             return Charge::Refused;
         }
         if let Some(suppressed) = BAD_INPUT_LOG.check() {
-            tracing::info!(peer = ?self.stream.peer_addr().ok(), suppressed, "closing a connection that kept sending far over its command rate");
+            tracing::info!(peer = ?self.conn.peer_addr(), suppressed, "closing a connection that kept sending far over its command rate");
         }
         Charge::Abusive
     }
@@ -447,7 +399,7 @@ impl Session {
             Ok(cmd) => cmd,
             Err(e) => {
                 if let Some(suppressed) = BAD_INPUT_LOG.check() {
-                    tracing::info!(peer = ?self.stream.peer_addr().ok(), error = %e, suppressed, "bad client command");
+                    tracing::info!(peer = ?self.conn.peer_addr(), error = %e, suppressed, "bad client command");
                 }
                 return self.error(e.id, e.code, &e.message);
             }
@@ -574,88 +526,6 @@ impl Session {
         }
     }
 
-    /// Writes as much of `pending` as the socket takes now, in vectored writes.
-    fn flush(&mut self) -> io::Result<()> {
-        let m = &self.shared.metrics;
-        let mut delivered = 0u64;
-        let mut oldest_ts = 0u64;
-        let mut pongs_written = 0u8;
-        while !self.pending.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (slot, out) in slices.iter_mut().zip(self.pending.iter()) {
-                *slot = IoSlice::new(&out.frame);
-                count += 1;
-            }
-            let mut written = match self.stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            self.outbox.written(written);
-            m.sent_bytes.increment(written as u64);
-            while written > 0 {
-                let Some(front) = self.pending.front_mut() else { break };
-                if front.frame.len() > written {
-                    if !self.mid_frame {
-                        self.mid_frame_is_pong = front.frame.first() == Some(&PONG_HEADER);
-                    }
-                    front.frame.advance(written);
-                    self.mid_frame = true;
-                    break;
-                }
-                let was_pong =
-                    if self.mid_frame { self.mid_frame_is_pong } else { front.frame.first() == Some(&PONG_HEADER) };
-                if was_pong {
-                    pongs_written += 1;
-                }
-                written -= front.frame.len();
-                if front.ts != 0 {
-                    delivered += 1;
-                    if oldest_ts == 0 {
-                        oldest_ts = front.ts;
-                    }
-                }
-                self.mid_frame = false;
-                self.pending.pop_front();
-            }
-        }
-        if self.pending.is_empty() && self.pending.capacity() > 1024 {
-            // A burst grew the queue; do not keep its memory on an idle connection.
-            self.pending = VecDeque::new();
-        }
-        if delivered > 0 {
-            m.deliveries.increment(delivered);
-            // A histogram sample costs more than everything else the write path does in
-            // user space (see hub's fanout bench), so a session samples its first write and
-            // then one in LATENCY_SAMPLE_EVERY; the oldest frame of a write is the one that
-            // waited longest.
-            if self.writes.is_multiple_of(LATENCY_SAMPLE_EVERY) {
-                m.latency.record(now_micros().saturating_sub(oldest_ts) as f64 / 1e6);
-            }
-            self.writes = self.writes.wrapping_add(1);
-        }
-        if pongs_written > 0 {
-            self.pongs_unsent = self.pongs_unsent.saturating_sub(pongs_written);
-            if let Some(payload) = self.latest_ping.take() {
-                self.pong(payload);
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes everything pending, waiting for the socket as needed.
-    async fn flush_all(&mut self) -> io::Result<()> {
-        loop {
-            self.flush()?;
-            if self.pending.is_empty() {
-                return Ok(());
-            }
-            self.stream.writable().await?;
-        }
-    }
-
     /// Leaves every channel, says goodbye the way `end` asks, and closes the socket.
     async fn finish(&mut self, end: End) -> CloseReason {
         for channel in self.subscriptions.drain() {
@@ -674,46 +544,22 @@ impl Session {
         };
         if reason == CloseReason::SlowConsumer {
             self.shared.metrics.slow_consumers.increment(1);
-            // Drop what the client never read, except a frame already partly on the wire.
-            let keep = usize::from(self.mid_frame);
-            self.pending.truncate(keep);
+            self.conn.drop_unsent();
         } else if reason != CloseReason::Disconnected {
             // Deliver what was already queued before saying goodbye.
-            let _ = self.outbox.take_now(&mut self.pending);
+            let _ = self.outbox.take_now(self.conn.pending());
         }
         self.outbox.close();
         if let Some(close) = close {
-            self.pending.push_back(Outgoing { frame: close, ts: 0 });
+            // A slow consumer gets longer: its socket buffer is full by definition, and the
+            // close frame only goes out once it reads again.
             let grace = if reason == CloseReason::SlowConsumer { SLOW_CONSUMER_GRACE } else { CLOSE_GRACE };
-            if tokio::time::timeout(grace, self.flush_all()).await.is_ok_and(|r| r.is_ok())
-                && reason != CloseReason::Client
-            {
-                // Wait briefly for the client's Close: then the handshake is complete and
-                // the server closes TCP at once (RFC 6455 §7.1.1). Reading until then also
-                // keeps unread input from turning our close into a reset that could
-                // discard the Close frame.
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.await_client_close()).await;
-            }
+            // After echoing the client's Close the handshake is complete; after our own we
+            // wait for the client's.
+            let client_grace = (reason != CloseReason::Client).then_some(CLOSE_GRACE);
+            self.conn.close(&self.outbox, &self.shared.metrics, close, grace, client_grace).await;
         }
         reason
-    }
-
-    /// Reads and discards input until the client's Close frame or EOF.
-    async fn await_client_close(&mut self) {
-        loop {
-            if self.decoder.client_closed() {
-                return;
-            }
-            if self.stream.readable().await.is_err() {
-                return;
-            }
-            match self.stream.try_read_buf(self.decoder.read_buf()) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
     }
 }
 
