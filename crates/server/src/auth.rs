@@ -1,31 +1,28 @@
 //! Connection tokens: verifying JWTs against the configured keys (an HMAC secret, a PEM
-//! public key, a JWKS file reloaded when it changes) and compiling their claims into
-//! permission sets that each command checks without allocating.
+//! public key, a JWKS file reloaded when it changes), what a verified token grants, and
+//! where a request carries its token. Reading key files is `keys.rs`; compiling channel
+//! patterns is `policy.rs`.
 
 use std::{
-    collections::HashSet,
     path::{Path, PathBuf},
-    str::FromStr as _,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
 
-use fanout_protocol::{namespace_of, ChannelName};
-use jsonwebtoken::{errors::ErrorKind, jwk::JwkSet, Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+
+use crate::{
+    keys::{load_jwks, load_public_key, JwksKey, KeyError},
+    policy::Patterns,
+};
 
 /// Longest token accepted. Tokens travel in a header or the query string; anything longer
 /// is refused before any parsing or signature work.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// A JWKS file larger than this is refused (it is read on every change).
-const MAX_JWKS_BYTES: u64 = 1 << 20;
 /// The most keys one token's signature is checked against (a token without `kid`, or a
 /// `kid` several keys share). Key rotation keeps two or three keys live at once.
 pub const MAX_KEYS_PER_TOKEN: usize = 3;
-
-/// Keys kept from a JWKS file: a token without `kid` is tried against each matching one.
-const MAX_JWKS_KEYS: usize = 32;
 
 /// Every algorithm a node can be configured to accept; `none` is not one of them.
 pub const SUPPORTED: [Algorithm; 12] = [
@@ -42,15 +39,6 @@ pub const SUPPORTED: [Algorithm; 12] = [
     Algorithm::ES384,
     Algorithm::EdDSA,
 ];
-
-/// A key source that cannot be used; at start-up this is a configuration error.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
 
 /// Why a token was refused. The text is safe to show the client: it names the rule, never
 /// a key.
@@ -133,14 +121,6 @@ struct Claims {
     publish: Vec<String>,
 }
 
-/// One key from the JWKS file.
-struct JwksKey {
-    kid: Option<String>,
-    /// The key's own `alg`, when it names one: the token must use exactly that.
-    alg: Option<Algorithm>,
-    key: DecodingKey,
-}
-
 /// Verifies tokens. Shared by every upgrade and every `refresh`.
 pub struct Verifier {
     algorithms: Vec<Algorithm>,
@@ -157,75 +137,6 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier").field("algorithms", &self.algorithms).finish_non_exhaustive()
     }
-}
-
-fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, KeyError> {
-    let read = |source| KeyError::Read { path: path.to_owned(), source };
-    let len = std::fs::metadata(path).map_err(read)?.len();
-    if len > limit {
-        return Err(KeyError::Invalid { path: path.to_owned(), message: format!("larger than {limit} bytes") });
-    }
-    std::fs::read(path).map_err(read)
-}
-
-/// Reads a PEM public key, whichever family it is.
-pub fn load_public_key(path: &Path) -> Result<DecodingKey, KeyError> {
-    let pem = read_file(path, 64 * 1024)?;
-    DecodingKey::from_rsa_pem(&pem)
-        .or_else(|_| DecodingKey::from_ec_pem(&pem))
-        .or_else(|_| DecodingKey::from_ed_pem(&pem))
-        .map_err(|_| KeyError::Invalid {
-            path: path.to_owned(),
-            message: "not a PEM RSA, EC or Ed25519 public key".into(),
-        })
-}
-
-/// Reads a JWKS file. Symmetric (`oct`) keys are refused: a JWKS file is public material,
-/// and an HMAC key in it would let anyone who can read it mint tokens.
-fn load_jwks(path: &Path) -> Result<Vec<JwksKey>, KeyError> {
-    let invalid = |message: String| KeyError::Invalid { path: path.to_owned(), message };
-    let text = read_file(path, MAX_JWKS_BYTES)?;
-    let set: JwkSet = serde_json::from_slice(&text).map_err(|e| invalid(format!("not a JWKS document: {e}")))?;
-    if set.keys.len() > MAX_JWKS_KEYS {
-        return Err(invalid(format!("more than {MAX_JWKS_KEYS} keys")));
-    }
-    let mut keys = Vec::with_capacity(set.keys.len());
-    for (i, jwk) in set.keys.iter().enumerate() {
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("key {i}: {e}")))?;
-        if key.family() == AlgorithmFamily::Hmac {
-            return Err(invalid(format!("key {i}: symmetric keys do not belong in a JWKS file")));
-        }
-        let alg = match jwk.common.key_algorithm {
-            Some(a) => Some(
-                Algorithm::from_str(&a.to_string())
-                    .map_err(|_| invalid(format!("key {i}: alg {a} is not a signature algorithm")))?,
-            ),
-            None => None,
-        };
-        if alg.is_some_and(|a| a.family() != key.family()) {
-            return Err(invalid(format!("key {i}: alg does not match the key type")));
-        }
-        keys.push(JwksKey { kid: jwk.common.key_id.clone(), alg, key });
-    }
-    if keys.is_empty() {
-        return Err(invalid("no keys".into()));
-    }
-    Ok(keys)
-}
-
-/// The algorithm families a set of keys can verify.
-pub fn key_families(settings: &AuthSettings) -> Result<Vec<AlgorithmFamily>, KeyError> {
-    let mut families = Vec::new();
-    if settings.hmac_secret.is_some() {
-        families.push(AlgorithmFamily::Hmac);
-    }
-    if let Some(path) = &settings.public_key_file {
-        families.push(load_public_key(path)?.family());
-    }
-    if let Some(path) = &settings.jwks_file {
-        families.extend(load_jwks(path)?.iter().map(|k| k.key.family()));
-    }
-    Ok(families)
 }
 
 impl Verifier {
@@ -306,6 +217,11 @@ impl Verifier {
         Err(last)
     }
 
+    /// The JWKS file the keys come from, if any.
+    pub fn jwks_file(&self) -> Option<&Path> {
+        self.jwks_file.as_deref()
+    }
+
     /// Re-reads the JWKS file; on any problem the keys in use stay.
     pub fn reload_jwks(&self) -> Result<usize, KeyError> {
         let Some(path) = &self.jwks_file else { return Ok(0) };
@@ -313,97 +229,6 @@ impl Verifier {
         let n = keys.len();
         *self.jwks.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         Ok(n)
-    }
-
-    /// Polls the JWKS file's modification time and size every `interval`, reloading when
-    /// either changes, until `stop`.
-    pub async fn watch_jwks(
-        self: Arc<Self>,
-        interval: Duration,
-        stop: CancellationToken,
-        reloads: crate::metrics::Reloads,
-    ) {
-        let Some(path) = self.jwks_file.clone() else { return };
-        let stamp =
-            |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        let mut seen = stamp(&path);
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let now = stamp(&path);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match self.reload_jwks() {
-                Ok(n) => {
-                    reloads.ok.increment(1);
-                    tracing::info!(path = %path.display(), keys = n, "reloaded the JWKS file");
-                }
-                Err(e) => {
-                    reloads.failed.increment(1);
-                    tracing::warn!(error = %e, "the JWKS file changed but cannot be used; keeping the previous keys");
-                }
-            }
-        }
-    }
-}
-
-/// Channel patterns compiled for lookups by `&str`: exact names and whole namespaces.
-#[derive(Debug, Default, Clone)]
-pub struct Patterns {
-    exact: HashSet<Box<str>>,
-    namespaces: HashSet<Box<str>>,
-}
-
-/// Whether `sub` can stand in for `{sub}`: non-empty and only channel-name characters
-/// other than `*` (which is not one anyway), so substituting it can only ever name
-/// channels, never widen a pattern.
-fn usable_sub(sub: &str) -> bool {
-    ChannelName::validate(sub).is_ok()
-}
-
-impl Patterns {
-    /// Compiles `patterns`; ones that are not an exact channel name or `ns:*` after the
-    /// `{sub}` substitution match nothing (failing closed).
-    pub fn compile(patterns: &[String], sub: Option<&str>) -> Self {
-        let mut p = Patterns::default();
-        for raw in patterns {
-            let substituted;
-            let pattern = if raw.contains("{sub}") {
-                match sub {
-                    Some(sub) if usable_sub(sub) => {
-                        substituted = raw.replace("{sub}", sub);
-                        substituted.as_str()
-                    }
-                    _ => continue,
-                }
-            } else {
-                raw.as_str()
-            };
-            if let Some(ns) = pattern.strip_suffix(":*") {
-                // The namespace is everything before the first `:`, so `a:b:*` is not one.
-                if ns.is_empty() || (!ns.contains(':') && ChannelName::validate(ns).is_ok()) {
-                    p.namespaces.insert(ns.into());
-                }
-            } else if ChannelName::validate(pattern).is_ok() {
-                p.exact.insert(pattern.into());
-            }
-        }
-        p
-    }
-
-    /// Whether a pattern matches `channel`, which must be a valid channel name.
-    pub fn allows(&self, channel: &str) -> bool {
-        (!self.namespaces.is_empty() && self.namespaces.contains(namespace_of(channel))) || self.exact.contains(channel)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.namespaces.is_empty()
     }
 }
 
@@ -480,49 +305,6 @@ pub fn token_from_request(headers: &http::HeaderMap, query: Option<&str>) -> Res
 mod tests {
     use super::*;
 
-    fn pats(list: &[&str], sub: Option<&str>) -> Patterns {
-        Patterns::compile(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>(), sub)
-    }
-
-    #[test]
-    fn exact_namespace_and_sub_patterns() {
-        let p = pats(&["news", "chat:*", "user:{sub}", "dm:{sub}:inbox", "{sub}:*"], Some("alice"));
-        for ok in ["news", "chat:1", "chat:a:b", "chat:", "user:alice", "dm:alice:inbox", "alice:x"] {
-            assert!(p.allows(ok), "{ok}");
-        }
-        for no in ["news2", "chat", "chatx:1", "user:bob", "user:alice2", "dm:bob:inbox", "bob:x", "other"] {
-            assert!(!p.allows(no), "{no}");
-        }
-    }
-
-    #[test]
-    fn empty_namespace_pattern_matches_names_without_colon() {
-        let p = pats(&[":*"], None);
-        assert!(p.allows("plain") && p.allows(":x"));
-        assert!(!p.allows("a:b"));
-    }
-
-    #[test]
-    fn sub_substitution_cannot_widen() {
-        let list = ["user:{sub}", "{sub}:*", "x{sub}"];
-        for evil in ["*", "a*", "", "a b", "a/../*", "{sub}", "é", "a\0", &"x".repeat(300)] {
-            let p = pats(&list, Some(evil));
-            assert!(p.is_empty(), "{evil:?} produced {p:?}");
-        }
-        // A `:` in sub keeps exact patterns exact and invalidates namespace ones.
-        let p = pats(&list, Some("a:b"));
-        assert!(p.allows("user:a:b") && p.allows("xa:b"));
-        assert!(!p.allows("a:c") && !p.allows("a:b:c") && !p.allows("user:a"));
-        // No sub at all: `{sub}` patterns match nothing.
-        assert!(pats(&list, None).is_empty());
-    }
-
-    #[test]
-    fn malformed_patterns_match_nothing() {
-        let p = pats(&["*", "a:b:*", "a*", "a:*x", "{other}", "", "a b", "*:*"], Some("s"));
-        assert!(p.is_empty(), "{p:?}");
-    }
-
     #[test]
     fn remaining_time_never_overflows() {
         let grant = |exp| Grant { sub: None, exp, subscribe: Patterns::default(), publish: Patterns::default() };
@@ -547,16 +329,5 @@ mod tests {
         assert_eq!(token_from_request(&h, Some("token=q")), Ok(Some("h.e.d".into())));
         h.insert(http::header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(token_from_request(&h, Some("token=q")), Ok(Some("q".into())));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn any_sub_only_grants_channels_containing_it(sub in "\\PC{0,20}", channel in "[A-Za-z0-9_.:@/=*-]{1,30}") {
-            let p = pats(&["user:{sub}", "{sub}:*"], Some(&sub));
-            if p.allows(&channel) {
-                let exact = format!("user:{sub}");
-                proptest::prop_assert!(channel == exact || namespace_of(&channel) == sub);
-            }
-        }
     }
 }

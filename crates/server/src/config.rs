@@ -537,7 +537,7 @@ impl Config {
 
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let Some(settings) = self.auth_settings() else { return Ok(()) };
-        let families = auth::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
+        let families = crate::keys::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
         if settings.algorithms.is_empty() {
             return Err(invalid("auth.algorithms", "must name at least one algorithm"));
         }
@@ -632,7 +632,7 @@ fn resolve_auth(f: AuthFile, hmac_secret: Option<&str>) -> Result<AuthConfig, Co
                 audience: None,
                 issuer: None,
             };
-            let families = auth::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
+            let families = crate::keys::key_families(&settings).map_err(|e| invalid("auth", e.to_string()))?;
             let mut algorithms = Vec::new();
             for family in families {
                 let alg = match family {

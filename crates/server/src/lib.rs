@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod keys;
 pub mod limit;
 pub mod listener;
 pub mod metrics;
@@ -71,7 +72,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         if config.jwt_hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
             tracing::warn!("jwt_hmac_secret is shorter than 32 bytes: HS256 secrets that short can be brute-forced");
         }
-        tokio::spawn(verifier.clone().watch_jwks(
+        tokio::spawn(keys::watch_jwks(
+            verifier.clone(),
             config.auth.jwks_reload_interval,
             background.child_token(),
             m.jwks_reloads.clone(),

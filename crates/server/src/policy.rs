@@ -2,9 +2,9 @@
 //! how often) and the per-command permission checks that combine them with a connection's
 //! identity. Lookups borrow the channel name: a check allocates nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use fanout_protocol::namespace_of;
+use fanout_protocol::{namespace_of, ChannelName};
 
 use crate::{
     auth::Identity,
@@ -121,10 +121,118 @@ impl Policy {
     }
 }
 
+/// Channel patterns compiled for lookups by `&str`: exact names and whole namespaces.
+#[derive(Debug, Default, Clone)]
+pub struct Patterns {
+    exact: HashSet<Box<str>>,
+    namespaces: HashSet<Box<str>>,
+}
+
+/// Whether `sub` can stand in for `{sub}`: non-empty and only channel-name characters
+/// other than `*` (which is not one anyway), so substituting it can only ever name
+/// channels, never widen a pattern.
+fn usable_sub(sub: &str) -> bool {
+    ChannelName::validate(sub).is_ok()
+}
+
+impl Patterns {
+    /// Compiles `patterns`; ones that are not an exact channel name or `ns:*` after the
+    /// `{sub}` substitution match nothing (failing closed).
+    pub fn compile(patterns: &[String], sub: Option<&str>) -> Self {
+        let mut p = Patterns::default();
+        for raw in patterns {
+            let substituted;
+            let pattern = if raw.contains("{sub}") {
+                match sub {
+                    Some(sub) if usable_sub(sub) => {
+                        substituted = raw.replace("{sub}", sub);
+                        substituted.as_str()
+                    }
+                    _ => continue,
+                }
+            } else {
+                raw.as_str()
+            };
+            if let Some(ns) = pattern.strip_suffix(":*") {
+                // The namespace is everything before the first `:`, so `a:b:*` is not one.
+                if ns.is_empty() || (!ns.contains(':') && ChannelName::validate(ns).is_ok()) {
+                    p.namespaces.insert(ns.into());
+                }
+            } else if ChannelName::validate(pattern).is_ok() {
+                p.exact.insert(pattern.into());
+            }
+        }
+        p
+    }
+
+    /// Whether a pattern matches `channel`, which must be a valid channel name.
+    pub fn allows(&self, channel: &str) -> bool {
+        (!self.namespaces.is_empty() && self.namespaces.contains(namespace_of(channel))) || self.exact.contains(channel)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.namespaces.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    fn pats(list: &[&str], sub: Option<&str>) -> Patterns {
+        Patterns::compile(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>(), sub)
+    }
+
+    #[test]
+    fn exact_namespace_and_sub_patterns() {
+        let p = pats(&["news", "chat:*", "user:{sub}", "dm:{sub}:inbox", "{sub}:*"], Some("alice"));
+        for ok in ["news", "chat:1", "chat:a:b", "chat:", "user:alice", "dm:alice:inbox", "alice:x"] {
+            assert!(p.allows(ok), "{ok}");
+        }
+        for no in ["news2", "chat", "chatx:1", "user:bob", "user:alice2", "dm:bob:inbox", "bob:x", "other"] {
+            assert!(!p.allows(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn empty_namespace_pattern_matches_names_without_colon() {
+        let p = pats(&[":*"], None);
+        assert!(p.allows("plain") && p.allows(":x"));
+        assert!(!p.allows("a:b"));
+    }
+
+    #[test]
+    fn sub_substitution_cannot_widen() {
+        let list = ["user:{sub}", "{sub}:*", "x{sub}"];
+        for evil in ["*", "a*", "", "a b", "a/../*", "{sub}", "é", "a\0", &"x".repeat(300)] {
+            let p = pats(&list, Some(evil));
+            assert!(p.is_empty(), "{evil:?} produced {p:?}");
+        }
+        // A `:` in sub keeps exact patterns exact and invalidates namespace ones.
+        let p = pats(&list, Some("a:b"));
+        assert!(p.allows("user:a:b") && p.allows("xa:b"));
+        assert!(!p.allows("a:c") && !p.allows("a:b:c") && !p.allows("user:a"));
+        // No sub at all: `{sub}` patterns match nothing.
+        assert!(pats(&list, None).is_empty());
+    }
+
+    #[test]
+    fn malformed_patterns_match_nothing() {
+        let p = pats(&["*", "a:b:*", "a*", "a:*x", "{other}", "", "a b", "*:*"], Some("s"));
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_sub_only_grants_channels_containing_it(sub in "\\PC{0,20}", channel in "[A-Za-z0-9_.:@/=*-]{1,30}") {
+            let p = pats(&["user:{sub}", "{sub}:*"], Some(&sub));
+            if p.allows(&channel) {
+                let exact = format!("user:{sub}");
+                proptest::prop_assert!(channel == exact || namespace_of(&channel) == sub);
+            }
+        }
+    }
+
     use super::*;
-    use crate::auth::{Grant, Patterns};
+    use crate::auth::Grant;
 
     fn ns(toml_text: &str) -> BTreeMap<String, NamespaceConfig> {
         toml::from_str(toml_text).unwrap()
