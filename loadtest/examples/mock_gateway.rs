@@ -6,6 +6,8 @@
 //!   taskset -c 0 target/release/examples/mock_gateway 127.0.0.1:7000 1000 &
 //!   taskset -c 1 target/release/fanout-loadtest run broadcast --url ws://127.0.0.1:7000/ws -n 500 -r 2000
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{cell::RefCell, collections::HashMap, rc::Rc, time::Duration};
 
 use base64::Engine as _;

@@ -5,6 +5,8 @@
 //!
 //!   naive_subscribers ws://127.0.0.1:7000/ws CHANNEL N SECONDS
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},

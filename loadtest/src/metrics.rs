@@ -11,15 +11,15 @@ use hyper_util::{
 };
 use serde::Serialize;
 
-pub const DELIVERIES: &str = "fanout_deliveries_total";
-pub const SLOW_CONSUMER: &str = "fanout_slow_consumer_disconnects_total";
-pub const LATENCY: &str = "fanout_delivery_latency_seconds";
-pub const CONNECTIONS: &str = "fanout_connections";
+pub(crate) const DELIVERIES: &str = "fanout_deliveries_total";
+pub(crate) const SLOW_CONSUMER: &str = "fanout_slow_consumer_disconnects_total";
+pub(crate) const LATENCY: &str = "fanout_delivery_latency_seconds";
+pub(crate) const CONNECTIONS: &str = "fanout_connections";
 
 /// One scrape, summed over label sets (a node reports one series per label combination,
 /// and the run cares about the node's total).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Scrape {
+pub(crate) struct Scrape {
     pub deliveries: f64,
     pub slow_consumer: f64,
     pub connections: f64,
@@ -81,7 +81,7 @@ fn bound(s: &str) -> Option<f64> {
     }
 }
 
-pub fn parse(text: &str) -> Scrape {
+pub(crate) fn parse(text: &str) -> Scrape {
     let mut s = Scrape::default();
     let bucket_name = format!("{LATENCY}_bucket");
     for (name, labels, value) in text.lines().filter_map(sample) {
@@ -114,7 +114,7 @@ pub fn parse(text: &str) -> Scrape {
 }
 
 /// Bucket counts of `after` minus `before` (same bounds; a bound missing before counts as 0).
-pub fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+pub(crate) fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
     after
         .iter()
         .map(|(le, n)| {
@@ -125,7 +125,7 @@ pub fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f6
 }
 
 /// Adds bucket counts of another node into `into`.
-pub fn bucket_merge(into: &mut Vec<(f64, f64)>, other: &[(f64, f64)]) {
+pub(crate) fn bucket_merge(into: &mut Vec<(f64, f64)>, other: &[(f64, f64)]) {
     for (le, n) in other {
         match into.iter_mut().find(|(b, _)| b == le) {
             Some((_, c)) => *c += n,
@@ -138,7 +138,7 @@ pub fn bucket_merge(into: &mut Vec<(f64, f64)>, other: &[(f64, f64)]) {
 /// Prometheus' `histogram_quantile`: finds the bucket holding rank `q × total` and
 /// interpolates linearly inside it. `None` without observations; the highest finite
 /// bound when the rank falls in the `+Inf` bucket.
-pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+pub(crate) fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;
@@ -159,7 +159,7 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(prev_le)
 }
 
-pub struct Scraper {
+pub(crate) struct Scraper {
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -170,7 +170,7 @@ impl Default for Scraper {
 }
 
 impl Scraper {
-    pub async fn scrape(&self, url: &str) -> Result<Scrape, String> {
+    pub(crate) async fn scrape(&self, url: &str) -> Result<Scrape, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let fetch = async {
             let resp = self.client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
@@ -187,7 +187,7 @@ impl Scraper {
 
 /// One node's figures for the run, for the report.
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     pub url: String,
     /// `None` when a scrape failed (the node was down before or after).
     pub deliveries: Option<f64>,

@@ -30,7 +30,7 @@ fn nice_step(max: f64) -> f64 {
 }
 
 /// Renders the curve of `hist` (microseconds) with `title`.
-pub fn svg(hist: &Histogram<u64>, title: &str) -> String {
+pub(crate) fn svg(hist: &Histogram<u64>, title: &str) -> String {
     let mut points: Vec<(f64, f64)> = Vec::new();
     if !hist.is_empty() {
         for v in hist.iter_quantiles(4) {

@@ -34,7 +34,7 @@ use crate::{
     ws::{self, Rng, WsUrl},
 };
 
-pub struct PubConfig {
+pub(crate) struct PubConfig {
     pub transport: Transport,
     pub rate: f64,
     pub total: u64,
@@ -55,14 +55,14 @@ pub struct PubConfig {
 
 /// Live figures for the progress line.
 #[derive(Default)]
-pub struct PubLive {
+pub(crate) struct PubLive {
     pub scheduled: AtomicU64,
     pub sent: AtomicU64,
     pub failed: AtomicU64,
 }
 
 #[derive(Debug)]
-pub struct PubResult {
+pub(crate) struct PubResult {
     pub scheduled: u64,
     pub sent: u64,
     pub failed: u64,
@@ -136,11 +136,12 @@ fn publish_error_kind(e: &PublishError) -> String {
 
 /// Starts the publisher thread. It connects its transport first, then `started` fires and
 /// the schedule begins; it returns when every publication was handed off and answered.
-pub fn start(
+pub(crate) fn start(
     cfg: PubConfig,
     live: Arc<PubLive>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<anyhow::Result<PubResult>> {
+    #[allow(clippy::expect_used, reason = "an invariant of this code, not input: failing it is a bug")]
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::metrics::NodeView;
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct Report {
+pub(crate) struct Report {
     pub scenario: String,
     pub description: String,
     pub run_id: String,
@@ -29,7 +29,7 @@ pub struct Report {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct ConfigView {
+pub(crate) struct ConfigView {
     pub subscribers: usize,
     pub channels: usize,
     pub channels_per_subscriber: usize,
@@ -43,7 +43,7 @@ pub struct ConfigView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct ConnectView {
+pub(crate) struct ConnectView {
     pub attempted: u64,
     pub established: u64,
     pub failed: u64,
@@ -57,7 +57,7 @@ pub struct ConnectView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct PublishView {
+pub(crate) struct PublishView {
     pub scheduled: u64,
     pub sent: u64,
     pub failed: u64,
@@ -70,7 +70,7 @@ pub struct PublishView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct DeliveryView {
+pub(crate) struct DeliveryView {
     /// Sum over ready subscribers of the publications accepted on their channels.
     pub expected: u64,
     pub delivered: u64,
@@ -87,7 +87,7 @@ pub struct DeliveryView {
 }
 
 #[derive(Debug, Clone, Serialize, Default, PartialEq)]
-pub struct Percentiles {
+pub(crate) struct Percentiles {
     pub count: u64,
     pub p50: f64,
     pub p90: f64,
@@ -99,7 +99,7 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// From a histogram of microseconds, in milliseconds.
-    pub fn of_micros(h: &Histogram<u64>) -> Self {
+    pub(crate) fn of_micros(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
             return Self::default();
         }
@@ -117,7 +117,7 @@ impl Percentiles {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct DisconnectView {
+pub(crate) struct DisconnectView {
     /// Ready subscribers whose connection ended before the run stopped it.
     pub total: u64,
     pub slow_consumer_4008: u64,
@@ -129,7 +129,7 @@ pub struct DisconnectView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct ChurnView {
+pub(crate) struct ChurnView {
     pub rate: f64,
     pub hold_s: f64,
     pub cycles: u64,
@@ -139,7 +139,7 @@ pub struct ChurnView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct GeneratorView {
+pub(crate) struct GeneratorView {
     /// CPU seconds (user + system) over the measured window (publishing and draining,
     /// or holding for an idle run).
     pub cpu_seconds: f64,
@@ -157,7 +157,7 @@ pub struct GeneratorView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct GatewayView {
+pub(crate) struct GatewayView {
     pub nodes: Vec<NodeView>,
     pub deliveries: Option<f64>,
     pub slow_consumer_disconnects: Option<f64>,
@@ -167,7 +167,7 @@ pub struct GatewayView {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct MemoryView {
+pub(crate) struct MemoryView {
     pub gateway_pids: Vec<u32>,
     pub gateway_rss_before_bytes: u64,
     pub gateway_rss_connected_bytes: u64,
@@ -204,7 +204,7 @@ fn map_line(m: &BTreeMap<String, u64>) -> String {
 
 impl Report {
     /// The table printed at the end of a run.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut t = String::new();
         let row = |t: &mut String, k: &str, v: String| {
             let _ = writeln!(t, "  {k:<24} {v}");

@@ -26,7 +26,7 @@ use crate::{
     ws::WsUrl,
 };
 
-pub struct RunConfig {
+pub(crate) struct RunConfig {
     pub name: String,
     pub scenario: Scenario,
     pub urls: Vec<String>,
@@ -150,7 +150,7 @@ fn run_id() -> String {
     format!("{:x}", fanout_protocol::now_micros() ^ ((std::process::id() as u64) << 40))
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64>)> {
+pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64>)> {
     let s = &cfg.scenario;
     s.validate()?;
     anyhow::ensure!(!cfg.urls.is_empty() || s.subscribers == 0, "give at least one --url ws://host:port/ws");

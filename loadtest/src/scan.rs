@@ -6,7 +6,7 @@ use memchr::memmem::Finder;
 
 /// What a text frame from the gateway turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// A `message` carrying the generator's `{"s":SEQ,"t":MICROS,…}`.
     Delivery {
         seq: u64,
@@ -24,7 +24,7 @@ pub enum Incoming {
 }
 
 /// Precompiled searchers; one per worker thread.
-pub struct Scanner {
+pub(crate) struct Scanner {
     seq: Finder<'static>,
     time: Finder<'static>,
     op: Finder<'static>,
@@ -63,7 +63,7 @@ fn number(b: &[u8]) -> Option<u64> {
 }
 
 impl Scanner {
-    pub fn classify(&self, frame: &[u8]) -> Incoming {
+    pub(crate) fn classify(&self, frame: &[u8]) -> Incoming {
         // `"s":` cannot occur in a channel name (no quotes allowed) nor inside `"ts":`,
         // so the first match is the generator's sequence number.
         if let Some(i) = self.seq.find(frame) {
@@ -98,7 +98,7 @@ impl Scanner {
 }
 
 /// The `code` of an `error` reply (`rate_limited`, `forbidden`, …).
-pub fn error_code(frame: &[u8]) -> Option<&str> {
+pub(crate) fn error_code(frame: &[u8]) -> Option<&str> {
     let at = memchr::memmem::find(frame, b"\"code\":\"")? + 8;
     let len = memchr::memchr(b'"', &frame[at..])?;
     std::str::from_utf8(&frame[at..at + len]).ok()
@@ -106,7 +106,7 @@ pub fn error_code(frame: &[u8]) -> Option<&str> {
 
 /// The data of publication `seq`: `{"s":SEQ,"t":SENT,"p":"xxx…"}` padded to `size`
 /// bytes when `size` is larger than the bare fields.
-pub fn payload(out: &mut Vec<u8>, seq: u64, sent_micros: u64, size: usize) {
+pub(crate) fn payload(out: &mut Vec<u8>, seq: u64, sent_micros: u64, size: usize) {
     use std::io::Write as _;
     let start = out.len();
     let _ = write!(out, "{{\"s\":{seq},\"t\":{sent_micros},\"p\":\"");

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// How publications reach the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub(crate) enum Transport {
     /// `{"op":"publish"}` frames on WebSocket publisher connections.
     #[default]
     Ws,
@@ -21,7 +21,7 @@ pub enum Transport {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Scenario {
+pub(crate) struct Scenario {
     #[serde(default)]
     pub description: String,
     pub subscribers: usize,
@@ -67,7 +67,7 @@ const BUILTIN: &[(&str, &str)] = &[
 ];
 
 /// The compiled-in scenarios as `(name, description)`.
-pub fn builtin() -> Vec<(&'static str, String)> {
+pub(crate) fn builtin() -> Vec<(&'static str, String)> {
     BUILTIN
         .iter()
         .map(|(name, text)| (*name, toml::from_str::<Scenario>(text).map(|s| s.description).unwrap_or_default()))
@@ -76,7 +76,7 @@ pub fn builtin() -> Vec<(&'static str, String)> {
 
 /// Loads a scenario by name (`DIR/NAME.toml` when `dir` is given and has it, else the
 /// built-in one) or by path (anything ending in `.toml`).
-pub fn load(name: &str, dir: Option<&Path>) -> anyhow::Result<Scenario> {
+pub(crate) fn load(name: &str, dir: Option<&Path>) -> anyhow::Result<Scenario> {
     let text = if name.ends_with(".toml") {
         std::fs::read_to_string(name).with_context(|| format!("reading scenario {name}"))?
     } else if let Some(path) = dir.map(|d| d.join(format!("{name}.toml"))).filter(|p| p.exists()) {
@@ -91,7 +91,7 @@ pub fn load(name: &str, dir: Option<&Path>) -> anyhow::Result<Scenario> {
 }
 
 impl Scenario {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
         if self.channels == 0 {
             bail!("channels must be at least 1");
         }
@@ -109,24 +109,24 @@ impl Scenario {
 
     /// Channel indices subscriber `i` subscribes to: `(i*K + k) % C` for `k < K`. With
     /// K = 1 this is room `i % C`; the K values are distinct because K ≤ C.
-    pub fn channels_of(&self, i: usize) -> Vec<u32> {
+    pub(crate) fn channels_of(&self, i: usize) -> Vec<u32> {
         let (c, k) = (self.channels, self.channels_per_subscriber);
         (0..k).map(|j| ((i * k + j) % c) as u32).collect()
     }
 
     /// Publications in the run: `rate × duration`.
-    pub fn publications(&self) -> u64 {
+    pub(crate) fn publications(&self) -> u64 {
         (self.rate * self.duration.as_secs_f64()).round() as u64
     }
 
     /// The channel index publication `seq` goes to; subscribers rely on the same rule to
     /// know a delivery's channel without reading its name.
-    pub fn channel_of_seq(seq: u64, channels: usize) -> u32 {
+    pub(crate) fn channel_of_seq(seq: u64, channels: usize) -> u32 {
         (seq % channels as u64) as u32
     }
 
     /// Subscribers per channel index, from the layout.
-    pub fn subscribers_per_channel(&self) -> Vec<u64> {
+    pub(crate) fn subscribers_per_channel(&self) -> Vec<u64> {
         let mut per = vec![0u64; self.channels];
         for i in 0..self.subscribers {
             for c in self.channels_of(i) {
@@ -139,7 +139,7 @@ impl Scenario {
 
 /// The wire name of channel index `c` in run `run`: its own namespace, and a run id so
 /// runs against the same cluster do not hear each other.
-pub fn channel_name(run: &str, c: u32) -> String {
+pub(crate) fn channel_name(run: &str, c: u32) -> String {
     format!("loadtest:{run}:{c}")
 }
 

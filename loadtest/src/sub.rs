@@ -34,7 +34,8 @@ use crate::{
 };
 
 /// Latencies are recorded in microseconds up to an hour with 3 significant digits.
-pub fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    #[allow(clippy::expect_used, reason = "an invariant of this code, not input: failing it is a bug")]
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
@@ -47,7 +48,7 @@ const MAX_FRAME: usize = 16 << 20;
 
 /// Where and how connection `index` connects.
 #[derive(Debug, Clone)]
-pub struct ConnSpec {
+pub(crate) struct ConnSpec {
     pub index: usize,
     pub url: usize,
     pub source: Option<IpAddr>,
@@ -55,7 +56,7 @@ pub struct ConnSpec {
 }
 
 /// Everything a worker needs that is the same for every connection.
-pub struct Shared {
+pub(crate) struct Shared {
     pub urls: Vec<(WsUrl, SocketAddr)>,
     /// Wire names of the channel indices.
     pub channel_names: Vec<String>,
@@ -71,7 +72,7 @@ pub struct Shared {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct ChurnSpec {
+pub(crate) struct ChurnSpec {
     /// Connections per second per worker.
     pub rate: f64,
     pub hold: Duration,
@@ -79,7 +80,7 @@ pub struct ChurnSpec {
 
 /// Paces connection attempts over all workers: attempt `n` starts no earlier than
 /// `n / rate` after the start, and at most `concurrency` handshakes are in flight.
-pub struct ConnectLimiter {
+pub(crate) struct ConnectLimiter {
     start: Instant,
     interval: Duration,
     next: AtomicU64,
@@ -87,7 +88,7 @@ pub struct ConnectLimiter {
 }
 
 impl ConnectLimiter {
-    pub fn new(rate: f64, concurrency: usize) -> Self {
+    pub(crate) fn new(rate: f64, concurrency: usize) -> Self {
         let interval = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
         Self { start: Instant::now(), interval, next: AtomicU64::new(0), in_flight: Semaphore::new(concurrency.max(1)) }
     }
@@ -97,6 +98,7 @@ impl ConnectLimiter {
         if !self.interval.is_zero() {
             tokio::time::sleep_until((self.start + self.interval.saturating_mul(n as u32)).into()).await;
         }
+        #[allow(clippy::expect_used, reason = "an invariant of this code, not input: failing it is a bug")]
         self.in_flight.acquire().await.expect("the limiter's semaphore is never closed")
     }
 }
@@ -105,7 +107,7 @@ impl ConnectLimiter {
 /// counters never share a cache line.
 #[derive(Default)]
 #[repr(align(128))]
-pub struct Counters {
+pub(crate) struct Counters {
     pub ready: AtomicU64,
     pub connect_failed: AtomicU64,
     pub delivered: AtomicU64,
@@ -116,7 +118,7 @@ pub struct Counters {
 
 /// How a connection ended before the run stopped it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// The server sent a Close frame with this code.
     Close(u16),
     /// The TCP connection ended without a Close frame (reset, EOF, node killed).
@@ -126,7 +128,7 @@ pub enum Ended {
 
 /// One steady subscriber's account of the run.
 #[derive(Debug, Clone)]
-pub struct ConnResult {
+pub(crate) struct ConnResult {
     pub channels: Vec<u32>,
     pub ready: bool,
     pub connect_error: Option<String>,
@@ -138,13 +140,13 @@ pub struct ConnResult {
 }
 
 /// What a worker sends to the reporter.
-pub enum WorkerMsg {
+pub(crate) enum WorkerMsg {
     /// Latencies recorded since the previous interval.
     Interval(Histogram<u64>),
     Done(Box<WorkerDone>),
 }
 
-pub struct WorkerDone {
+pub(crate) struct WorkerDone {
     pub conns: Vec<ConnResult>,
     pub latency: Histogram<u64>,
     pub connect_latency: Histogram<u64>,
@@ -166,13 +168,14 @@ struct Worker {
 }
 
 /// Runs worker `id` on the current thread until the run stops; sends its results on `tx`.
-pub fn run_worker(
+pub(crate) fn run_worker(
     id: usize,
     specs: Vec<ConnSpec>,
     shared: Arc<Shared>,
     counters: Arc<Counters>,
     tx: UnboundedSender<WorkerMsg>,
 ) {
+    #[allow(clippy::expect_used, reason = "an invariant of this code, not input: failing it is a bug")]
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -229,7 +232,7 @@ pub fn run_worker(
 
 /// The per-connection protocol state: counters, per-channel last sequence, the partial
 /// frame left over from the previous read, and bytes to write back (pongs, close).
-pub struct ConnCore {
+pub(crate) struct ConnCore {
     pub channels: Vec<u32>,
     last: Vec<Option<u64>>,
     pub channel_count: u32,
@@ -249,7 +252,7 @@ pub struct ConnCore {
 }
 
 impl ConnCore {
-    pub fn new(channels: Vec<u32>, channel_count: u32, record: bool, seed: u64) -> Self {
+    pub(crate) fn new(channels: Vec<u32>, channel_count: u32, record: bool, seed: u64) -> Self {
         let last = vec![None; channels.len()];
         Self {
             channels,
@@ -273,7 +276,7 @@ impl ConnCore {
 
     /// Handles every complete frame in `buf` (received at `now_us`); returns how many
     /// bytes it consumed. Latencies go into `hist`.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         buf: &[u8],
         now_us: u64,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
-pub fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => hard,
@@ -19,13 +19,13 @@ pub fn raise_nofile_limit() -> u64 {
 
 /// Sets the calling thread's nice value (Linux applies PRIO_PROCESS with pid 0 to the
 /// thread). Returns whether it took effect: lowering it needs CAP_SYS_NICE.
-pub fn raise_thread_priority(nice: i32) -> bool {
+pub(crate) fn raise_thread_priority(nice: i32) -> bool {
     rustix::process::setpriority_process(None, nice).is_ok()
 }
 
 /// CPU time this process used so far.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CpuTimes {
+pub(crate) struct CpuTimes {
     pub user: Duration,
     pub system: Duration,
     /// Peak resident set size in bytes.
@@ -33,7 +33,7 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) else { return Self::default() };
         let tv = |t: nix::sys::time::TimeVal| {
             Duration::from_secs(t.tv_sec().max(0) as u64) + Duration::from_micros(t.tv_usec().max(0) as u64)
@@ -41,34 +41,34 @@ impl CpuTimes {
         Self { user: tv(u.user_time()), system: tv(u.system_time()), max_rss: u.max_rss().max(0) as u64 * 1024 }
     }
 
-    pub fn total(&self) -> Duration {
+    pub(crate) fn total(&self) -> Duration {
         self.user + self.system
     }
 
     /// CPU seconds used since `earlier`.
-    pub fn since(&self, earlier: &CpuTimes) -> f64 {
+    pub(crate) fn since(&self, earlier: &CpuTimes) -> f64 {
         self.total().saturating_sub(earlier.total()).as_secs_f64()
     }
 }
 
 /// Cores this process may run on (its affinity mask and cgroup quota included).
-pub fn available_cores() -> usize {
+pub(crate) fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Reads the RSS of several processes through files opened once, up front: by the time
 /// of the second reading every descriptor may be taken by connections.
-pub struct RssProbe {
+pub(crate) struct RssProbe {
     files: Vec<std::fs::File>,
 }
 
 impl RssProbe {
-    pub fn open(pids: &[u32]) -> Self {
+    pub(crate) fn open(pids: &[u32]) -> Self {
         Self { files: pids.iter().filter_map(|p| std::fs::File::open(format!("/proc/{p}/status")).ok()).collect() }
     }
 
     /// Summed VmRSS in bytes of the processes still alive.
-    pub fn read(&mut self) -> u64 {
+    pub(crate) fn read(&mut self) -> u64 {
         use std::io::{Read, Seek};
         let mut total = 0;
         let mut text = String::new();

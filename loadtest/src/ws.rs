@@ -12,19 +12,19 @@ use tokio::{
     net::TcpStream,
 };
 
-pub const OP_CONTINUATION: u8 = 0x0;
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_PING: u8 = 0x9;
+pub(crate) const OP_PONG: u8 = 0xA;
 
 /// The subprotocol the generator speaks: its scanner reads JSON text frames.
-pub const SUBPROTOCOL: &str = "fanout.v1.json";
+pub(crate) const SUBPROTOCOL: &str = "fanout.v1.json";
 
 /// A parsed `ws://host:port/path` target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WsUrl {
+pub(crate) struct WsUrl {
     /// `host:port` as written, for the `Host` header.
     pub host: String,
     pub port: u16,
@@ -33,7 +33,7 @@ pub struct WsUrl {
 }
 
 impl WsUrl {
-    pub fn parse(url: &str) -> Result<Self, String> {
+    pub(crate) fn parse(url: &str) -> Result<Self, String> {
         let rest = url.strip_prefix("ws://").ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -50,7 +50,7 @@ impl WsUrl {
     }
 
     /// `host:port` without IPv6 brackets, for the resolver.
-    pub fn host_for_lookup(&self) -> String {
+    pub(crate) fn host_for_lookup(&self) -> String {
         let host = match self.host.rsplit_once(':') {
             Some((h, _)) if !self.host.ends_with(']') => h,
             _ => &self.host,
@@ -58,7 +58,7 @@ impl WsUrl {
         format!("{}:{}", host.trim_start_matches('[').trim_end_matches(']'), self.port)
     }
 
-    pub async fn resolve(&self) -> Result<SocketAddr, String> {
+    pub(crate) async fn resolve(&self) -> Result<SocketAddr, String> {
         tokio::net::lookup_host(self.host_for_lookup())
             .await
             .map_err(|e| format!("resolving {}: {e}", self.host))?
@@ -75,7 +75,7 @@ impl fmt::Display for WsUrl {
 
 /// Why an upgrade failed; `kind` is a short label for the report's error counts.
 #[derive(Debug)]
-pub struct HandshakeError {
+pub(crate) struct HandshakeError {
     pub kind: &'static str,
     pub detail: String,
 }
@@ -91,7 +91,7 @@ fn herr(kind: &'static str, detail: impl Into<String>) -> HandshakeError {
 }
 
 /// `Sec-WebSocket-Accept` for `key` (RFC 6455 section 4.2.2).
-pub fn accept_key(key: &str) -> String {
+pub(crate) fn accept_key(key: &str) -> String {
     let mut sha = Sha1::new();
     sha.update(key.as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
@@ -100,7 +100,7 @@ pub fn accept_key(key: &str) -> String {
 
 /// Upgrades `stream` to a WebSocket. Returns bytes that arrived after the response
 /// headers: the server may send frames right behind its 101.
-pub async fn handshake(
+pub(crate) async fn handshake(
     stream: &mut TcpStream,
     url: &WsUrl,
     rng: &mut Rng,
@@ -166,7 +166,7 @@ fn check_response(head: &[u8], expected_accept: &str) -> Result<(), HandshakeErr
 
 /// A server frame borrowed from the read buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     pub fin: bool,
     pub opcode: u8,
     pub payload: &'a [u8],
@@ -174,11 +174,11 @@ pub struct Frame<'a> {
 
 /// The server broke RFC 6455 (a masked frame, an absurd length).
 #[derive(Debug, PartialEq, Eq)]
-pub struct FrameError(pub &'static str);
+pub(crate) struct FrameError(pub &'static str);
 
 /// Parses the first complete frame of `buf`: `Ok(Some((frame, consumed)))`, or `Ok(None)`
 /// when more bytes are needed.
-pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+pub(crate) fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -214,17 +214,17 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, 
 }
 
 /// Appends a final, masked client frame to `out` (the protocol crate's encoder).
-pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+pub(crate) fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     fanout_protocol::write_client_frame(out, true, opcode, payload, mask);
 }
 
 /// A masked Close frame with a status code.
-pub fn close_frame(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
+pub(crate) fn close_frame(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
     client_frame(out, OP_CLOSE, &code.to_be_bytes(), mask);
 }
 
 /// The status code of a Close frame's payload; 1005 (none given) when it has none.
-pub fn close_code(payload: &[u8]) -> u16 {
+pub(crate) fn close_code(payload: &[u8]) -> u16 {
     if payload.len() >= 2 {
         u16::from_be_bytes([payload[0], payload[1]])
     } else {
@@ -234,14 +234,14 @@ pub fn close_code(payload: &[u8]) -> u16 {
 
 /// xorshift64*: masks and handshake nonces only need to differ, not to be secret, in a
 /// load generator that talks to its own cluster.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -250,7 +250,7 @@ impl Rng {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    pub fn mask(&mut self) -> [u8; 4] {
+    pub(crate) fn mask(&mut self) -> [u8; 4] {
         (self.next() as u32).to_le_bytes()
     }
 }

@@ -1,6 +1,8 @@
 //! The load tester against real nodes: a private redis-server and `fanout serve`
 //! processes, small runs, and assertions on the JSON report.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},

@@ -14,12 +14,12 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(max: Duration) -> Self {
+    pub(crate) fn new(max: Duration) -> Self {
         Self { next: BASE.min(max), max, attempts: 0 }
     }
 
     /// The delay before the next attempt: between half and all of the current step.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         self.attempts += 1;
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
@@ -28,11 +28,11 @@ impl Backoff {
     }
 
     /// Failed attempts since the last reset.
-    pub fn attempts(&self) -> u64 {
+    pub(crate) fn attempts(&self) -> u64 {
         self.attempts
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BASE.min(self.max);
         self.attempts = 0;
     }

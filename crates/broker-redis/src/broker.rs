@@ -40,17 +40,17 @@ pub(crate) struct BrokerState {
 }
 
 impl BrokerState {
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
 
-    pub fn set_up(&self, up: bool) {
+    pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Release);
         self.metrics.up.set(if up { 1.0 } else { 0.0 });
         self.status.send_if_modified(|s| std::mem::replace(s, up) != up);
     }
 
-    pub fn new(config: RedisConfig, registry: Arc<Registry>, endpoints: Vec<Endpoint>) -> Self {
+    pub(crate) fn new(config: RedisConfig, registry: Arc<Registry>, endpoints: Vec<Endpoint>) -> Self {
         Self {
             registry,
             publisher: PublishConnection::new(&config),
@@ -65,7 +65,7 @@ impl BrokerState {
         }
     }
 
-    pub fn endpoint(&self) -> (usize, &Endpoint) {
+    pub(crate) fn endpoint(&self) -> (usize, &Endpoint) {
         let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
         (i, &self.endpoints[i])
     }

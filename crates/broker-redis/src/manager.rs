@@ -74,7 +74,7 @@ pub(crate) struct Manager {
 }
 
 impl Manager {
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<BrokerState>,
         commands: mpsc::UnboundedReceiver<InterestChange>,
         shutdown: CancellationToken,
@@ -84,7 +84,7 @@ impl Manager {
         Self { shared, commands, shutdown, tasks, interest }
     }
 
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new(self.shared.config.reconnect_backoff_max);
         let mut reconnect = false;
         while let Some(link) = self.connect(&mut backoff).await {

@@ -27,7 +27,7 @@ pub(crate) struct Errors {
 }
 
 impl BrokerMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let errors = |op: &'static str| counter!("fanout_broker_errors_total", "op" => op);
         let m = Self {
             up: gauge!("fanout_broker_up"),

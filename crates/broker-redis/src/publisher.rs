@@ -22,7 +22,7 @@ pub(crate) struct PublishConnection {
 }
 
 impl PublishConnection {
-    pub fn new(config: &RedisConfig) -> Self {
+    pub(crate) fn new(config: &RedisConfig) -> Self {
         Self {
             slot: Mutex::new(None),
             generation: Default::default(),
@@ -33,11 +33,11 @@ impl PublishConnection {
         }
     }
 
-    pub fn connection_config(&self) -> &AsyncConnectionConfig {
+    pub(crate) fn connection_config(&self) -> &AsyncConnectionConfig {
         &self.config
     }
 
-    pub fn install(&self, connection: Option<MultiplexedConnection>) {
+    pub(crate) fn install(&self, connection: Option<MultiplexedConnection>) {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = connection.map(|c| (generation, c));
     }
@@ -75,7 +75,7 @@ impl PublishConnection {
         self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 
-    pub async fn publish(&self, shared: &BrokerState, p: &Publication) -> Result<(), BrokerError> {
+    pub(crate) async fn publish(&self, shared: &BrokerState, p: &Publication) -> Result<(), BrokerError> {
         let (generation, mut connection) = match self.current() {
             Some(c) => c,
             None => self.dial(shared).await?,

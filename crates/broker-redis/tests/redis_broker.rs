@@ -1,5 +1,7 @@
 //! The Redis broker against a real `redis-server`: delivery, interest, batching and outages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     collections::VecDeque,
     sync::Arc,

@@ -8,6 +8,8 @@
 //! difference between the two runs is therefore an upper bound on what the metrics add to
 //! each delivery.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{collections::VecDeque, sync::Arc};
 
 use bytes::Bytes;

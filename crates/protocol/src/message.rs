@@ -16,7 +16,7 @@ use crate::{
 /// 127 levels; this is one less, so a JSON subscriber that parses a whole `message` frame (one
 /// level more than its `data`) with serde_json's defaults can read every publication that
 /// was accepted, whichever format it arrived in.
-pub const MAX_DEPTH: usize = 126;
+pub(crate) const MAX_DEPTH: usize = 126;
 
 /// The `max_depth` to give rmpv's decoder so it accepts [`MAX_DEPTH`] levels (and a little
 /// more, for the frame around `data`) while still bounding recursion: rmpv spends two units

@@ -11,18 +11,20 @@
 //! match the gateway's), `FANOUT_CHANNEL` (default `examples:demo`). Exit codes as `fanout publish`: 0 published,
 //! 1 rejected, 64 bad configuration, 69 unavailable or timed out.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::process::ExitCode;
 
 use fanout_publisher::{Encoding, PublishError, Publisher};
 use serde::Serialize;
 
 #[derive(Serialize)]
-pub struct OrderEvent {
+pub(crate) struct OrderEvent {
     pub order: Order,
 }
 
 #[derive(Serialize)]
-pub struct Order {
+pub(crate) struct Order {
     pub id: u64,
     pub customer: Customer,
     pub lines: Vec<Line>,
@@ -31,19 +33,19 @@ pub struct Order {
 }
 
 #[derive(Serialize)]
-pub struct Customer {
+pub(crate) struct Customer {
     pub name: String,
     pub tags: Vec<String>,
 }
 
 #[derive(Serialize)]
-pub struct Line {
+pub(crate) struct Line {
     pub sku: String,
     pub qty: u32,
     pub price: f64,
 }
 
-pub fn order_event() -> OrderEvent {
+pub(crate) fn order_event() -> OrderEvent {
     OrderEvent {
         order: Order {
             id: 1042,
@@ -61,7 +63,7 @@ pub fn order_event() -> OrderEvent {
 /// Publishes what every example publishes (a non-ASCII string, a nested object, a string close to the default
 /// 64 KiB limit on `data`) and, in `redis` mode, one more value whose types show off MessagePack. `env` reads a
 /// setting (main passes the process environment). Returns how many publications were made.
-pub async fn run(mode: &str, env: impl Fn(&str) -> Option<String>) -> Result<usize, PublishError> {
+pub(crate) async fn run(mode: &str, env: impl Fn(&str) -> Option<String>) -> Result<usize, PublishError> {
     let var = |key: &str, default: &str| env(key).unwrap_or_else(|| default.to_owned());
     let channel = var("FANOUT_CHANNEL", "examples:demo");
     // A real service builds its Publisher once and shares clones of it: they share the connections.

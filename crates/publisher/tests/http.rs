@@ -1,6 +1,8 @@
 //! The HTTP transport against a scripted in-test server: request shape, retry on 503 and
 //! connection failures, no retry on 4xx, timeouts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     collections::VecDeque,
     convert::Infallible,

@@ -1,6 +1,8 @@
 //! The Redis transport against a real `redis-server`: a plain SUBSCRIBE receives exactly
 //! the envelope bytes, batches are pipelined in order, and a restarted server is reconnected.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -7,6 +7,8 @@
 //! `cargo run --release --example echo -- 127.0.0.1:9001` (port 0 picks a free one; the
 //! bound address is printed as `listening ADDR`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{convert::Infallible, io, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;

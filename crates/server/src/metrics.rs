@@ -17,9 +17,11 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
+            // Refused only for an empty bucket list, which LATENCY_BUCKETS is not; the
+            // exporter's default buckets would still serve.
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-                .expect("bucket list is not empty")
+                .unwrap_or_else(|_| PrometheusBuilder::new())
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (tests embedding the server); the

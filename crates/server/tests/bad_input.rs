@@ -2,6 +2,8 @@
 //! gets the named error and the connection survives; every WebSocket-level violation gets
 //! the named close code; the node survives all of it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::time::Duration;
 
 use fanout_testkit::{client_frame, http, Node, RawWs, WsClient};

@@ -1,5 +1,7 @@
 //! `fanout publish` and `fanout subscribe` end to end against real nodes and Redis.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Command, Stdio},

@@ -1,6 +1,8 @@
 //! Several nodes sharing one real Redis: every publish path reaches subscribers on every
 //! node, in both wire formats, in order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::time::Duration;
 
 use fanout_testkit::{http, Node, RedisServer, WsClient};

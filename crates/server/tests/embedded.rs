@@ -1,5 +1,7 @@
 //! A single node on the embedded broker: the full protocol with no Redis at all.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::time::Duration;
 
 use fanout_testkit::{http, Event, Node, WsClient};

@@ -7,6 +7,8 @@
 //! packages; scripts/test.sh installs both. A missing tool fails the test and says how to install it, unless
 //! FANOUT_SKIP_EXAMPLES=1, which skips the Python and Node examples (the Rust one always runs).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},

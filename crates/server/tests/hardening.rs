@@ -5,6 +5,8 @@
 //! one wire format, and what an untrusted client may learn when the broker fails.
 //! Every test here failed before the fix it guards.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, SystemTime},

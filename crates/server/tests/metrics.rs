@@ -1,6 +1,8 @@
 //! `/metrics` driven by real traffic: the values move as they should and the exposition
 //! is well-formed Prometheus text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{collections::HashMap, time::Duration};
 
 use fanout_testkit::{http, Node, RedisServer, WsClient};

@@ -3,6 +3,8 @@
 //! never panic the frame decoder nor push a message past its bound, and a message split
 //! across reads decodes the same as in one piece.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use bytes::Bytes;
 use fanout_server::wsframe::{FrameDecoder, Incoming};
 use proptest::prelude::*;

@@ -1,6 +1,8 @@
 //! Faults with real processes: Redis killed and restarted under live subscribers, a
 //! frozen Redis, a client that never reads, and a node drained by SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::time::{Duration, Instant};
 
 use fanout_testkit::{http, Event, Node, RedisServer, WsClient};

@@ -3,6 +3,8 @@
 //! tokens, channel patterns and namespace rules, expiry closing with 1008 and `refresh`,
 //! and every connection and command limit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},

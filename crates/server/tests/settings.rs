@@ -4,6 +4,8 @@
 //! a flag without a README row or TOML key, a README default that is not the one `--help`
 //! states, a TOML key the chart can never set.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{collections::BTreeSet, path::Path};
 
 use clap::{Args as _, Command};

@@ -2,6 +2,8 @@
 //! processes on free loopback ports, real `fanout` nodes on port 0, and small WebSocket
 //! and HTTP clients. Nothing here is mocked.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 mod http;
 mod node;
 mod raw;

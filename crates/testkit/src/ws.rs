@@ -38,13 +38,13 @@ pub struct WsClient {
 }
 
 /// MessagePack → JSON for assertions (binary becomes an array of numbers).
-pub fn msgpack_to_json(bytes: &[u8]) -> serde_json::Value {
+pub(crate) fn msgpack_to_json(bytes: &[u8]) -> serde_json::Value {
     let json = transcode(Encoding::MsgPack, Encoding::Json, bytes).expect("server sent invalid MessagePack");
     serde_json::from_slice(&json).expect("transcoded JSON parses")
 }
 
 /// JSON → MessagePack bytes.
-pub fn json_to_msgpack(v: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn json_to_msgpack(v: &serde_json::Value) -> Vec<u8> {
     transcode(Encoding::Json, Encoding::MsgPack, v.to_string().as_bytes()).expect("JSON transcodes to MessagePack")
 }
 

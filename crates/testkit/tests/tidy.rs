@@ -2,6 +2,8 @@
 //! its layout: every source file says what it owns in a `//!` line, and crates depend on
 //! each other (and on hyper, fastwebsockets and redis) only in the stated directions.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
