@@ -31,7 +31,7 @@ fn loopback(last: u8) -> IpAddr {
 
 /// Waits for `check` (30 s: far beyond any healthy run).
 async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
-    fanout_testkit::eventually(what, Duration::from_secs(30), check).await
+    fanout_testkit::eventually(what, Duration::from_secs(30), check).await;
 }
 
 fn rss_kib(pid: u32) -> u64 {

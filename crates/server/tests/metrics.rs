@@ -10,56 +10,11 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fanout");
 
-/// Parses the text exposition strictly enough to catch a malformed line, returning
-/// `series → value`.
-fn parse(text: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            assert!(matches!(words.first(), Some(&"HELP") | Some(&"TYPE")), "bad comment line {line:?}");
-            if words[0] == "TYPE" {
-                assert!(
-                    matches!(words.get(2), Some(&("counter" | "gauge" | "histogram" | "summary" | "untyped"))),
-                    "{line:?}"
-                );
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad name in {line:?}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "unterminated labels in {line:?}");
-            for pair in series[name_end + 1..series.len() - 1].split("\",").filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
-                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line:?}");
-                assert!(!v.contains('\n'));
-            }
-        }
-        let v: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        out.insert(series.to_owned(), v);
-    }
-    out
-}
-
 async fn scrape(node: &Node) -> HashMap<String, f64> {
     let r = http(node.internal, "GET", "/metrics", &[], b"").await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/plain")));
-    parse(&r.text())
+    fanout_testkit::parse_metrics(&r.text())
 }
 
 fn get(m: &HashMap<String, f64>, series: &str) -> f64 {

@@ -10,15 +10,6 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fanout");
 
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    start.elapsed()
-}
-
 async fn readyz(node: &Node) -> u16 {
     http(node.internal, "GET", "/readyz", &[], b"").await.status
 }
@@ -39,7 +30,7 @@ async fn redis_restart_resumes_delivery_without_client_reconnects() {
     }
 
     redis.kill();
-    wait_for("readyz 503 on both nodes", Duration::from_secs(5), async || {
+    fanout_testkit::eventually("readyz 503 on both nodes", Duration::from_secs(5), async || {
         readyz(&a).await == 503 && readyz(&b).await == 503
     })
     .await;
@@ -99,11 +90,13 @@ async fn frozen_redis_is_detected_by_the_heartbeat() {
     sub.subscribe("f").await;
     // SIGSTOP keeps the TCP connection open but nothing answers: only a heartbeat notices.
     fanout_testkit::signal(redis.pid(), "STOP");
-    let took =
-        wait_for("readyz 503 with a frozen Redis", Duration::from_secs(10), async || readyz(&node).await == 503).await;
+    let took = fanout_testkit::eventually("readyz 503 with a frozen Redis", Duration::from_secs(10), async || {
+        readyz(&node).await == 503
+    })
+    .await;
     fanout_testkit::signal(redis.pid(), "CONT");
     eprintln!("frozen Redis noticed after {took:?}");
-    wait_for("readyz 200 again", Duration::from_secs(10), async || readyz(&node).await == 200).await;
+    fanout_testkit::eventually("readyz 200 again", Duration::from_secs(10), async || readyz(&node).await == 200).await;
     let mut p = WsClient::json(&node.ws_url()).await;
     p.publish("f", json!("back")).await;
     assert_eq!(sub.next_value().await["data"], "back");

@@ -128,15 +128,8 @@ async fn ask(c: &mut WsClient, cmd: Value) -> Value {
 /// Waits until a metric (as [`metric`] reads it) has `want`: sessions are counted closed
 /// only once their goodbye is done.
 async fn metric_reaches(node: &Node, name: &str, label: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = metric(node, name, label).await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name}{{{label}}} is {got}, want {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{name}{{{label}}} reaches {want}");
+    eventually(&what, async || node.metric_with(name, label).await == want).await;
 }
 
 /// The `code` of the error reply to `cmd`, or "ok" for any other reply.
@@ -151,11 +144,7 @@ async fn outcome(c: &mut WsClient, cmd: Value) -> String {
 
 /// A metric's value summed over the series whose labels contain `label` (`""`: all).
 async fn metric(node: &Node, name: &str, label: &str) -> f64 {
-    let body = http(node.internal, "GET", "/metrics", &[], b"").await.text();
-    body.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    node.metric_with(name, label).await
 }
 
 /// A hand-written upgrade request from `source`, returning the response head and the open
@@ -274,12 +263,9 @@ fn jwks(keys: &[(&str, Algorithm, &EncodingKey)]) -> String {
     json!({ "keys": keys }).to_string()
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits for `check` (30 s: far beyond any healthy run).
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    fanout_testkit::eventually(what, Duration::from_secs(30), check).await;
 }
 
 #[tokio::test]

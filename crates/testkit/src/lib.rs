@@ -11,19 +11,25 @@ mod redis;
 mod ws;
 
 pub use http::{http, HttpResponse};
-pub use node::Node;
+pub use node::{parse_metrics, Node};
 pub use raw::{client_frame, RawFrame, RawWs};
 pub use redis::{free_port, RedisServer};
 pub use ws::{Event, WsClient};
 
 /// Polls `check` until it holds, every 20 ms; panics naming `what` after `within`. For
 /// waiting on an event (a metric, a state) instead of sleeping a fixed time and asserting.
-pub async fn eventually(what: &str, within: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = std::time::Instant::now() + within;
+/// Returns how long it took.
+pub async fn eventually(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
     while !check().await {
-        assert!(std::time::Instant::now() < deadline, "did not happen within {within:?}: {what}");
+        assert!(started.elapsed() < within, "did not happen within {within:?}: {what}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    started.elapsed()
 }
 
 /// Sends a signal to a process by pid (`TERM`, `KILL`, `STOP`, `CONT`).

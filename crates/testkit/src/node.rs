@@ -1,6 +1,7 @@
 //! A real `fanout serve` process on port 0, its bound addresses read from its log.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
@@ -121,10 +122,10 @@ impl Node {
     /// (`reason="shed"`, say; `""`: every series).
     pub async fn metric_with(&self, name: &str, label: &str) -> f64 {
         let body = crate::http(self.internal, "GET", "/metrics", &[], b"").await.text();
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        parse_metrics(&body)
+            .iter()
+            .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(label))
+            .map(|(_, v)| v)
             .sum()
     }
 }
@@ -134,4 +135,49 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Parses the text exposition strictly enough to catch a malformed line, returning
+/// `series → value`.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            assert!(matches!(words.first(), Some(&"HELP") | Some(&"TYPE")), "bad comment line {line:?}");
+            if words[0] == "TYPE" {
+                assert!(
+                    matches!(words.get(2), Some(&("counter" | "gauge" | "histogram" | "summary" | "untyped"))),
+                    "{line:?}"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unterminated labels in {line:?}");
+            for pair in series[name_end + 1..series.len() - 1].split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line:?}");
+                assert!(!v.contains('\n'));
+            }
+        }
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        out.insert(series.to_owned(), v);
+    }
+    out
 }
