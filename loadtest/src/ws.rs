@@ -164,54 +164,9 @@ fn check_response(head: &[u8], expected_accept: &str) -> Result<(), HandshakeErr
     Ok(())
 }
 
-/// A server frame borrowed from the read buffer.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Frame<'a> {
-    pub fin: bool,
-    pub opcode: u8,
-    pub payload: &'a [u8],
-}
-
-/// The server broke RFC 6455 (a masked frame, an absurd length).
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct FrameError(pub &'static str);
-
-/// Parses the first complete frame of `buf`: `Ok(Some((frame, consumed)))`, or `Ok(None)`
-/// when more bytes are needed.
-pub(crate) fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    if b1 & 0x80 != 0 {
-        return Err(FrameError("server sent a masked frame"));
-    }
-    let (len, header) = match b1 & 0x7f {
-        126 => {
-            if buf.len() < 4 {
-                return Ok(None);
-            }
-            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
-        }
-        127 => {
-            if buf.len() < 10 {
-                return Ok(None);
-            }
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[2..10]);
-            (u64::from_be_bytes(b), 10)
-        }
-        n => (n as u64, 2),
-    };
-    if len > max_payload as u64 {
-        return Err(FrameError("frame larger than the configured maximum"));
-    }
-    let end = header + len as usize;
-    if buf.len() < end {
-        return Ok(None);
-    }
-    Ok(Some((Frame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, payload: &buf[header..end] }, end)))
-}
+// Server frames are parsed by the protocol crate's client-side parser, shared with the
+// test kit.
+pub(crate) use fanout_protocol::{parse_server_frame as parse_frame, ServerFrameError as FrameError};
 
 /// Appends a final, masked client frame to `out` (the protocol crate's encoder).
 pub(crate) fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {

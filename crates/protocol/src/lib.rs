@@ -15,7 +15,10 @@ pub use command::{decode_command, Command, CommandError};
 pub use envelope::{decode_envelope, encode_envelope, redis_channel, EnvelopeError, ENVELOPE_VERSION};
 pub use error::ErrorCode;
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
-pub use ws::{close_frame, frame, frame_header, write_client_frame, OpCode, MAX_FRAME_HEADER};
+pub use ws::{
+    close_frame, frame, frame_header, parse_server_frame, write_client_frame, OpCode, ServerFrame, ServerFrameError,
+    MAX_FRAME_HEADER,
+};
 
 /// Microseconds since the Unix epoch: the clock every publication's `ts` is stamped with.
 pub fn now_micros() -> u64 {

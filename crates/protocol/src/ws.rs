@@ -93,6 +93,58 @@ pub(crate) fn frame_in_place(op: OpCode, mut buf: Vec<u8>) -> Bytes {
     bytes
 }
 
+/// A server frame as a client reads it, borrowed from the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerFrame<'a> {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: &'a [u8],
+}
+
+/// The server broke RFC 6455 (a masked frame, an absurd length).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerFrameError(pub &'static str);
+
+/// Parses the first complete frame of `buf`: `Ok(Some((frame, consumed)))`, or `Ok(None)`
+/// when more bytes are needed.
+pub fn parse_server_frame(
+    buf: &[u8],
+    max_payload: usize,
+) -> Result<Option<(ServerFrame<'_>, usize)>, ServerFrameError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b1 & 0x80 != 0 {
+        return Err(ServerFrameError("server sent a masked frame"));
+    }
+    let (len, header) = match b1 & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (n as u64, 2),
+    };
+    if len > max_payload as u64 {
+        return Err(ServerFrameError("frame larger than the configured maximum"));
+    }
+    let end = usize::try_from(len).map_or(usize::MAX, |len| len.saturating_add(header));
+    if buf.len() < end {
+        return Ok(None);
+    }
+    Ok(Some((ServerFrame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, payload: &buf[header..end] }, end)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,21 +82,14 @@ impl RawWs {
     pub async fn frame(&mut self, timeout: Duration) -> Option<RawFrame> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.buf.len() >= 2 {
-                let len7 = (self.buf[1] & 0x7f) as usize;
-                let (hl, len) = match len7 {
-                    126 if self.buf.len() >= 4 => (4, u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize),
-                    127 if self.buf.len() >= 10 => {
-                        (10, u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (2, n),
-                };
-                if hl != usize::MAX && self.buf.len() >= hl + len {
-                    let frame = RawFrame { opcode: self.buf[0] & 0x0f, payload: self.buf[hl..hl + len].to_vec() };
-                    self.buf.drain(..hl + len);
+            match fanout_protocol::parse_server_frame(&self.buf, usize::MAX) {
+                Ok(Some((f, used))) => {
+                    let frame = RawFrame { opcode: f.opcode, payload: f.payload.to_vec() };
+                    self.buf.drain(..used);
                     return Some(frame);
                 }
+                Ok(None) => {}
+                Err(e) => panic!("the server broke RFC 6455: {}", e.0),
             }
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
