@@ -1,6 +1,12 @@
 //! Rate limiting: the token bucket every limit uses, the per-IP table of buckets that
 //! guards the upgrade endpoint with bounded memory, and the trusted-proxy rule that says
 //! which address a connection is charged to.
+//!
+//! Hand-written rather than `governor`: a bucket here is 16 bytes updated under the caller's
+//! own lock (a session's buckets need no synchronisation at all), and the per-IP table
+//! prunes refilled entries and caps itself at [`MAX_TRACKED_IPS`], so a flood from many
+//! addresses costs a few MiB; a keyed governor limiter grows with every address it sees
+//! until it is swept.
 
 use std::{
     collections::HashMap,
