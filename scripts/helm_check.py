@@ -48,7 +48,7 @@ ALLOWED_METRICS = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_b
 FALLBACK_TOML_KEYS = {"public_addr", "internal_addr", "redis_url", "redis_password", "redis_prefix", "log_level",
                       "log_format", "drain_timeout", "max_connections", "max_message_size", "outbound_queue_bytes",
                       "max_subscriptions", "handshake_timeout", "ping_interval", "idle_timeout", "max_http_body",
-                      "max_pending_connections", "max_publication_size", "broker_timeout", "api_key",
+                      "max_pending_connections", "max_publication_size", "broker_backlog_bytes", "broker_timeout", "api_key",
                       "jwt_hmac_secret", "allowed_origins", "max_connections_per_ip_per_second",
                       "connection_rate_burst", "command_rate", "command_burst", "trusted_proxies"}
 

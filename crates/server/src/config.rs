@@ -161,6 +161,11 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_publication_size: Option<usize>,
 
+    /// Publications read from Redis and not yet fanned out that a node holds, bytes; beyond
+    /// it newer ones are dropped and counted (reason broker_backlog)
+    #[arg(long, env = "FANOUT_BROKER_BACKLOG_BYTES", value_name = "BYTES", default_value = "33554432")]
+    pub broker_backlog_bytes: usize,
+
     /// How long a subscribe or publish may wait for the broker (then 503 / unavailable: outcome unknown)
     #[arg(long, env = "FANOUT_BROKER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = duration)]
     #[serde(with = "humantime_serde")]
@@ -431,6 +436,7 @@ impl Config {
             command_timeout: self.broker_timeout.min(Duration::from_secs(2)),
             publish_timeout: self.broker_timeout,
             max_publication_size: self.publication_limit,
+            backlog_bytes: self.broker_backlog_bytes,
             ..fanout_broker_redis::RedisConfig::default()
         })
     }
@@ -495,6 +501,9 @@ impl Config {
                 "max_publication_size",
                 "must be at least 1 and below outbound_queue_bytes by 1 KiB, or one publication overflows every subscriber's queue",
             ));
+        }
+        if self.broker_backlog_bytes < self.publication_limit {
+            return Err(invalid("broker_backlog_bytes", "must hold at least one publication of max_publication_size"));
         }
         if self.max_http_body < 64 {
             return Err(invalid("max_http_body", "must be at least 64 bytes"));

@@ -199,6 +199,7 @@ fn bad_configuration_exits_64_before_binding() {
         vec!["--redis-url".into(), "redis://127.0.0.1:6379/notadb".into()],
         vec!["--max-publication-size".into(), "2000000".into()],
         vec!["--max-pending-connections".into(), "0".into()],
+        vec!["--broker-backlog-bytes".into(), "100".into()],
         vec!["--ping-interval".into(), "soon".into()],
         vec!["--no-such-flag".into()],
         vec!["--config".into(), "/nonexistent/fanout.toml".into()],

@@ -27,6 +27,7 @@ ping_interval = {{ $c.pingInterval | toString | toJson }}
 idle_timeout = {{ $c.idleTimeout | toString | toJson }}
 max_http_body = {{ $c.maxHttpBody | int64 }}
 max_pending_connections = {{ $c.maxPendingConnections | int64 }}
+broker_backlog_bytes = {{ $c.brokerBacklogBytes | int64 }}
 {{- with $c.maxPublicationSize }}
 max_publication_size = {{ . | int64 }}
 {{- end }}

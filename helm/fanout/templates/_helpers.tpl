@@ -261,6 +261,7 @@ credentials (they belong in the Secret).
   "max_http_body" "config.maxHttpBody"
   "max_pending_connections" "config.maxPendingConnections"
   "max_publication_size" "config.maxPublicationSize"
+  "broker_backlog_bytes" "config.brokerBacklogBytes"
   "broker_timeout" "config.brokerTimeout"
   "allowed_origins" "config.allowedOrigins"
   "max_connections_per_ip_per_second" "config.maxConnectionsPerIpPerSecond"
