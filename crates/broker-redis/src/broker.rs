@@ -8,7 +8,7 @@ use std::{
     },
 };
 
-use fanout_hub::{BoxFuture, Broker, BrokerError, LogLimiter, Registry};
+use fanout_hub::{BoxFuture, Broker, BrokerError, LogLimiter, Published, Registry};
 use fanout_protocol::{ChannelName, Publication};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -122,6 +122,19 @@ impl Broker for RedisBroker {
                 return Err(down());
             }
             self.shared.publisher.publish(&self.shared, publication).await
+        })
+    }
+
+    fn publish_once<'a>(
+        &'a self,
+        publication: &'a Publication,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Published, BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.publisher.publish_once(&self.shared, publication, key).await
         })
     }
 

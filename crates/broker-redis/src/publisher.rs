@@ -2,8 +2,8 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use fanout_hub::BrokerError;
-use fanout_protocol::{encode_envelope, Publication};
+use fanout_hub::{BrokerError, Published};
+use fanout_protocol::{encode_envelope, Publication, IDEMPOTENCY_WINDOW};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError};
 
 use crate::{broker::BrokerState, config::RedisConfig};
@@ -76,19 +76,50 @@ impl PublishConnection {
     }
 
     pub(crate) async fn publish(&self, shared: &BrokerState, p: &Publication) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str()))
+            .arg(encode_envelope(p.ts, p.enc, &p.data));
+        self.run::<()>(shared, &cmd, "PUBLISH").await
+    }
+
+    /// `PUBLISH` unless `key` was seen on the channel within the idempotency window, as one
+    /// script, so the check and the publish cannot be split by a failure or a race with
+    /// another node. The key lives under the channel's hash tag (`{fanout:ch}:idem:KEY`),
+    /// in the channel's slot on a Redis Cluster.
+    pub(crate) async fn publish_once(
+        &self,
+        shared: &BrokerState,
+        p: &Publication,
+        key: &str,
+    ) -> Result<Published, BrokerError> {
+        let channel = fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str());
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUBLISH_ONCE)
+            .arg(1)
+            .arg(format!("{{{channel}}}:idem:{key}"))
+            .arg(&channel)
+            .arg(encode_envelope(p.ts, p.enc, &p.data))
+            .arg(IDEMPOTENCY_WINDOW.as_secs());
+        let sent = self.run::<i64>(shared, &cmd, "idempotent PUBLISH").await?;
+        Ok(if sent == 1 { Published::Sent } else { Published::Duplicate })
+    }
+
+    /// Runs `cmd` on the command connection, dialing it if needed, within `publish_timeout`.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        shared: &BrokerState,
+        cmd: &redis::Cmd,
+        what: &str,
+    ) -> Result<T, BrokerError> {
         let (generation, mut connection) = match self.current() {
             Some(c) => c,
             None => self.dial(shared).await?,
         };
-        let key = fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str());
-        let payload = encode_envelope(p.ts, p.enc, &p.data);
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(key).arg(payload);
         // The connection's own response timeout should fire first; this one also bounds the
         // time spent queued behind other requests on the multiplexed connection.
-        let result = tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<()>(&mut connection)).await;
+        let result = tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<T>(&mut connection)).await;
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 shared.metrics.errors.publish.increment(1);
                 if e.is_timeout() {
@@ -97,7 +128,7 @@ impl PublishConnection {
                 if is_connection_error(&e) {
                     self.discard(generation);
                 }
-                Err(BrokerError::Unavailable(format!("PUBLISH failed: {e}")))
+                Err(BrokerError::Unavailable(format!("{what} failed: {e}")))
             }
             Err(_) => {
                 shared.metrics.errors.publish.increment(1);
@@ -106,6 +137,16 @@ impl PublishConnection {
         }
     }
 }
+
+/// KEYS[1]: the idempotency key; ARGV: Redis channel, envelope, window in seconds.
+/// 1: published; 0: the key was already there, nothing published.
+const PUBLISH_ONCE: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+";
 
 /// The connection itself is unusable (as opposed to Redis rejecting one command).
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {

@@ -28,6 +28,14 @@ impl BrokerError {
     }
 }
 
+/// What [`Broker::publish_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Sent,
+    /// The key was seen on this channel within the window: nothing was published.
+    Duplicate,
+}
+
 /// Carries publications between nodes and keeps the node subscribed to the channels its
 /// clients want. Publications that arrive are handed to the [`crate::Registry`] the broker
 /// was built with.
@@ -38,6 +46,16 @@ impl BrokerError {
 pub trait Broker: Send + Sync + 'static {
     /// Hands a publication to the broker; `Ok` means the broker accepted it.
     fn publish<'a>(&'a self, publication: &'a Publication) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Hands a publication to the broker unless one with `key` was published on its channel
+    /// within [`fanout_protocol::IDEMPOTENCY_WINDOW`]: the check and the publish are one
+    /// atomic step wherever the broker keeps its keys (cluster-wide with Redis), so a retry
+    /// after a lost answer cannot deliver twice.
+    fn publish_once<'a>(
+        &'a self,
+        publication: &'a Publication,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Published, BrokerError>>;
 
     /// The node now wants publications on `channel`. Must not block.
     fn add_interest(&self, channel: &ChannelName);

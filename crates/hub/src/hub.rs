@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use fanout_protocol::{ChannelName, Publication};
 
 use crate::{
-    broker::{Broker, BrokerError},
+    broker::{Broker, BrokerError, Published},
     outbox::Outbox,
     registry::Registry,
 };
@@ -62,11 +62,15 @@ impl Hub {
         self.registry.remove_with(channel, id, || self.broker.remove_interest(channel));
     }
 
-    /// Hands a publication to the broker, which delivers it to every node subscribed.
-    pub async fn publish(&self, publication: &Publication) -> Result<(), BrokerError> {
+    /// Hands a publication to the broker, which delivers it to every node subscribed; with
+    /// an idempotency key, only if that key is new on the channel.
+    pub async fn publish(&self, publication: &Publication, key: Option<&str>) -> Result<Published, BrokerError> {
         self.publishing.increment(1.0);
         let _in_flight = InFlight(&self.publishing);
-        self.broker.publish(publication).await
+        match key {
+            None => self.broker.publish(publication).await.map(|()| Published::Sent),
+            Some(key) => self.broker.publish_once(publication, key).await,
+        }
     }
 
     pub fn broker_up(&self) -> bool {
@@ -93,6 +97,13 @@ mod tests {
     impl Broker for Recorder {
         fn publish<'a>(&'a self, _: &'a Publication) -> crate::BoxFuture<'a, Result<(), BrokerError>> {
             Box::pin(std::future::ready(Ok(())))
+        }
+        fn publish_once<'a>(
+            &'a self,
+            _: &'a Publication,
+            _: &'a str,
+        ) -> crate::BoxFuture<'a, Result<Published, BrokerError>> {
+            Box::pin(std::future::ready(Ok(Published::Sent)))
         }
         fn add_interest(&self, _: &ChannelName) {
             self.events.lock().unwrap().push(true);
@@ -158,7 +169,7 @@ mod tests {
         for i in 0..100u64 {
             let p =
                 Publication { channel: channel.clone(), ts: i, enc: Encoding::Json, data: Bytes::from(i.to_string()) };
-            hub.publish(&p).await.unwrap();
+            hub.publish(&p, None).await.unwrap();
         }
         let mut q = VecDeque::new();
         sub.take(&mut q).await;

@@ -11,7 +11,7 @@ mod loglimit;
 mod outbox;
 mod registry;
 
-pub use broker::{BoxFuture, Broker, BrokerError};
+pub use broker::{BoxFuture, Broker, BrokerError, Published};
 pub use embedded::EmbeddedBroker;
 pub use hub::Hub;
 pub use loglimit::LogLimiter;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::{
     channel::ChannelName,
-    command::{bad, fields, CommandError},
+    command::{bad, fields, idempotency_key, CommandError},
     error::ErrorCode,
     message::{validate_data, Encoding},
 };
@@ -19,6 +19,8 @@ pub struct ApiPublish {
     pub channels: Vec<ChannelName>,
     pub enc: Encoding,
     pub data: Bytes,
+    /// v1.1 idempotent publishing: remembered per channel.
+    pub idempotency_key: Option<String>,
 }
 
 fn channel(name: &str) -> Result<ChannelName, CommandError> {
@@ -47,7 +49,8 @@ pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result
     };
     let data = f.data.ok_or_else(|| bad(None, "missing field \"data\""))?;
     validate_data(enc, data).map_err(|e| bad(None, format!("invalid data: {e}")))?;
-    Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data) })
+    let idempotency_key = idempotency_key(None, f.idempotency_key)?;
+    Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data), idempotency_key })
 }
 
 #[derive(Serialize)]

@@ -30,6 +30,9 @@ pub enum Command {
         channel: ChannelName,
         enc: Encoding,
         data: Bytes,
+        /// v1.1: a retry with the same key on the same channel within
+        /// [`IDEMPOTENCY_WINDOW`] is not published again.
+        idempotency_key: Option<String>,
     },
     Ping {
         id: Option<u64>,
@@ -87,6 +90,7 @@ pub(crate) struct Fields<'a> {
     pub(crate) channels: Option<Vec<Cow<'a, str>>>,
     pub(crate) data: Option<&'a [u8]>,
     pub(crate) token: Option<Cow<'a, str>>,
+    pub(crate) idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Decodes one frame's payload sent by a client speaking `format`.
@@ -108,6 +112,8 @@ struct JsonFrame<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Just the `id` of a frame that failed to decode as a whole.
@@ -152,6 +158,7 @@ fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         channels: frame.channels,
         data: frame.data.map(|raw| raw.get().as_bytes()),
         token: frame.token,
+        idempotency_key: frame.idempotency_key,
     })
 }
 
@@ -185,6 +192,12 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
             Some("token") => {
                 f.token = str_of(&value).or_else(|| {
                     wrong_type = Some("token");
+                    None
+                })
+            }
+            Some("idempotency_key") => {
+                f.idempotency_key = str_of(&value).or_else(|| {
+                    wrong_type = Some("idempotency_key");
                     None
                 })
             }
@@ -226,6 +239,22 @@ fn str_of<'a>(v: &ValueRef<'a>) -> Option<Cow<'a, str>> {
     }
 }
 
+/// Longest `idempotency_key`, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// How long a publication's idempotency key is remembered on its channel.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Checks an `idempotency_key` field (at most [`MAX_IDEMPOTENCY_KEY`] bytes).
+pub(crate) fn idempotency_key(id: Option<u64>, key: Option<Cow<'_, str>>) -> Result<Option<String>, CommandError> {
+    match key {
+        Some(k) if k.len() > MAX_IDEMPOTENCY_KEY => {
+            Err(bad(id, format!("\"idempotency_key\" is longer than {MAX_IDEMPOTENCY_KEY} bytes")))
+        }
+        other => Ok(other.map(Cow::into_owned)),
+    }
+}
+
 fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
     let id = f.id;
     if f.id_invalid {
@@ -244,7 +273,8 @@ fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
             let data = f.data.ok_or_else(|| bad(id, "missing field \"data\""))?;
             // Refused here rather than dropped later for subscribers of the other format.
             validate_data(format, data).map_err(|e| bad(id, format!("invalid data: {e}")))?;
-            Command::Publish { id, channel, enc: format, data: Bytes::copy_from_slice(data) }
+            let idempotency_key = idempotency_key(id, f.idempotency_key)?;
+            Command::Publish { id, channel, enc: format, data: Bytes::copy_from_slice(data), idempotency_key }
         }
         "ping" => Command::Ping { id },
         "refresh" => {
@@ -299,12 +329,19 @@ mod tests {
                 id: Some(2),
                 channel: ch("a"),
                 enc: Encoding::Json,
-                data: Bytes::from_static(r#"{"x": [1, "é"]}"#.as_bytes())
+                data: Bytes::from_static(r#"{"x": [1, "é"]}"#.as_bytes()),
+                idempotency_key: None,
             })
         );
         assert_eq!(
             json(r#"{"op":"publish","channel":"a","data":null}"#),
-            Ok(Command::Publish { id: None, channel: ch("a"), enc: Encoding::Json, data: Bytes::from_static(b"null") })
+            Ok(Command::Publish {
+                id: None,
+                channel: ch("a"),
+                enc: Encoding::Json,
+                data: Bytes::from_static(b"null"),
+                idempotency_key: None
+            })
         );
         // Escaped keys and values decode like plain ones.
         assert_eq!(json(r#"{"\u006fp":"p\u0069ng"}"#), Ok(Command::Ping { id: None }));
@@ -359,10 +396,32 @@ mod tests {
             (V::from("id"), V::from(4)),
         ]))
         .unwrap();
-        let Command::Publish { id, channel, enc, data: raw } = cmd else { panic!() };
+        let Command::Publish { id, channel, enc, data: raw, .. } = cmd else { panic!() };
         assert_eq!((id, channel, enc), (Some(4), ch("x"), Encoding::MsgPack));
         assert_eq!(rmpv::decode::read_value(&mut &raw[..]).unwrap(), data);
         assert_eq!(mp(V::Map(vec![(V::from("op"), V::from("ping"))])), Ok(Command::Ping { id: None }));
+    }
+
+    #[test]
+    fn idempotency_keys_are_strings_of_at_most_64_bytes() {
+        let cmd = json(r#"{"op":"publish","channel":"a","data":1,"idempotency_key":"order-7","id":1}"#).unwrap();
+        assert!(matches!(cmd, Command::Publish { idempotency_key: Some(ref k), .. } if k == "order-7"));
+        let long =
+            format!(r#"{{"op":"publish","channel":"a","data":1,"idempotency_key":"{}","id":2}}"#, "k".repeat(65));
+        assert_eq!(json(&long).unwrap_err().id, Some(2));
+        let ok = format!(r#"{{"op":"publish","channel":"a","data":1,"idempotency_key":"{}"}}"#, "k".repeat(64));
+        assert!(json(&ok).is_ok());
+        let e = json(r#"{"op":"publish","channel":"a","data":1,"idempotency_key":7,"id":3}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(3), ErrorCode::BadRequest));
+        use rmpv::Value as V;
+        let cmd = mp(V::Map(vec![
+            (V::from("op"), V::from("publish")),
+            (V::from("channel"), V::from("a")),
+            (V::from("data"), V::from(1)),
+            (V::from("idempotency_key"), V::from("k")),
+        ]))
+        .unwrap();
+        assert!(matches!(cmd, Command::Publish { idempotency_key: Some(ref k), .. } if k == "k"));
     }
 
     #[test]

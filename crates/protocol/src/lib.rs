@@ -11,7 +11,7 @@ mod ws;
 
 pub use api::{decode_api_publish, encode_api_error, encode_api_ok, ApiPublish, MAX_BROADCAST_CHANNELS};
 pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
-pub use command::{decode_command, Command, CommandError};
+pub use command::{decode_command, Command, CommandError, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY};
 pub use envelope::{decode_envelope, encode_envelope, redis_channel, EnvelopeError, ENVELOPE_VERSION};
 pub use error::ErrorCode;
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};

@@ -193,15 +193,23 @@ impl Internal {
         let ts = now_micros();
         for channel in request.channels {
             let publication = Publication { channel, ts, enc: request.enc, data: request.data.clone() };
-            if let Err(e) = self.hub.publish(&publication).await {
-                // The caller learns that the broker failed, not how (no addresses or Redis
-                // text); a 503 means the outcome is unknown (docs/protocol.md).
-                if let Some(suppressed) = BROKER_ERROR_LOG.check() {
-                    tracing::warn!(%peer, error = %e, suppressed, "broker failed an API publish");
+            match self.hub.publish(&publication, request.idempotency_key.as_deref()).await {
+                Ok(fanout_hub::Published::Sent) => self.metrics.publications_http.increment(1),
+                Ok(fanout_hub::Published::Duplicate) => self.metrics.idempotent_duplicates.increment(1),
+                Err(e) => {
+                    // The caller learns that the broker failed, not how (no addresses or
+                    // Redis text); a 503 means the outcome is unknown (docs/protocol.md).
+                    if let Some(suppressed) = BROKER_ERROR_LOG.check() {
+                        tracing::warn!(%peer, error = %e, suppressed, "broker failed an API publish");
+                    }
+                    return api_error(
+                        format,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Unavailable,
+                        e.client_message(),
+                    );
                 }
-                return api_error(format, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.client_message());
             }
-            self.metrics.publications_http.increment(1);
         }
         api_response(format, StatusCode::OK, encode_api_ok(format))
     }

@@ -42,6 +42,7 @@ fn describe() {
     g!("fanout_subscriptions", "Client subscriptions on this node");
     g!("fanout_broker_channels", "Channels this node holds a broker subscription for");
     c!("fanout_publications_total", "Publications accepted, by where they entered (ws, http)");
+    c!("fanout_idempotent_duplicates_total", "Publications suppressed because their idempotency_key was seen");
     c!("fanout_broker_publications_received_total", "Publications received from the broker");
     c!("fanout_deliveries_total", "Message frames written to client sockets");
     c!("fanout_sent_bytes_total", Unit::Bytes, "Bytes written to client sockets");
@@ -188,6 +189,8 @@ pub struct NodeMetrics {
     command_errors: [Counter; ErrorCode::ALL.len()],
     pub publications_ws: Counter,
     pub publications_http: Counter,
+    /// Publications not published again because their idempotency key was seen.
+    pub idempotent_duplicates: Counter,
     pub deliveries: Counter,
     pub sent_bytes: Counter,
     pub slow_consumers: Counter,
@@ -221,6 +224,7 @@ impl NodeMetrics {
                 .map(|c| metrics::counter!("fanout_command_errors_total", "code" => c.as_str())),
             publications_ws: metrics::counter!("fanout_publications_total", "source" => "ws"),
             publications_http: metrics::counter!("fanout_publications_total", "source" => "http"),
+            idempotent_duplicates: metrics::counter!("fanout_idempotent_duplicates_total"),
             deliveries: metrics::counter!("fanout_deliveries_total"),
             sent_bytes: metrics::counter!("fanout_sent_bytes_total"),
             slow_consumers: metrics::counter!("fanout_slow_consumer_disconnects_total"),

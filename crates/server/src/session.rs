@@ -6,7 +6,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use fanout_hub::{Hub, LogLimiter, Outbox, Status};
+use fanout_hub::{Hub, LogLimiter, Outbox, Published, Status};
 use fanout_protocol::{
     close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, CommandError, Encoding,
     ErrorCode, OpCode, Publication, Reply,
@@ -431,7 +431,7 @@ impl Session {
                 }
                 self.reply(&Reply::Unsubscribed { id, channel: channel.as_str() });
             }
-            Command::Publish { id, channel, enc, data } => {
+            Command::Publish { id, channel, enc, data, idempotency_key } => {
                 if data.len() > self.shared.limits.max_message_size {
                     return self.error(id, ErrorCode::MessageTooLarge, "data exceeds max_message_size");
                 }
@@ -443,9 +443,14 @@ impl Session {
                     return self.error(id, ErrorCode::RateLimited, "publish rate of this namespace exceeded");
                 }
                 let publication = Publication { channel, ts: now_micros(), enc, data };
-                match hub.publish(&publication).await {
-                    Ok(()) => {
+                match hub.publish(&publication, idempotency_key.as_deref()).await {
+                    Ok(Published::Sent) => {
                         self.shared.metrics.publications_ws.increment(1);
+                        self.reply(&Reply::Published { id });
+                    }
+                    // Answered as the first was: the retry of a publish whose answer was lost.
+                    Ok(Published::Duplicate) => {
+                        self.shared.metrics.idempotent_duplicates.increment(1);
                         self.reply(&Reply::Published { id });
                     }
                     Err(e) => self.broker_error(id, "publish", &e),
