@@ -40,7 +40,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(fanout_server::run(config, shutdown_signal())) {
+            let shutdown = match shutdown_signal(&runtime) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("fanout: cannot listen for SIGTERM/SIGINT: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(fanout_server::run(config, shutdown)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) if e.downcast_ref::<fanout_server::ConfigError>().is_some() => {
                     tracing::error!("{e:#}");
@@ -79,18 +86,19 @@ fn init_tracing(filter: &str, format: LogFormat) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves on
+/// either. Installed before the node binds anything: registered lazily (on the future's
+/// first poll), a SIGTERM that arrives as soon as the node answers `/readyz` would still
+/// meet the default action and kill the process without a drain.
+fn shutdown_signal(runtime: &tokio::runtime::Runtime) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
+    let _entered = runtime.enter();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    })
 }

@@ -176,7 +176,7 @@ async fn draining_node_is_unready_and_refuses_upgrades() {
     let mut node = Node::start(BIN, &["--drain-timeout", "3s"]);
     let mut raw = fanout_testkit::RawWs::connect(node.public).await;
     node.signal("TERM");
-    assert_eq!(raw.close_code().await, Some(1001));
+    assert_eq!(raw.close_code().await, Some(1001), "node log:\n{}", node.logs());
     assert_eq!(readyz(&node).await, 503);
     // New upgrades are refused: 503, or the public listener is already closed (0).
     match tokio::time::timeout(Duration::from_secs(2), WsClient::connect(&node.ws_url(), None)).await {
