@@ -1,5 +1,6 @@
-//! A WebSocket echo server built from the gateway's own frame decoder
-//! (`fanout_server::wsframe`) and server framing (`fanout_protocol::frame`), so the
+//! A WebSocket echo server built from the gateway's own connection layer
+//! (`fanout_server::connection`: frame decoding, outbox-fed writes, the Pong bound and the
+//! closing handshake) and server framing (`fanout_protocol::frame`), so the
 //! Autobahn|Testsuite fuzzingclient, which expects an echo, can grade every one of its
 //! cases against exactly the code that reads and writes client frames in `fanout`
 //! (scripts/autobahn.sh). Not part of the product.
@@ -12,15 +13,17 @@
 use std::{convert::Infallible, io, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use fanout_protocol::{close_frame, frame, OpCode};
-use fanout_server::wsframe::{FrameDecoder, FrameError, Incoming};
+use fanout_hub::Outbox;
+use fanout_protocol::{close_frame, frame, Encoding, OpCode};
+use fanout_server::{
+    connection::{Connection, Read},
+    metrics::NodeMetrics,
+    wsframe::Incoming,
+};
 use http_body_util::Empty;
 use hyper::{server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The suite's largest messages are 16 MiB.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -59,54 +62,44 @@ async fn main() -> io::Result<()> {
     }
 }
 
-async fn echo(mut stream: TcpStream, leftover: Bytes) -> io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut decoder = FrameDecoder::new(leftover, MAX_MESSAGE);
+async fn echo(stream: TcpStream, leftover: Bytes) -> io::Result<()> {
+    let mut conn = Connection::new(stream, leftover, MAX_MESSAGE);
+    // Replies go through an outbox exactly as a session's do; the bound only has to hold
+    // the suite's largest echo.
+    let outbox = Outbox::new(Encoding::Json, 2 * MAX_MESSAGE);
+    let metrics = NodeMetrics::new();
     loop {
         loop {
-            match decoder.next_item() {
+            match conn.next_frame() {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     let op = if binary { OpCode::Binary } else { OpCode::Text };
-                    stream.write_all(&frame(op, &payload)).await?;
+                    outbox.push_reply(frame(op, &payload));
                 }
-                Ok(Some(Incoming::Ping(payload))) => stream.write_all(&frame(OpCode::Pong, &payload)).await?,
+                Ok(Some(Incoming::Ping(payload))) => conn.pong(&outbox, payload),
                 Ok(Some(Incoming::Pong)) => {}
                 Ok(Some(Incoming::Close(code))) => {
                     let reply = match code {
                         Some(c) => close_frame(c, ""),
                         None => frame(OpCode::Close, &[]),
                     };
-                    return stream.write_all(&reply).await;
+                    let _ = outbox.take_now(conn.pending());
+                    conn.close(&outbox, &metrics, reply, CLOSE_GRACE, None).await;
+                    return Ok(());
                 }
                 Ok(None) => break,
-                Err(e) => return fail(&mut stream, &mut decoder, e).await,
+                Err(e) => {
+                    let _ = outbox.take_now(conn.pending());
+                    conn.close(&outbox, &metrics, close_frame(e.close_code(), ""), CLOSE_GRACE, Some(CLOSE_GRACE))
+                        .await;
+                    return Ok(());
+                }
             }
         }
-        stream.readable().await?;
-        match stream.try_read_buf(decoder.read_buf()) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        let _ = outbox.take_now(conn.pending());
+        conn.flush_all(&outbox, &metrics).await?;
+        std::future::poll_fn(|cx| conn.split().1.poll_read(cx)).await?;
+        if let Read::Gone = conn.read() {
+            return Ok(());
         }
     }
-}
-
-/// Sends the violation's close code, then waits for the client's Close, as the gateway does.
-async fn fail(stream: &mut TcpStream, decoder: &mut FrameDecoder, e: FrameError) -> io::Result<()> {
-    stream.write_all(&close_frame(e.close_code(), "")).await?;
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while !decoder.client_closed() {
-            stream.readable().await?;
-            match stream.try_read_buf(decoder.read_buf()) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok::<_, io::Error>(())
-    })
-    .await;
-    Ok(())
 }

@@ -232,7 +232,7 @@ impl Connection {
     }
 
     /// Writes everything pending, waiting for the socket as needed.
-    async fn flush_all(&mut self, outbox: &Outbox, m: &NodeMetrics) -> io::Result<()> {
+    pub async fn flush_all(&mut self, outbox: &Outbox, m: &NodeMetrics) -> io::Result<()> {
         loop {
             self.flush(outbox, m)?;
             if self.pending.is_empty() {
