@@ -123,7 +123,7 @@ pub(crate) async fn run(shared: Arc<BrokerState>, mut stream: PubSubStream) {
             Some(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
             None => {
                 shared.metrics.dropped_backlog.increment(1);
-                shared.warn("(any)", &"the node is behind on fan-out: backlog full, publication dropped");
+                shared.warn(None, &"the node is behind on fan-out: backlog full, publication dropped");
             }
         }
     }
@@ -181,21 +181,22 @@ impl BrokerState {
     fn too_large(&self, redis_channel: &str) {
         self.metrics.dropped_too_large.increment(1);
         self.warn(
-            redis_channel,
+            Some(redis_channel),
             &format_args!("publication larger than max_publication_size ({})", self.config.max_publication_size),
         );
     }
 
     fn invalid(&self, redis_channel: &str, reason: &dyn Display) {
         self.metrics.invalid_envelope.increment(1);
-        self.warn(redis_channel, reason);
+        self.warn(Some(redis_channel), reason);
     }
 
     /// Logs a dropped publication, at most once per 10 s, so a misbehaving backend cannot
     /// flood the log.
-    fn warn(&self, redis_channel: &str, reason: &dyn Display) {
+    /// `redis_channel` is None where the publication was dropped unread (a full backlog).
+    fn warn(&self, redis_channel: Option<&str>, reason: &dyn Display) {
         if let Some(suppressed) = self.drop_log.check() {
-            let channel: String = redis_channel.chars().take(300).collect();
+            let channel: Option<String> = redis_channel.map(|c| c.chars().take(300).collect());
             tracing::warn!(channel, error = %reason, suppressed, "dropped a publication from Redis");
         }
     }
