@@ -8,14 +8,16 @@ use std::{
     },
 };
 
-use fanout_hub::{BoxFuture, Broker, BrokerError, LogLimiter, Published, Registry};
-use fanout_protocol::{ChannelName, Publication};
+use fanout_hub::{BoxFuture, Broker, BrokerError, Histories, LogLimiter, Published, Registry};
+use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, Publication, IDEMPOTENCY_WINDOW};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{Endpoint, RedisConfig},
+    continuity::Positions,
     error::RedisBrokerError,
+    functions,
     manager::{InterestChange, Manager},
     metrics::BrokerMetrics,
     publisher::PublishConnection,
@@ -37,6 +39,15 @@ pub(crate) struct BrokerState {
     pub metrics: BrokerMetrics,
     /// One warning per 10 s about publications dropped on their way in from Redis.
     pub drop_log: LogLimiter,
+    /// Which namespaces keep history, and how much.
+    pub histories: Arc<Histories>,
+    /// The Function library this node loads (its settings baked in).
+    pub library: String,
+    /// The last position delivered on each history channel.
+    pub positions: Positions,
+    pub resync_log: LogLimiter,
+    /// One warning per 10 s about plain `PUBLISH`es into history namespaces.
+    pub unstored_log: LogLimiter,
 }
 
 impl BrokerState {
@@ -50,8 +61,18 @@ impl BrokerState {
         self.status.send_if_modified(|s| std::mem::replace(s, up) != up);
     }
 
-    pub(crate) fn new(config: RedisConfig, registry: Arc<Registry>, endpoints: Vec<Endpoint>) -> Self {
+    pub(crate) fn new(
+        config: RedisConfig,
+        registry: Arc<Registry>,
+        histories: Arc<Histories>,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
         Self {
+            library: functions::library(&config.prefix, &histories, IDEMPOTENCY_WINDOW.as_secs()),
+            histories,
+            positions: Positions::default(),
+            resync_log: LogLimiter::new(10_000),
+            unstored_log: LogLimiter::new(10_000),
             registry,
             publisher: PublishConnection::new(&config),
             config,
@@ -63,6 +84,11 @@ impl BrokerState {
             metrics: BrokerMetrics::new(),
             drop_log: LogLimiter::new(10_000),
         }
+    }
+
+    /// Whether `channel` is subscribed on the live pub/sub connection.
+    pub(crate) fn is_active(&self, channel: &ChannelName) -> bool {
+        self.active.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(channel)
     }
 
     pub(crate) fn endpoint(&self) -> (usize, &Endpoint) {
@@ -92,9 +118,19 @@ impl RedisBroker {
         registry: Arc<Registry>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, RedisBrokerError> {
+        Self::start_with_history(config, registry, Arc::new(Histories::default()), shutdown)
+    }
+
+    /// [`Self::start`] for a node where `histories` says which namespaces keep history.
+    pub fn start_with_history(
+        config: RedisConfig,
+        registry: Arc<Registry>,
+        histories: Arc<Histories>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, RedisBrokerError> {
         let endpoints = config.endpoints()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
-        let shared = Arc::new(BrokerState::new(config, registry, endpoints));
+        let shared = Arc::new(BrokerState::new(config, registry, histories, endpoints));
         let (commands, receiver) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown, tasks.clone());
@@ -116,25 +152,38 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn publish<'a>(&'a self, publication: &'a Publication) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(async move {
-            if !self.shared.is_up() {
-                return Err(down());
-            }
-            self.shared.publisher.publish(&self.shared, publication).await
-        })
-    }
-
-    fn publish_once<'a>(
+    fn publish<'a>(
         &'a self,
         publication: &'a Publication,
-        key: &'a str,
+        key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Published, BrokerError>> {
         Box::pin(async move {
             if !self.shared.is_up() {
                 return Err(down());
             }
-            self.shared.publisher.publish_once(&self.shared, publication, key).await
+            self.shared.publisher.publish(&self.shared, publication, key).await
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+        query: &'a HistoryQuery,
+    ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            let Some(policy) = self.shared.histories.of(channel.as_str()) else {
+                return Err(BrokerError::Unavailable("this channel keeps no history".into()));
+            };
+            let page = self.shared.publisher.history(&self.shared, channel, query, policy).await?;
+            // A local subscriber is owed everything after this top: the node keeps it in
+            // mind until it has delivered something on the channel.
+            if self.shared.is_active(channel) {
+                self.shared.positions.observe(channel, &page.top);
+            }
+            Ok(page)
         })
     }
 

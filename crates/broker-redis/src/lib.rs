@@ -60,7 +60,9 @@
 mod backoff;
 mod broker;
 mod config;
+mod continuity;
 mod error;
+mod functions;
 mod manager;
 mod metrics;
 mod publisher;

@@ -19,7 +19,13 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{backoff::Backoff, broker::BrokerState, publisher::is_connection_error, reader};
+use crate::{
+    backoff::Backoff,
+    broker::BrokerState,
+    functions::{self, Loaded},
+    publisher::is_connection_error,
+    reader,
+};
 
 /// Channels per SUBSCRIBE / UNSUBSCRIBE, so one command (and its confirmations) stays a
 /// reasonable size however many channels a reconnect has to restore.
@@ -153,11 +159,15 @@ impl Manager {
 
     async fn serve_inner(&mut self, link: Link, reconnect: bool) -> Result<Infallible, Stop> {
         let Link { mut sink, stream, publish, addr } = link;
-        let mut reader = Reader(self.tasks.spawn(reader::run(self.shared.clone(), stream)));
+        let (subscribed, subscribed_rx) = oneshot::channel();
+        let mut reader = Reader(self.tasks.spawn(reader::run(self.shared.clone(), stream, subscribed_rx)));
 
         let started = Instant::now();
         self.subscribe_pending(&mut sink).await?;
         self.shared.publisher.install(Some(publish));
+        // Every wanted channel is subscribed again: what was published while it was not
+        // can now be read from history without missing anything after it.
+        let _ = subscribed.send(());
         if reconnect {
             self.shared.metrics.reconnects.increment(1);
             self.shared.metrics.resubscribe_seconds.record(started.elapsed().as_secs_f64());
@@ -299,11 +309,22 @@ async fn dial(shared: Arc<BrokerState>, index: usize) -> Result<Link, String> {
         Err(_) => return Err(format!("no answer to PING within {:?}", config.command_timeout)),
     }
     let connect = endpoint.client.get_multiplexed_async_connection_with_config(shared.publisher.connection_config());
-    let publish = match timeout(config.connect_timeout, connect).await {
+    let mut publish = match timeout(config.connect_timeout, connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err(format!("publish connection not made within {:?}", config.connect_timeout)),
     };
+    // On every connection: a Redis that restarted empty has lost the library.
+    match timeout(config.command_timeout, functions::ensure_loaded(&mut publish, &shared.library)).await {
+        Ok(Ok(Loaded::Newer(version))) => {
+            tracing::info!(version, ours = functions::VERSION, "a newer fanout Function library is loaded; using it")
+        }
+        Ok(Ok(loaded)) => tracing::debug!(?loaded, "fanout Function library"),
+        // Plain publishing works without it; history and idempotency keys do not.
+        Ok(Err(e)) => tracing::warn!(redis = %endpoint.addr, error = %e,
+            "cannot load the fanout Function library (Redis 7 or later is needed): history and idempotency keys will fail"),
+        Err(_) => return Err(format!("no answer to FUNCTION LOAD within {:?}", config.command_timeout)),
+    }
     Ok(Link { sink, stream, publish, addr: endpoint.addr.clone() })
 }
 
@@ -425,6 +446,9 @@ impl Interest {
                 active.remove(channel);
             }
             drop(active);
+            for channel in &due {
+                self.shared.positions.forget(channel);
+            }
             self.shared.metrics.channels.set(self.subscribed.len() as f64);
         }
         due
@@ -448,6 +472,8 @@ impl Interest {
         self.linger_queue.clear();
         self.refused.clear();
         self.pending = self.wanted.clone();
+        // Positions of wanted channels are what the next connection catches up from.
+        self.shared.positions.retain(|c| self.wanted.contains(c));
         // Announced last, so whoever watches the status sees the rest already consistent.
         self.shared.set_up(false);
         for (_, waiters) in self.waiters.drain() {
@@ -470,8 +496,12 @@ mod tests {
 
     fn interest() -> Interest {
         let config = RedisConfig { linger: LINGER, ..RedisConfig::default() };
-        let mut i =
-            Interest::new(Arc::new(BrokerState::new(config, Arc::new(fanout_hub::Registry::new()), Vec::new())));
+        let mut i = Interest::new(Arc::new(BrokerState::new(
+            config,
+            Arc::new(fanout_hub::Registry::new()),
+            Arc::default(),
+            Vec::new(),
+        )));
         i.up = true;
         i
     }

@@ -15,6 +15,17 @@ pub(crate) struct BrokerMetrics {
     pub dropped_backlog: Counter,
     /// Bytes read from Redis and not yet fanned out.
     pub backlog_bytes: Gauge,
+    /// History channels: stored publications that arrived twice (the catch-up or a gap
+    /// fill delivered them first), gaps found in live traffic, resyncs sent, publications
+    /// delivered from history by catch-ups and gap fills, catch-ups after reconnects.
+    pub duplicates_dropped: Counter,
+    pub gaps: Counter,
+    pub resyncs: Counter,
+    pub caught_up: Counter,
+    pub catch_ups: Counter,
+    pub catch_up_seconds: Histogram,
+    /// Plain `PUBLISH`es into a history namespace: delivered, but not stored.
+    pub unstored: Counter,
     pub errors: Errors,
 }
 
@@ -39,6 +50,13 @@ impl BrokerMetrics {
             dropped_too_large: counter!("fanout_publications_dropped_total", "reason" => "too_large"),
             dropped_backlog: counter!("fanout_publications_dropped_total", "reason" => "broker_backlog"),
             backlog_bytes: gauge!("fanout_broker_backlog_bytes"),
+            duplicates_dropped: counter!("fanout_broker_history_duplicates_dropped_total"),
+            gaps: counter!("fanout_broker_history_gaps_total"),
+            resyncs: counter!("fanout_resyncs_total"),
+            caught_up: counter!("fanout_broker_catch_up_publications_total"),
+            catch_ups: counter!("fanout_broker_catch_ups_total"),
+            catch_up_seconds: histogram!("fanout_broker_catch_up_duration_seconds"),
+            unstored: counter!("fanout_history_unstored_publications_total"),
             errors: Errors {
                 publish: errors("publish"),
                 subscribe: errors("subscribe"),

@@ -1,12 +1,16 @@
-//! `PUBLISH` over one multiplexed connection shared by every publisher on the node.
+//! The command connection: `PUBLISH` and the Function library calls (stored and idempotent
+//! publishing, history reads) over one multiplexed connection shared by the whole node.
 
 use std::sync::{Mutex, PoisonError};
 
-use fanout_hub::{BrokerError, Published};
-use fanout_protocol::{encode_envelope, Publication, IDEMPOTENCY_WINDOW};
-use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError};
+use bytes::Bytes;
+use fanout_hub::{BrokerError, HistoryPolicy, Published};
+use fanout_protocol::{
+    decode_envelope, encode_envelope, ChannelName, HistoryPage, HistoryQuery, Position, Publication, IDEMPOTENCY_WINDOW,
+};
+use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError, Value};
 
-use crate::{broker::BrokerState, config::RedisConfig};
+use crate::{broker::BrokerState, config::RedisConfig, functions};
 
 /// The live command connection. The manager installs a fresh one with every pub/sub
 /// connection; a publish that finds the connection broken drops it and the next publish
@@ -75,33 +79,95 @@ impl PublishConnection {
         self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 
-    pub(crate) async fn publish(&self, shared: &BrokerState, p: &Publication) -> Result<(), BrokerError> {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str()))
-            .arg(encode_envelope(p.ts, p.enc, &p.data));
-        self.run::<()>(shared, &cmd, "PUBLISH").await
-    }
-
-    /// `PUBLISH` unless `key` was seen on the channel within the idempotency window, as one
-    /// script, so the check and the publish cannot be split by a failure or a race with
-    /// another node. The key lives under the channel's hash tag (`{fanout:ch}:idem:KEY`),
-    /// in the channel's slot on a Redis Cluster.
-    pub(crate) async fn publish_once(
+    /// A plain `PUBLISH` outside history namespaces without an idempotency key (the fast
+    /// path, one command); otherwise `fanout_node_publish`, which checks the key, stores
+    /// the publication in its channel's history and publishes it in one atomic step.
+    pub(crate) async fn publish(
         &self,
         shared: &BrokerState,
         p: &Publication,
-        key: &str,
+        key: Option<&str>,
     ) -> Result<Published, BrokerError> {
         let channel = fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str());
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUBLISH_ONCE)
+        let envelope = encode_envelope(p.ts, p.enc, &p.data);
+        let policy = shared.histories.of(p.channel.as_str());
+        if policy.is_none() && key.is_none() {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&channel).arg(envelope);
+            self.run::<()>(shared, &cmd, "PUBLISH").await?;
+            return Ok(Published::default());
+        }
+        let policy = policy.unwrap_or(HistoryPolicy { size: 0, ttl: std::time::Duration::ZERO });
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("fanout_node_publish")
             .arg(1)
-            .arg(format!("{{{channel}}}:idem:{key}"))
             .arg(&channel)
-            .arg(encode_envelope(p.ts, p.enc, &p.data))
+            .arg(envelope)
+            .arg(policy.size)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(key.unwrap_or(""))
             .arg(IDEMPOTENCY_WINDOW.as_secs());
-        let sent = self.run::<i64>(shared, &cmd, "idempotent PUBLISH").await?;
-        Ok(if sent == 1 { Published::Sent } else { Published::Duplicate })
+        let (offset, epoch, duplicate) = self.fcall::<(u64, String, i64)>(shared, &cmd, "fanout_node_publish").await?;
+        let position = (offset > 0).then(|| Position::new(offset, &epoch));
+        Ok(Published { duplicate: duplicate == 1, position })
+    }
+
+    /// Reads a channel's history through `fanout_history`.
+    pub(crate) async fn history(
+        &self,
+        shared: &BrokerState,
+        channel: &ChannelName,
+        query: &HistoryQuery,
+        policy: HistoryPolicy,
+    ) -> Result<HistoryPage, BrokerError> {
+        let key = fanout_protocol::redis_channel(&shared.config.prefix, channel.as_str());
+        let (since_epoch, since_offset) = match &query.since {
+            Some(s) => (&*s.epoch, s.offset),
+            None => ("", 0),
+        };
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("fanout_history")
+            .arg(1)
+            .arg(&key)
+            .arg(policy.size)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(since_epoch)
+            // Beyond 2^53 Lua numbers lose precision; such a `since` is ahead of any top.
+            .arg(since_offset.min(1 << 53))
+            .arg(query.limit.map_or(-1, |l| l as i64));
+        let reply = self.fcall::<Value>(shared, &cmd, "fanout_history").await?;
+        let page = parse_history(shared, channel, reply)
+            .ok_or_else(|| BrokerError::Unavailable("fanout_history returned an unexpected reply".into()))?;
+        // A since in another epoch gets no publications (the Function compares epochs only
+        // when asked for publications after one).
+        Ok(page)
+    }
+
+    /// `FCALL` that reloads the library once when Redis lost it (restarted empty, or
+    /// `FUNCTION FLUSH`) and tries again.
+    async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        shared: &BrokerState,
+        cmd: &redis::Cmd,
+        what: &str,
+    ) -> Result<T, BrokerError> {
+        match self.run_raw::<T>(shared, cmd).await {
+            Err(Failure::Redis(e)) if functions::is_missing_function(&e) => {
+                let (_, mut connection) = match self.current() {
+                    Some(c) => c,
+                    None => self.dial(shared).await?,
+                };
+                match functions::ensure_loaded(&mut connection, &shared.library).await {
+                    Ok(loaded) => tracing::info!(?loaded, "the fanout Function library was missing; loaded it"),
+                    Err(e) => {
+                        shared.metrics.errors.publish.increment(1);
+                        return Err(BrokerError::Unavailable(format!("loading the fanout Function library: {e}")));
+                    }
+                }
+                self.run::<T>(shared, cmd, what).await
+            }
+            other => self.finish(shared, other, what),
+        }
     }
 
     /// Runs `cmd` on the command connection, dialing it if needed, within `publish_timeout`.
@@ -111,42 +177,105 @@ impl PublishConnection {
         cmd: &redis::Cmd,
         what: &str,
     ) -> Result<T, BrokerError> {
+        let result = self.run_raw(shared, cmd).await;
+        self.finish(shared, result, what)
+    }
+
+    async fn run_raw<T: redis::FromRedisValue>(&self, shared: &BrokerState, cmd: &redis::Cmd) -> Result<T, Failure> {
         let (generation, mut connection) = match self.current() {
             Some(c) => c,
-            None => self.dial(shared).await?,
+            None => self.dial(shared).await.map_err(Failure::Broker)?,
         };
         // The connection's own response timeout should fire first; this one also bounds the
         // time spent queued behind other requests on the multiplexed connection.
-        let result = tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<T>(&mut connection)).await;
-        match result {
+        match tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<T>(&mut connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                shared.metrics.errors.publish.increment(1);
-                if e.is_timeout() {
-                    return Err(BrokerError::Timeout);
-                }
                 if is_connection_error(&e) {
                     self.discard(generation);
                 }
-                Err(BrokerError::Unavailable(format!("{what} failed: {e}")))
+                Err(Failure::Redis(e))
             }
-            Err(_) => {
+            Err(_) => Err(Failure::Broker(BrokerError::Timeout)),
+        }
+    }
+
+    fn finish<T>(&self, shared: &BrokerState, result: Result<T, Failure>, what: &str) -> Result<T, BrokerError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(failure) => {
                 shared.metrics.errors.publish.increment(1);
-                Err(BrokerError::Timeout)
+                Err(match failure {
+                    Failure::Redis(e) if e.is_timeout() => BrokerError::Timeout,
+                    Failure::Redis(e) => BrokerError::Unavailable(format!("{what} failed: {e}")),
+                    Failure::Broker(e) => e,
+                })
             }
         }
     }
 }
 
-/// KEYS[1]: the idempotency key; ARGV: Redis channel, envelope, window in seconds.
-/// 1: published; 0: the key was already there, nothing published.
-const PUBLISH_ONCE: &str = r"
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  return 1
-end
-return 0
-";
+/// Why a command failed: Redis answered with an error (or the connection broke), or the
+/// broker gave up on its own (no connection, timeout).
+enum Failure {
+    Redis(RedisError),
+    Broker(BrokerError),
+}
+
+/// `[top, epoch, [[id, [field, value, ...]], ...]]` into a page; entries that are not a
+/// valid stored envelope are skipped and counted.
+fn parse_history(shared: &BrokerState, channel: &ChannelName, reply: Value) -> Option<HistoryPage> {
+    let Value::Array(parts) = reply else { return None };
+    let mut parts = parts.into_iter();
+    let top = match parts.next()? {
+        Value::Int(n) => u64::try_from(n).ok()?,
+        _ => return None,
+    };
+    let epoch: String = redis::from_redis_value(parts.next()?).ok()?;
+    let entries = match parts.next()? {
+        Value::Array(entries) => entries,
+        Value::Nil => Vec::new(),
+        _ => return None,
+    };
+    let mut publications = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Some(payload) = stored_envelope(entry) else {
+            shared.metrics.invalid_envelope.increment(1);
+            continue;
+        };
+        match decode_envelope(&payload) {
+            Ok(e) => match e.position {
+                Some((offset, epoch)) => publications.push(Publication {
+                    channel: channel.clone(),
+                    ts: e.ts,
+                    enc: e.enc,
+                    data: Bytes::copy_from_slice(e.data),
+                    position: Some(Position::new(offset, epoch)),
+                }),
+                None => shared.metrics.invalid_envelope.increment(1),
+            },
+            Err(_) => shared.metrics.invalid_envelope.increment(1),
+        }
+    }
+    Some(HistoryPage { top: Position::new(top, &epoch), publications })
+}
+
+/// The `d` field of one stream entry `[id, [field, value, ...]]`.
+fn stored_envelope(entry: Value) -> Option<Vec<u8>> {
+    let Value::Array(mut idf) = entry else { return None };
+    let Value::Array(fields) = idf.pop()? else { return None };
+    let mut fields = fields.into_iter();
+    while let Some(name) = fields.next() {
+        let value = fields.next()?;
+        if matches!(&name, Value::BulkString(n) if n == b"d") {
+            return match value {
+                Value::BulkString(b) => Some(b),
+                _ => None,
+            };
+        }
+    }
+    None
+}
 
 /// The connection itself is unusable (as opposed to Redis rejecting one command).
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {

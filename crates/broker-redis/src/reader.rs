@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use fanout_protocol::{decode_envelope, ChannelName, Publication};
+use fanout_protocol::{decode_envelope, ChannelName, Position, Publication};
 use futures_util::StreamExt;
 use redis::aio::PubSubStream;
 use tokio::sync::Notify;
@@ -114,10 +114,16 @@ impl Drop for AbortOnDrop {
 }
 
 /// Reads until the connection closes, then lets the delivery task finish what was read.
-pub(crate) async fn run(shared: Arc<BrokerState>, mut stream: PubSubStream) {
+/// `subscribed` fires once the manager has subscribed every wanted channel on this
+/// connection: the delivery task then catches history channels up before anything live.
+pub(crate) async fn run(
+    shared: Arc<BrokerState>,
+    mut stream: PubSubStream,
+    subscribed: tokio::sync::oneshot::Receiver<()>,
+) {
     let backlog =
         Arc::new(Backlog { state: Mutex::default(), wake: Notify::new(), limit: shared.config.backlog_bytes });
-    let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone())));
+    let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone(), subscribed)));
     while let Some(msg) = stream.next().await {
         match backlog.push(msg) {
             Some(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
@@ -131,12 +137,15 @@ pub(crate) async fn run(shared: Arc<BrokerState>, mut stream: PubSubStream) {
     let _ = (&mut delivery.0).await;
 }
 
-/// Fans out what the reader queued, oldest first.
-async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>) {
+/// Fans out what the reader queued, oldest first, after catching history channels up.
+async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>, subscribed: tokio::sync::oneshot::Receiver<()>) {
+    if subscribed.await.is_ok() {
+        shared.catch_up().await;
+    }
     let mut batch = VecDeque::new();
     while backlog.take(&mut batch).await.is_some() {
         while let Some(msg) = batch.pop_front() {
-            shared.on_message(msg.get_channel_name(), msg.get_payload_bytes());
+            shared.on_message(msg.get_channel_name(), msg.get_payload_bytes()).await;
             let left = backlog.done(size_of(&msg));
             shared.metrics.backlog_bytes.set(left as f64);
         }
@@ -146,11 +155,13 @@ async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>) {
 }
 
 impl BrokerState {
-    pub(crate) fn on_message(&self, redis_channel: &str, payload: &[u8]) {
+    pub(crate) async fn on_message(&self, redis_channel: &str, payload: &[u8]) {
         let Some(name) = redis_channel.strip_prefix(self.config.prefix.as_str()) else {
             return self.invalid(redis_channel, &"channel lacks the configured prefix");
         };
-        let channel = match self.known_channel(name) {
+        let known = self.known_channel(name);
+        let tracked = known.is_some();
+        let channel = match known {
             Some(c) => c,
             // Only for messages racing a SUBSCRIBE or UNSUBSCRIBE: validate and allocate.
             None => match ChannelName::new(name) {
@@ -162,15 +173,39 @@ impl BrokerState {
         if payload.len() > max + ENVELOPE_OVERHEAD {
             return self.too_large(redis_channel);
         }
-        let (ts, enc, data) = match decode_envelope(payload) {
+        let envelope = match decode_envelope(payload) {
             Ok(envelope) => envelope,
             Err(e) => return self.invalid(redis_channel, &e),
         };
-        if data.len() > max {
+        if envelope.data.len() > max {
             return self.too_large(redis_channel);
         }
         self.metrics.received.increment(1);
-        self.registry.deliver(&Publication { channel, ts, enc, data: Bytes::copy_from_slice(data) });
+        let p = Publication {
+            channel,
+            ts: envelope.ts,
+            enc: envelope.enc,
+            data: Bytes::copy_from_slice(envelope.data),
+            position: envelope.position.map(|(offset, epoch)| Position::new(offset, epoch)),
+        };
+        match self.histories.of(p.channel.as_str()) {
+            None => {
+                self.registry.deliver(&p);
+            }
+            Some(_) if p.position.is_none() => {
+                self.metrics.unstored.increment(1);
+                if let Some(suppressed) = self.unstored_log.check() {
+                    let channel: String = redis_channel.chars().take(300).collect();
+                    tracing::warn!(channel, suppressed, "a plain PUBLISH into a history namespace was delivered without an offset and is not in history; publish with FCALL fanout_publish");
+                }
+                self.registry.deliver(&p);
+            }
+            // Tracked only while subscribed, so positions never outlive the interest.
+            Some(policy) if tracked => self.sequence(p, policy).await,
+            Some(_) => {
+                self.registry.deliver(&p);
+            }
+        }
     }
 
     /// The subscribed channel's name, shared rather than copied.

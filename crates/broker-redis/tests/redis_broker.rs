@@ -82,7 +82,7 @@ impl Node {
     }
 
     async fn publish(&self, channel: &str, ts: u64, json: &str) -> Result<(), BrokerError> {
-        self.broker.publish(&publication(channel, ts, json)).await
+        self.broker.publish(&publication(channel, ts, json), None).await.map(drop)
     }
 
     /// The value of one series in the Prometheus rendering (0 if absent).
@@ -106,7 +106,7 @@ fn ch(name: &str) -> ChannelName {
 }
 
 fn publication(channel: &str, ts: u64, json: &str) -> Publication {
-    Publication { channel: ch(channel), ts, enc: Encoding::Json, data: Bytes::copy_from_slice(json.as_bytes()) }
+    Publication::new(ch(channel), ts, Encoding::Json, Bytes::copy_from_slice(json.as_bytes()))
 }
 
 /// Everything `outbox` receives until `n` frames have arrived (or `within` passes).

@@ -69,14 +69,14 @@ fn run_once(
 }
 
 fn bench(c: &mut Criterion) {
-    let publication = Publication {
-        channel: ChannelName::new("bench").unwrap(),
-        ts: now_micros(),
-        enc: Encoding::Json,
-        data: Bytes::from_static(
+    let publication = Publication::new(
+        ChannelName::new("bench").unwrap(),
+        now_micros(),
+        Encoding::Json,
+        Bytes::from_static(
             br#"{"s":1,"t":1700000000000000,"p":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
         ),
-    };
+    );
     let mut group = c.benchmark_group("fanout_2000_subscribers");
     group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
 

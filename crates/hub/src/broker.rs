@@ -2,7 +2,7 @@
 
 use std::{future::Future, pin::Pin};
 
-use fanout_protocol::{ChannelName, Publication};
+use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, Position, Publication};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -28,12 +28,14 @@ impl BrokerError {
     }
 }
 
-/// What [`Broker::publish_once`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    Sent,
-    /// The key was seen on this channel within the window: nothing was published.
-    Duplicate,
+/// What [`Broker::publish`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The idempotency key was seen on this channel within the window: nothing was
+    /// published, and `position` is the first publication's.
+    pub duplicate: bool,
+    /// Where the publication was stored, in a namespace that keeps history.
+    pub position: Option<Position>,
 }
 
 /// Carries publications between nodes and keeps the node subscribed to the channels its
@@ -44,18 +46,27 @@ pub enum Published {
 /// `remove_interest` when it loses its last, so a broker sees one interest per channel
 /// per node however many clients share it.
 pub trait Broker: Send + Sync + 'static {
-    /// Hands a publication to the broker; `Ok` means the broker accepted it.
-    fn publish<'a>(&'a self, publication: &'a Publication) -> BoxFuture<'a, Result<(), BrokerError>>;
-
-    /// Hands a publication to the broker unless one with `key` was published on its channel
-    /// within [`fanout_protocol::IDEMPOTENCY_WINDOW`]: the check and the publish are one
-    /// atomic step wherever the broker keeps its keys (cluster-wide with Redis), so a retry
-    /// after a lost answer cannot deliver twice.
-    fn publish_once<'a>(
+    /// Hands a publication to the broker; `Ok` means the broker accepted it. In a namespace
+    /// that keeps history the broker stores it and assigns its offset in the same atomic
+    /// step that publishes it.
+    ///
+    /// With `key`, only if no publication with that key was made on the channel within
+    /// [`fanout_protocol::IDEMPOTENCY_WINDOW`]: the check and the publish are one atomic
+    /// step wherever the broker keeps its keys (cluster-wide with Redis), so a retry after
+    /// a lost answer cannot deliver twice.
+    fn publish<'a>(
         &'a self,
         publication: &'a Publication,
-        key: &'a str,
+        key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Published, BrokerError>>;
+
+    /// Reads a channel's history: its top, and the publications the query asks for
+    /// (none when `since` names another epoch). Only for channels that keep history.
+    fn history<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+        query: &'a HistoryQuery,
+    ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>>;
 
     /// The node now wants publications on `channel`. Must not block.
     fn add_interest(&self, channel: &ChannelName);

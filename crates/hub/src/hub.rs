@@ -1,11 +1,14 @@
-//! The hub: the registry joined to a broker, which is what sessions and the HTTP API use.
+//! The hub: the registry joined to a broker, which is what sessions and the HTTP API use;
+//! and recovery, the seam between a channel's history and its live publications.
 
 use std::{sync::Arc, time::Duration};
 
-use fanout_protocol::{ChannelName, Publication};
+use bytes::Bytes;
+use fanout_protocol::{encode_message, ChannelName, HistoryPage, HistoryQuery, Position, Publication};
 
 use crate::{
     broker::{Broker, BrokerError, Published},
+    history::Histories,
     outbox::Outbox,
     registry::Registry,
 };
@@ -16,10 +19,39 @@ use crate::{
 pub struct Hub {
     registry: Arc<Registry>,
     broker: Arc<dyn Broker>,
+    histories: Arc<Histories>,
     subscribe_timeout: Duration,
     /// Publications handed to the broker and not yet answered: a broker that stalls shows
     /// here first.
     publishing: metrics::Gauge,
+    metrics: Arc<RecoveryMetrics>,
+}
+
+struct RecoveryMetrics {
+    recovered: metrics::Counter,
+    not_recovered: metrics::Counter,
+    too_large: metrics::Counter,
+    replayed: metrics::Counter,
+}
+
+impl RecoveryMetrics {
+    fn new() -> Self {
+        let outcome = |o: &'static str| metrics::counter!("fanout_recoveries_total", "outcome" => o);
+        Self {
+            recovered: outcome("recovered"),
+            not_recovered: outcome("not_recovered"),
+            too_large: outcome("too_large"),
+            replayed: metrics::counter!("fanout_publications_replayed_total"),
+        }
+    }
+}
+
+/// What a `subscribed` reply says beyond the channel: the channel's position, in a
+/// namespace that keeps history, and whether the client's `since` was recovered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub top: Option<Position>,
+    pub recovered: Option<bool>,
 }
 
 /// Counts one publication in flight for as long as it lives (a cancelled publish too).
@@ -31,30 +63,133 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Whether `page` (read after `since`) continues exactly from `since`: same epoch, not
+/// ahead of the top, and nothing between `since` and the first publication kept.
+fn recoverable(since: &Position, page: &HistoryPage) -> bool {
+    since.epoch == page.top.epoch
+        && since.offset <= page.top.offset
+        && (since.offset == page.top.offset
+            || page.publications.first().and_then(Publication::offset) == Some(since.offset + 1))
+}
+
 impl Hub {
     pub fn new(registry: Arc<Registry>, broker: Arc<dyn Broker>, subscribe_timeout: Duration) -> Self {
-        Self { registry, broker, subscribe_timeout, publishing: metrics::gauge!("fanout_broker_publishes_in_flight") }
+        Self::with_history(registry, broker, Arc::new(Histories::default()), subscribe_timeout)
+    }
+
+    pub fn with_history(
+        registry: Arc<Registry>,
+        broker: Arc<dyn Broker>,
+        histories: Arc<Histories>,
+        subscribe_timeout: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            broker,
+            histories,
+            subscribe_timeout,
+            publishing: metrics::gauge!("fanout_broker_publishes_in_flight"),
+            metrics: Arc::new(RecoveryMetrics::new()),
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 
+    /// Whether `channel`'s namespace keeps history.
+    pub fn keeps_history(&self, channel: &str) -> bool {
+        self.histories.of(channel).is_some()
+    }
+
     /// Subscribes `outbox` to `channel` and resolves once publications on it reach this
     /// node. On failure the subscription is rolled back.
-    pub async fn subscribe(&self, channel: &ChannelName, outbox: &Arc<Outbox>) -> Result<(), BrokerError> {
+    ///
+    /// `reply` runs once the subscription holds, before anything published on the channel
+    /// reaches the outbox, so the `subscribed` reply it queues comes first. In a namespace
+    /// that keeps history, it is told the channel's top and, with `since`, whether the gap
+    /// was filled; the recovered publications follow it, then live ones, none twice.
+    pub async fn subscribe(
+        &self,
+        channel: &ChannelName,
+        outbox: &Arc<Outbox>,
+        since: Option<&Position>,
+        reply: impl FnOnce(&Subscription),
+    ) -> Result<(), BrokerError> {
         if !self.broker.is_up() {
             return Err(BrokerError::Unavailable("broker is disconnected".into()));
         }
-        self.registry.insert_with(channel, outbox, || self.broker.add_interest(channel));
-        let ready = match tokio::time::timeout(self.subscribe_timeout, self.broker.ready(channel)).await {
+        if self.histories.of(channel.as_str()).is_none() {
+            self.registry.insert_with(channel, outbox, || self.broker.add_interest(channel));
+            if let Err(e) = self.ready(channel).await {
+                self.unsubscribe(channel, outbox.id());
+                return Err(e);
+            }
+            reply(&Subscription { top: None, recovered: since.map(|_| false) });
+            return Ok(());
+        }
+        // Live publications are held from here on, so none is lost between the history
+        // read and the release, and none is delivered twice.
+        self.registry.insert_held_with(channel, outbox, || self.broker.add_interest(channel));
+        let page = match self.ready(channel).await {
+            Ok(()) => {
+                let query = HistoryQuery { since: since.cloned(), limit: since.is_none().then_some(0) };
+                self.history(channel, &query).await
+            }
+            Err(e) => Err(e),
+        };
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                self.unsubscribe(channel, outbox.id());
+                return Err(e);
+            }
+        };
+        let mut replay: Vec<(Bytes, u64)> = Vec::new();
+        let recovered = since.map(|since| {
+            if !recoverable(since, &page) {
+                self.metrics.not_recovered.increment(1);
+                return false;
+            }
+            let format = outbox.format();
+            replay = page
+                .publications
+                .iter()
+                .filter_map(|p| encode_message(format, p).ok().map(|frame| (frame, p.ts)))
+                .collect();
+            // Replayed through the same bounded queue as live traffic: a gap too large to
+            // fit is reported unrecovered rather than cut off as a slow consumer, which
+            // would only make the client reconnect into the same gap.
+            if replay.iter().map(|(f, _)| f.len()).sum::<usize>() > outbox.room().saturating_sub(4096) {
+                replay.clear();
+                self.metrics.too_large.increment(1);
+                return false;
+            }
+            self.metrics.recovered.increment(1);
+            self.metrics.replayed.increment(replay.len() as u64);
+            true
+        });
+        reply(&Subscription { top: Some(page.top.clone()), recovered });
+        for (frame, ts) in replay {
+            outbox.push(frame, ts);
+        }
+        self.registry.release(channel, outbox.id(), Some(&page.top));
+        Ok(())
+    }
+
+    async fn ready(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.ready(channel)).await {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout),
-        };
-        if ready.is_err() {
-            self.unsubscribe(channel, outbox.id());
         }
-        ready
+    }
+
+    /// Reads `channel`'s history (the caller checked that it keeps one).
+    pub async fn history(&self, channel: &ChannelName, query: &HistoryQuery) -> Result<HistoryPage, BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.history(channel, query)).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
     }
 
     /// Removes subscriber `id` from `channel`; a no-op when it was not subscribed.
@@ -67,10 +202,7 @@ impl Hub {
     pub async fn publish(&self, publication: &Publication, key: Option<&str>) -> Result<Published, BrokerError> {
         self.publishing.increment(1.0);
         let _in_flight = InFlight(&self.publishing);
-        match key {
-            None => self.broker.publish(publication).await.map(|()| Published::Sent),
-            Some(key) => self.broker.publish_once(publication, key).await,
-        }
+        self.broker.publish(publication, key).await
     }
 
     pub fn broker_up(&self) -> bool {
@@ -95,15 +227,19 @@ mod tests {
     }
 
     impl Broker for Recorder {
-        fn publish<'a>(&'a self, _: &'a Publication) -> crate::BoxFuture<'a, Result<(), BrokerError>> {
-            Box::pin(std::future::ready(Ok(())))
-        }
-        fn publish_once<'a>(
+        fn publish<'a>(
             &'a self,
             _: &'a Publication,
-            _: &'a str,
+            _: Option<&'a str>,
         ) -> crate::BoxFuture<'a, Result<Published, BrokerError>> {
-            Box::pin(std::future::ready(Ok(Published::Sent)))
+            Box::pin(std::future::ready(Ok(Published::default())))
+        }
+        fn history<'a>(
+            &'a self,
+            _: &'a ChannelName,
+            _: &'a HistoryQuery,
+        ) -> crate::BoxFuture<'a, Result<HistoryPage, BrokerError>> {
+            Box::pin(std::future::ready(Err(BrokerError::Timeout)))
         }
         fn add_interest(&self, _: &ChannelName) {
             self.events.lock().unwrap().push(true);
@@ -136,14 +272,14 @@ mod tests {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
                     let outbox = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
                     for _ in 0..20_000 {
-                        rt.block_on(hub.subscribe(&channel, &outbox)).unwrap();
+                        rt.block_on(hub.subscribe(&channel, &outbox, None, |_| {})).unwrap();
                         hub.unsubscribe(&channel, outbox.id());
                     }
                 });
             }
         });
         let keeper = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
-        runtime.block_on(hub.subscribe(&channel, &keeper)).unwrap();
+        runtime.block_on(hub.subscribe(&channel, &keeper, None, |_| {})).unwrap();
         let events = recorder.events.lock().unwrap().clone();
         assert!(events.len() >= 2, "no interest changes recorded");
         for (i, pair) in events.windows(2).enumerate() {
@@ -165,10 +301,9 @@ mod tests {
         let hub = Hub::new(registry.clone(), Arc::new(EmbeddedBroker::new(registry)), Duration::from_secs(1));
         let channel = ChannelName::new("c").unwrap();
         let sub = Arc::new(Outbox::new(Encoding::Json, 1 << 20));
-        hub.subscribe(&channel, &sub).await.unwrap();
+        hub.subscribe(&channel, &sub, None, |_| {}).await.unwrap();
         for i in 0..100u64 {
-            let p =
-                Publication { channel: channel.clone(), ts: i, enc: Encoding::Json, data: Bytes::from(i.to_string()) };
+            let p = Publication::new(channel.clone(), i, Encoding::Json, Bytes::from(i.to_string()));
             hub.publish(&p, None).await.unwrap();
         }
         let mut q = VecDeque::new();

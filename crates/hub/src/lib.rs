@@ -6,6 +6,7 @@
 
 mod broker;
 mod embedded;
+mod history;
 mod hub;
 mod loglimit;
 mod outbox;
@@ -13,7 +14,8 @@ mod registry;
 
 pub use broker::{BoxFuture, Broker, BrokerError, Published};
 pub use embedded::EmbeddedBroker;
-pub use hub::Hub;
+pub use history::{Histories, HistoryPolicy};
+pub use hub::{Hub, Subscription};
 pub use loglimit::LogLimiter;
 pub use outbox::{Outbox, Outgoing, Push, Status};
 pub use registry::{DeliveryReport, Registry};

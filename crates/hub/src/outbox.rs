@@ -87,6 +87,28 @@ impl Outbox {
         self.format
     }
 
+    /// The byte bound.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Room left under the byte bound.
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.in_flight())
+    }
+
+    /// Marks the outbox overflowed, as a push past the bound would: the session is woken
+    /// to disconnect with 4008.
+    pub fn overflow(&self) {
+        let mut state = self.lock();
+        if matches!(state.status, Status::Open | Status::Draining) {
+            state.status = Status::Overflowed;
+            state.queue.clear();
+        }
+        drop(state);
+        self.waker.wake();
+    }
+
     /// Bytes queued or being written.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -4,12 +4,12 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Instant,
 };
 
 use bytes::Bytes;
-use fanout_protocol::{encode_message, ChannelName, Encoding, Publication};
+use fanout_protocol::{encode_message, encode_resync, ChannelName, Encoding, Position, Publication};
 use indexmap::IndexMap;
 
 use crate::outbox::{Outbox, Push};
@@ -17,7 +17,37 @@ use crate::outbox::{Outbox, Push};
 /// Independent locks, so subscribing on one channel never waits for a fan-out on another.
 const SHARDS: usize = 32;
 
-type Subscribers = IndexMap<u64, Arc<Outbox>>;
+/// One local subscriber of a channel.
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    /// While the subscriber recovers (its history is being read), live publications wait
+    /// here instead of reaching its outbox, so [`Registry::release`] can merge them after
+    /// the history by offset: no gap, no duplicate at the seam.
+    held: Option<Box<Mutex<Held>>>,
+}
+
+/// Live publications held for a recovering subscriber, bounded like its outbox.
+///
+/// Once released, the subscriber still skips what its history already covered (`after`):
+/// the node's own stream of publications may lag behind the history read, so ones up to
+/// `after` can still arrive live. The first one past `after` ends the hold for good.
+#[derive(Default)]
+struct Held {
+    publications: Vec<Publication>,
+    bytes: usize,
+    overflowed: bool,
+    after: Option<Position>,
+    passed: bool,
+}
+
+/// What a held subscriber does with a live publication.
+enum HeldAction {
+    Held,
+    Skip,
+    Deliver,
+}
+
+type Subscribers = IndexMap<u64, Subscriber>;
 
 /// What [`Registry::deliver`] did with one publication.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,12 +119,29 @@ impl Registry {
     /// reach the broker before that leave, which would then unsubscribe a channel that has
     /// a subscriber again. The callback must only enqueue (the broker's interest calls do).
     pub fn insert_with(&self, channel: &ChannelName, outbox: &Arc<Outbox>, on_interest: impl FnOnce()) -> Change {
+        self.insert_inner(channel, outbox, false, on_interest)
+    }
+
+    /// [`Self::insert_with`] for a subscriber that recovers first: publications are held
+    /// for it until [`Self::release`].
+    pub fn insert_held_with(&self, channel: &ChannelName, outbox: &Arc<Outbox>, on_interest: impl FnOnce()) -> Change {
+        self.insert_inner(channel, outbox, true, on_interest)
+    }
+
+    fn insert_inner(
+        &self,
+        channel: &ChannelName,
+        outbox: &Arc<Outbox>,
+        held: bool,
+        on_interest: impl FnOnce(),
+    ) -> Change {
         let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);
         let subs = shard.entry(channel.clone()).or_default();
         if subs.contains_key(&outbox.id()) {
             return Change::None;
         }
-        subs.insert(outbox.id(), outbox.clone());
+        let held = held.then(|| Box::new(Mutex::new(Held::default())));
+        subs.insert(outbox.id(), Subscriber { outbox: outbox.clone(), held });
         self.metrics.subscriptions.increment(1.0);
         if subs.len() == 1 {
             on_interest();
@@ -149,12 +196,20 @@ impl Registry {
     pub fn deliver(&self, p: &Publication) -> DeliveryReport {
         let started = Instant::now();
         let mut report = DeliveryReport::default();
+        let mut cleanup = false;
         {
             let shard = self.shard(p.channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
             let Some(subs) = shard.get(p.channel.as_str()) else { return report };
             // Encoded lazily: a format nobody on this channel speaks is never encoded.
             let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-            for outbox in subs.values() {
+            for sub in subs.values() {
+                let outbox = &sub.outbox;
+                if let Some(held) = &sub.held {
+                    match hold(held, outbox, p) {
+                        HeldAction::Held | HeldAction::Skip => continue,
+                        HeldAction::Deliver => cleanup = true,
+                    }
+                }
                 let format = outbox.format();
                 let frame = frames[format.index()].get_or_insert_with(|| encode(format, p));
                 let Some(frame) = frame else {
@@ -168,6 +223,9 @@ impl Registry {
                 }
             }
         }
+        if cleanup {
+            self.end_holds(&p.channel);
+        }
         if report.overflowed > 0 {
             self.metrics.dropped_slow.increment(report.overflowed as u64);
         }
@@ -177,6 +235,114 @@ impl Registry {
         self.metrics.broadcast_seconds.record(started.elapsed().as_secs_f64());
         report
     }
+
+    /// Drops the holds of released subscribers that live publications have passed.
+    fn end_holds(&self, channel: &ChannelName) {
+        let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);
+        let Some(subs) = shard.get_mut(channel.as_str()) else { return };
+        for sub in subs.values_mut() {
+            let passed = sub.held.as_ref().is_some_and(|h| h.lock().unwrap_or_else(PoisonError::into_inner).passed);
+            if passed {
+                sub.held = None;
+            }
+        }
+    }
+
+    /// Tells every local subscriber of `channel` that publications may have been lost and
+    /// live delivery continues after `top`. Subscribers still recovering are skipped: the
+    /// position they are about to be given is read after this.
+    pub fn resync(&self, channel: &ChannelName, top: &Position) -> usize {
+        let shard = self.shard(channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
+        let Some(subs) = shard.get(channel.as_str()) else { return 0 };
+        let mut frames: [Option<Bytes>; 2] = [None, None];
+        let mut told = 0;
+        let live = |s: &&Subscriber| {
+            s.held.as_ref().is_none_or(|h| h.lock().unwrap_or_else(PoisonError::into_inner).after.is_some())
+        };
+        for sub in subs.values().filter(live) {
+            let format = sub.outbox.format();
+            let frame = frames[format.index()].get_or_insert_with(|| encode_resync(format, channel.as_str(), top));
+            if sub.outbox.push(frame.clone(), 0) == Push::Queued {
+                told += 1;
+            }
+        }
+        told
+    }
+
+    /// Ends a recovering subscriber's hold: the publications held for it that come after
+    /// `delivered` (the position its history ended at) go to its outbox, in order, and
+    /// from now on it gets live publications directly. Under the shard's write lock, so no
+    /// publication can slip between the held ones and the live ones.
+    ///
+    /// A held publication from another epoch than `delivered`'s is preceded by a `resync`.
+    pub fn release(&self, channel: &ChannelName, id: u64, delivered: Option<&Position>) {
+        let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);
+        let Some(sub) = shard.get_mut(channel.as_str()).and_then(|subs| subs.get_mut(&id)) else { return };
+        let Some(held_slot) = &sub.held else { return };
+        let mut held = held_slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let outbox = sub.outbox.clone();
+        let publications = std::mem::take(&mut held.publications);
+        held.after = delivered.cloned();
+        let overflowed = held.overflowed;
+        drop(held);
+        if delivered.is_none() || overflowed {
+            sub.held = None;
+        }
+        if overflowed {
+            outbox.overflow();
+            self.metrics.dropped_slow.increment(1);
+            return;
+        }
+        let format = outbox.format();
+        let mut current = delivered.cloned();
+        for p in &publications {
+            if let Some(pos) = &p.position {
+                match &current {
+                    Some(c) if c.epoch == pos.epoch && pos.offset <= c.offset => continue,
+                    Some(c) if c.epoch != pos.epoch => {
+                        let top = Position { offset: pos.offset.saturating_sub(1), epoch: pos.epoch.clone() };
+                        outbox.push(encode_resync(format, channel.as_str(), &top), 0);
+                    }
+                    _ => {}
+                }
+                current = Some(pos.clone());
+            }
+            let Some(frame) = encode(format, p) else {
+                self.metrics.dropped_unencodable.increment(1);
+                continue;
+            };
+            if outbox.push(frame, p.ts) == Push::Overflow {
+                self.metrics.dropped_slow.increment(1);
+            }
+        }
+    }
+}
+
+/// Holds `p` for a recovering subscriber (past the outbox's bound the subscriber is marked
+/// for a slow-consumer cut when released, and nothing more is held); once released, says
+/// whether `p` was already covered by its history.
+fn hold(held: &Mutex<Held>, outbox: &Outbox, p: &Publication) -> HeldAction {
+    let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(after) = &held.after {
+        if let Some(pos) = &p.position {
+            if pos.epoch == after.epoch && pos.offset <= after.offset {
+                return HeldAction::Skip;
+            }
+        }
+        held.passed = true;
+        return HeldAction::Deliver;
+    }
+    if held.overflowed {
+        return HeldAction::Held;
+    }
+    held.bytes += p.data.len() + 64;
+    if held.bytes > outbox.limit() {
+        held.overflowed = true;
+        held.publications = Vec::new();
+        return HeldAction::Held;
+    }
+    held.publications.push(p.clone());
+    HeldAction::Held
 }
 
 fn encode(format: Encoding, p: &Publication) -> Option<Bytes> {
@@ -200,7 +366,7 @@ mod tests {
     }
 
     fn publication(channel: &str, data: &str) -> Publication {
-        Publication { channel: ch(channel), ts: 9, enc: Encoding::Json, data: Bytes::copy_from_slice(data.as_bytes()) }
+        Publication::new(ch(channel), 9, Encoding::Json, Bytes::copy_from_slice(data.as_bytes()))
     }
 
     fn drain(o: &Outbox) -> VecDeque<crate::Outgoing> {

@@ -5,8 +5,9 @@ use serde::Serialize;
 
 use crate::{
     channel::ChannelName,
-    command::{bad, fields, idempotency_key, CommandError},
+    command::{bad, fields, idempotency_key, limit, since, CommandError},
     error::ErrorCode,
+    history::{HistoryQuery, Position},
     message::{validate_data, Encoding},
 };
 
@@ -53,9 +54,21 @@ pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result
     Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data), idempotency_key })
 }
 
+/// Decodes `{"channel":C,"since":{"offset":N,"epoch":E}?,"limit":N?}` (`POST /api/history`).
+pub fn decode_api_history(enc: Encoding, body: &[u8]) -> Result<(ChannelName, HistoryQuery), CommandError> {
+    let f = fields(enc, body)
+        .map_err(|e| CommandError { message: format!("malformed body: {}", e.message).into(), ..e })?;
+    let name = channel(f.channel.as_deref().ok_or_else(|| bad(None, "missing field \"channel\""))?)?;
+    Ok((name, HistoryQuery { since: since(None, f.since)?, limit: limit(None, f.limit)? }))
+}
+
 #[derive(Serialize)]
-struct Ok_ {
+struct Ok_<'a> {
     ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -79,7 +92,12 @@ fn encode<T: Serialize>(enc: Encoding, value: &T) -> Vec<u8> {
 
 /// `{"ok":true}`.
 pub fn encode_api_ok(enc: Encoding) -> Vec<u8> {
-    encode(enc, &Ok_ { ok: true })
+    encode_api_published(enc, None)
+}
+
+/// `{"ok":true}`, with `"offset":N,"epoch":E` for a publication stored in history.
+pub fn encode_api_published(enc: Encoding, position: Option<&Position>) -> Vec<u8> {
+    encode(enc, &Ok_ { ok: true, offset: position.map(|p| p.offset), epoch: position.map(|p| &*p.epoch) })
 }
 
 /// `{"error":{"code":K,"message":M}}`.
@@ -136,5 +154,20 @@ mod tests {
             br#"{"error":{"code":"unavailable","message":"down"}}"#
         );
         assert_eq!(encode_api_ok(Encoding::MsgPack), [0x81, 0xa2, b'o', b'k', 0xc3]);
+        assert_eq!(
+            encode_api_published(Encoding::Json, Some(&Position::new(4, "e"))),
+            br#"{"ok":true,"offset":4,"epoch":"e"}"#
+        );
+    }
+
+    #[test]
+    fn history_bodies() {
+        let (c, q) =
+            decode_api_history(Encoding::Json, br#"{"channel":"h:a","since":{"offset":2,"epoch":"e"},"limit":3}"#)
+                .unwrap();
+        assert_eq!((c.as_str(), q.since, q.limit), ("h:a", Some(Position::new(2, "e")), Some(3)));
+        for body in [&br#"{"since":{"offset":2,"epoch":"e"}}"#[..], br#"{"channel":"h:a","limit":-4}"#, b"[]"] {
+            assert_eq!(decode_api_history(Encoding::Json, body).unwrap_err().code, ErrorCode::BadRequest);
+        }
     }
 }

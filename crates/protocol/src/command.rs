@@ -10,15 +10,18 @@ use serde_json::value::RawValue;
 use crate::{
     channel::ChannelName,
     error::ErrorCode,
+    history::{HistoryQuery, Position, MAX_EPOCH_LEN, MAX_HISTORY_LIMIT},
     message::{validate_data, Encoding, RMPV_MAX_DEPTH},
 };
 
 /// A well-formed client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// v1.1: with `since`, recover what was published after that position.
     Subscribe {
         id: Option<u64>,
         channel: ChannelName,
+        since: Option<Position>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -37,6 +40,12 @@ pub enum Command {
     Ping {
         id: Option<u64>,
     },
+    /// v1.1: read a channel's history.
+    History {
+        id: Option<u64>,
+        channel: ChannelName,
+        query: HistoryQuery,
+    },
     /// Extension: replace the connection's auth token before it expires.
     Refresh {
         id: Option<u64>,
@@ -51,6 +60,7 @@ impl Command {
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
             | Command::Ping { id }
+            | Command::History { id, .. }
             | Command::Refresh { id, .. } => *id,
         }
     }
@@ -61,6 +71,7 @@ impl Command {
             Command::Unsubscribe { .. } => "unsubscribe",
             Command::Publish { .. } => "publish",
             Command::Ping { .. } => "ping",
+            Command::History { .. } => "history",
             Command::Refresh { .. } => "refresh",
         }
     }
@@ -91,6 +102,8 @@ pub(crate) struct Fields<'a> {
     pub(crate) data: Option<&'a [u8]>,
     pub(crate) token: Option<Cow<'a, str>>,
     pub(crate) idempotency_key: Option<Cow<'a, str>>,
+    pub(crate) since: Option<(u64, Cow<'a, str>)>,
+    pub(crate) limit: Option<u64>,
 }
 
 /// Decodes one frame's payload sent by a client speaking `format`.
@@ -114,6 +127,17 @@ struct JsonFrame<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<SinceJson<'a>>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct SinceJson<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
 }
 
 /// Just the `id` of a frame that failed to decode as a whole.
@@ -159,6 +183,8 @@ fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         data: frame.data.map(|raw| raw.get().as_bytes()),
         token: frame.token,
         idempotency_key: frame.idempotency_key,
+        since: frame.since.map(|s| (s.offset, s.epoch)),
+        limit: frame.limit,
     })
 }
 
@@ -202,6 +228,15 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
                 })
             }
             Some("data") => f.data = Some(span),
+            Some("since") => match since_of(&value) {
+                Some(since) => f.since = Some(since),
+                None => wrong_type = Some("since"),
+            },
+            Some("limit") => match value {
+                ValueRef::Nil => {}
+                ValueRef::Integer(i) if i.as_u64().is_some() => f.limit = i.as_u64(),
+                _ => wrong_type = Some("limit"),
+            },
             Some("channels") => match value {
                 ValueRef::Array(items) => {
                     let names: Option<Vec<_>> = items.iter().map(str_of).collect();
@@ -227,9 +262,47 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         return Err(bad(f.id, "trailing bytes after the command"));
     }
     if let Some(field) = wrong_type {
-        return Err(bad(f.id, format!("field \"{field}\" must be a string")));
+        let what = match field {
+            "since" => "an object with an unsigned \"offset\" and a string \"epoch\"",
+            "limit" => "an unsigned integer",
+            _ => "a string",
+        };
+        return Err(bad(f.id, format!("field \"{field}\" must be {what}")));
     }
     Ok(f)
+}
+
+/// `{"offset":N,"epoch":E}` as a MessagePack map (other keys ignored).
+fn since_of<'a>(v: &ValueRef<'a>) -> Option<(u64, Cow<'a, str>)> {
+    let ValueRef::Map(entries) = v else { return None };
+    let (mut offset, mut epoch) = (None, None);
+    for (k, v) in entries {
+        match (k, v) {
+            (ValueRef::String(k), ValueRef::Integer(i)) if k.as_str() == Some("offset") => offset = i.as_u64(),
+            (ValueRef::String(k), v) if k.as_str() == Some("epoch") => epoch = str_of(v),
+            _ => {}
+        }
+    }
+    Some((offset?, epoch?))
+}
+
+/// Checks a `since` field: the epoch at most [`MAX_EPOCH_LEN`] bytes.
+pub(crate) fn since(id: Option<u64>, since: Option<(u64, Cow<'_, str>)>) -> Result<Option<Position>, CommandError> {
+    match since {
+        Some((_, epoch)) if epoch.len() > MAX_EPOCH_LEN => {
+            Err(bad(id, format!("\"since.epoch\" is longer than {MAX_EPOCH_LEN} bytes")))
+        }
+        Some((offset, epoch)) => Ok(Some(Position::new(offset, &epoch))),
+        None => Ok(None),
+    }
+}
+
+/// Checks a `limit` field: at most [`MAX_HISTORY_LIMIT`].
+pub(crate) fn limit(id: Option<u64>, limit: Option<u64>) -> Result<Option<u64>, CommandError> {
+    match limit {
+        Some(n) if n > MAX_HISTORY_LIMIT => Err(bad(id, format!("\"limit\" must be at most {MAX_HISTORY_LIMIT}"))),
+        other => Ok(other),
+    }
 }
 
 fn str_of<'a>(v: &ValueRef<'a>) -> Option<Cow<'a, str>> {
@@ -266,7 +339,12 @@ fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
         ChannelName::new(name).map_err(|e| bad(id, format!("invalid channel name: {e}")))
     };
     Ok(match &*op {
-        "subscribe" => Command::Subscribe { id, channel: channel()? },
+        "subscribe" => Command::Subscribe { id, channel: channel()?, since: since(id, f.since)? },
+        "history" => Command::History {
+            id,
+            channel: channel()?,
+            query: HistoryQuery { since: since(id, f.since)?, limit: limit(id, f.limit)? },
+        },
         "unsubscribe" => Command::Unsubscribe { id, channel: channel()? },
         "publish" => {
             let channel = channel()?;
@@ -313,7 +391,7 @@ mod tests {
     fn json_commands() {
         assert_eq!(
             json(r#"{"op":"subscribe","channel":"a:b","id":1}"#),
-            Ok(Command::Subscribe { id: Some(1), channel: ch("a:b") })
+            Ok(Command::Subscribe { id: Some(1), channel: ch("a:b"), since: None })
         );
         assert_eq!(
             json(r#"{"op":"unsubscribe","channel":"a"}"#),
@@ -422,6 +500,60 @@ mod tests {
         ]))
         .unwrap();
         assert!(matches!(cmd, Command::Publish { idempotency_key: Some(ref k), .. } if k == "k"));
+    }
+
+    #[test]
+    fn since_and_limit() {
+        assert_eq!(
+            json(r#"{"op":"subscribe","channel":"h:a","since":{"offset":7,"epoch":"e1"},"id":1}"#),
+            Ok(Command::Subscribe { id: Some(1), channel: ch("h:a"), since: Some(Position::new(7, "e1")) })
+        );
+        assert_eq!(
+            json(r#"{"op":"history","channel":"h:a","limit":0}"#),
+            Ok(Command::History { id: None, channel: ch("h:a"), query: HistoryQuery { since: None, limit: Some(0) } })
+        );
+        for bad_frame in [
+            r#"{"op":"subscribe","channel":"h:a","since":{"offset":-1,"epoch":"e"},"id":4}"#,
+            r#"{"op":"subscribe","channel":"h:a","since":{"offset":1},"id":4}"#,
+            r#"{"op":"subscribe","channel":"h:a","since":{"offset":"1","epoch":"e"},"id":4}"#,
+            r#"{"op":"subscribe","channel":"h:a","since":7,"id":4}"#,
+            r#"{"op":"history","channel":"h:a","limit":-1,"id":4}"#,
+            r#"{"op":"history","channel":"h:a","limit":100001,"id":4}"#,
+            r#"{"op":"history","channel":"h:a","limit":"5","id":4}"#,
+        ] {
+            let e = json(bad_frame).unwrap_err();
+            assert_eq!((e.id, e.code), (Some(4), ErrorCode::BadRequest), "{bad_frame}");
+        }
+        let long = format!(
+            r#"{{"op":"subscribe","channel":"h:a","since":{{"offset":1,"epoch":"{}"}},"id":4}}"#,
+            "e".repeat(65)
+        );
+        assert_eq!(json(&long).unwrap_err().id, Some(4));
+        use rmpv::Value as V;
+        let since = V::Map(vec![(V::from("offset"), V::from(3)), (V::from("epoch"), V::from("x"))]);
+        assert_eq!(
+            mp(V::Map(vec![
+                (V::from("op"), V::from("subscribe")),
+                (V::from("channel"), V::from("c")),
+                (V::from("since"), since)
+            ])),
+            Ok(Command::Subscribe { id: None, channel: ch("c"), since: Some(Position::new(3, "x")) })
+        );
+        let e = mp(V::Map(vec![
+            (V::from("op"), V::from("subscribe")),
+            (V::from("channel"), V::from("c")),
+            (V::from("since"), V::Map(vec![(V::from("offset"), V::from(-3)), (V::from("epoch"), V::from("x"))])),
+            (V::from("id"), V::from(2)),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.id, Some(2));
+        let e = mp(V::Map(vec![
+            (V::from("op"), V::from("history")),
+            (V::from("channel"), V::from("c")),
+            (V::from("limit"), V::from(-1)),
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("limit"), "{}", e.message);
     }
 
     #[test]

@@ -65,13 +65,25 @@ pub fn encode_envelope(ts: u64, enc: Encoding, data: &[u8]) -> Vec<u8> {
     buf
 }
 
-/// Decodes and validates an envelope, returning `(ts, enc, data)`; `data` borrows from
-/// `payload` and is checked to be one valid value of `enc`. Unknown keys are ignored.
-pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), EnvelopeError> {
+/// A decoded envelope; `data` borrows from the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub ts: u64,
+    pub enc: Encoding,
+    pub data: &'a [u8],
+    /// v1.1: `offset` and `epoch`, which the `fanout_publish` Redis Function adds to the
+    /// envelopes it stores and publishes (a v1 reader ignores them as extra keys).
+    pub position: Option<(u64, &'a str)>,
+}
+
+/// Decodes and validates an envelope; `data` is checked to be one valid value of `enc`.
+/// Unknown keys are ignored; of a key given twice, the last counts.
+pub fn decode_envelope(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     use rmpv::ValueRef;
     let mut rd = payload;
     let len = rmp::decode::read_map_len(&mut rd).map_err(|_| EnvelopeError::NotAMap)?;
     let (mut v, mut ts, mut enc, mut data) = (None, None, None, None);
+    let (mut offset, mut epoch) = (None, None);
     for _ in 0..len {
         let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, 16)
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
@@ -96,6 +108,14 @@ pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), Envelop
                 ValueRef::Binary(b) => data = Some(b),
                 _ => return Err(EnvelopeError::WrongType("data")),
             },
+            Some("offset") => offset = Some(value.as_u64().ok_or(EnvelopeError::WrongType("offset"))?),
+            Some("epoch") => match value {
+                ValueRef::String(s) => match s.into_str() {
+                    Some(s) if s.len() <= crate::history::MAX_EPOCH_LEN => epoch = Some(s),
+                    _ => return Err(EnvelopeError::WrongType("epoch")),
+                },
+                _ => return Err(EnvelopeError::WrongType("epoch")),
+            },
             _ => {}
         }
     }
@@ -110,7 +130,13 @@ pub fn decode_envelope(payload: &[u8]) -> Result<(u64, Encoding, &[u8]), Envelop
     let enc = enc.ok_or(EnvelopeError::Missing("enc"))?;
     let data = data.ok_or(EnvelopeError::Missing("data"))?;
     validate_data(enc, data)?;
-    Ok((ts, enc, data))
+    let position = match (offset, epoch) {
+        (Some(o), Some(e)) => Some((o, e)),
+        (None, None) => None,
+        (Some(_), None) => return Err(EnvelopeError::Missing("epoch")),
+        (None, Some(_)) => return Err(EnvelopeError::Missing("offset")),
+    };
+    Ok(Envelope { ts, enc, data, position })
 }
 
 #[cfg(test)]
@@ -127,9 +153,27 @@ mod tests {
     #[test]
     fn roundtrip() {
         let bytes = encode_envelope(42, Encoding::Json, br#"{"a":1}"#);
-        assert_eq!(decode_envelope(&bytes), Ok((42, Encoding::Json, &br#"{"a":1}"#[..])));
+        assert_eq!(
+            decode_envelope(&bytes),
+            Ok(Envelope { ts: 42, enc: Encoding::Json, data: &br#"{"a":1}"#[..], position: None })
+        );
         let bytes = encode_envelope(u64::MAX, Encoding::MsgPack, &[0x93, 1, 2, 3]);
-        assert_eq!(decode_envelope(&bytes), Ok((u64::MAX, Encoding::MsgPack, &[0x93, 1, 2, 3][..])));
+        let e = decode_envelope(&bytes).unwrap();
+        assert_eq!((e.ts, e.enc, e.data), (u64::MAX, Encoding::MsgPack, &[0x93, 1, 2, 3][..]));
+    }
+
+    /// What the `fanout_publish` Function does to an envelope: two more keys at the end.
+    #[test]
+    fn a_stored_envelope_carries_its_position() {
+        let mut bytes = encode_envelope(1, Encoding::Json, b"1");
+        bytes[0] = 0x86;
+        bytes.extend_from_slice(&[0xa6, b'o', b'f', b'f', b's', b'e', b't', 0xcf, 0, 0, 0, 0, 0, 0, 1, 2]);
+        bytes.extend_from_slice(&[0xa5, b'e', b'p', b'o', b'c', b'h', 0xa2, b'e', b'7']);
+        assert_eq!(decode_envelope(&bytes).unwrap().position, Some((258, "e7")));
+        let mut half = encode_envelope(1, Encoding::Json, b"1");
+        half[0] = 0x85;
+        half.extend_from_slice(&[0xa6, b'o', b'f', b'f', b's', b'e', b't', 0x05]);
+        assert_eq!(decode_envelope(&half), Err(EnvelopeError::Missing("epoch")));
     }
 
     #[test]
@@ -152,7 +196,9 @@ mod tests {
             (V::from("enc"), V::from("json")),
             (V::from("data"), V::Binary(b"\"hi\"".to_vec())),
         ]);
-        assert_eq!(decode_envelope(&enc_value(&v)), Ok((5, Encoding::Json, &b"\"hi\""[..])));
+        let bytes = enc_value(&v);
+        let e = decode_envelope(&bytes).unwrap();
+        assert_eq!((e.ts, e.enc, e.data), (5, Encoding::Json, &b"\"hi\""[..]));
     }
 
     #[test]

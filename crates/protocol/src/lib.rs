@@ -6,14 +6,22 @@ mod channel;
 mod command;
 mod envelope;
 mod error;
+mod history;
 mod message;
 mod ws;
 
-pub use api::{decode_api_publish, encode_api_error, encode_api_ok, ApiPublish, MAX_BROADCAST_CHANNELS};
+pub use api::{
+    decode_api_history, decode_api_publish, encode_api_error, encode_api_ok, encode_api_published, ApiPublish,
+    MAX_BROADCAST_CHANNELS,
+};
 pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
 pub use command::{decode_command, Command, CommandError, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY};
-pub use envelope::{decode_envelope, encode_envelope, redis_channel, EnvelopeError, ENVELOPE_VERSION};
+pub use envelope::{decode_envelope, encode_envelope, redis_channel, Envelope, EnvelopeError, ENVELOPE_VERSION};
 pub use error::ErrorCode;
+pub use history::{
+    encode_api_history, encode_history_reply, encode_resync, Epoch, HistoryPage, HistoryQuery, Position, MAX_EPOCH_LEN,
+    MAX_HISTORY_LIMIT,
+};
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
 pub use ws::{
     close_frame, frame, frame_header, parse_server_frame, write_client_frame, OpCode, ServerFrame, ServerFrameError,

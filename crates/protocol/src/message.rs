@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     channel::ChannelName,
     error::ErrorCode,
+    history::Position,
     ws::{frame_in_place, OpCode, MAX_FRAME_HEADER},
 };
 
@@ -65,6 +66,20 @@ pub struct Publication {
     pub ts: u64,
     pub enc: Encoding,
     pub data: Bytes,
+    /// v1.1: where it sits in its channel's history, when its namespace keeps history and
+    /// it was stored (a plain `PUBLISH` into such a namespace has none).
+    pub position: Option<Position>,
+}
+
+impl Publication {
+    /// A publication with no place in any history.
+    pub fn new(channel: ChannelName, ts: u64, enc: Encoding, data: Bytes) -> Self {
+        Self { channel, ts, enc, data, position: None }
+    }
+
+    pub fn offset(&self) -> Option<u64> {
+        self.position.as_ref().map(|p| p.offset)
+    }
 }
 
 /// `data` could not be decoded, or not represented in the requested format.
@@ -179,7 +194,7 @@ pub fn transcode(from: Encoding, to: Encoding, data: &[u8]) -> Result<Vec<u8>, D
 }
 
 /// Appends `data` (encoded as `from`) to `out` encoded as `to`.
-fn write_data(out: &mut Vec<u8>, from: Encoding, to: Encoding, data: &[u8]) -> Result<(), DataError> {
+pub(crate) fn write_data(out: &mut Vec<u8>, from: Encoding, to: Encoding, data: &[u8]) -> Result<(), DataError> {
     match (from, to) {
         (a, b) if a == b => {
             out.extend_from_slice(data);
@@ -211,17 +226,24 @@ pub fn encode_message(to: Encoding, p: &Publication) -> Result<Bytes, DataError>
             buf.extend_from_slice(channel.as_bytes());
             buf.extend_from_slice(b"\",\"data\":");
             write_data(&mut buf, p.enc, to, &p.data)?;
+            if let Some(pos) = &p.position {
+                let _ = write!(buf, ",\"offset\":{}", pos.offset);
+            }
             let _ = write!(buf, ",\"ts\":{}}}", p.ts);
         }
         Encoding::MsgPack => {
             // Writes into a Vec cannot fail.
-            let _ = rmp::encode::write_map_len(&mut buf, 4);
+            let _ = rmp::encode::write_map_len(&mut buf, 4 + u32::from(p.position.is_some()));
             let _ = rmp::encode::write_str(&mut buf, "op");
             let _ = rmp::encode::write_str(&mut buf, "message");
             let _ = rmp::encode::write_str(&mut buf, "channel");
             let _ = rmp::encode::write_str(&mut buf, channel);
             let _ = rmp::encode::write_str(&mut buf, "data");
             write_data(&mut buf, p.enc, to, &p.data)?;
+            if let Some(pos) = &p.position {
+                let _ = rmp::encode::write_str(&mut buf, "offset");
+                let _ = rmp::encode::write_uint(&mut buf, pos.offset);
+            }
             let _ = rmp::encode::write_str(&mut buf, "ts");
             let _ = rmp::encode::write_uint(&mut buf, p.ts);
         }
@@ -232,16 +254,23 @@ pub fn encode_message(to: Encoding, p: &Publication) -> Result<Bytes, DataError>
 /// A reply to a client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
+    /// `top`: the channel's position, in a history namespace; `recovered`: whether the
+    /// gap since the client's `since` was filled (only when it sent one).
     Subscribed {
         id: Option<u64>,
         channel: &'a str,
+        top: Option<&'a Position>,
+        recovered: Option<bool>,
     },
     Unsubscribed {
         id: Option<u64>,
         channel: &'a str,
     },
+    /// `position`: where the publication (or, for a suppressed duplicate, the first one)
+    /// was stored, in a history namespace.
     Published {
         id: Option<u64>,
+        position: Option<&'a Position>,
     },
     Pong {
         id: Option<u64>,
@@ -271,15 +300,37 @@ struct ReplyWire<'a> {
     exp: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
 }
 
 impl<'a> Reply<'a> {
     fn wire(&self) -> ReplyWire<'a> {
-        let mut w = ReplyWire { op: "", channel: None, code: None, message: None, exp: None, id: None };
+        let mut w = ReplyWire {
+            op: "",
+            channel: None,
+            code: None,
+            message: None,
+            exp: None,
+            id: None,
+            offset: None,
+            epoch: None,
+            recovered: None,
+        };
         match *self {
-            Reply::Subscribed { id, channel } => (w.op, w.id, w.channel) = ("subscribed", id, Some(channel)),
+            Reply::Subscribed { id, channel, top, recovered } => {
+                (w.op, w.id, w.channel, w.recovered) = ("subscribed", id, Some(channel), recovered);
+                (w.offset, w.epoch) = (top.map(|t| t.offset), top.map(|t| &*t.epoch));
+            }
             Reply::Unsubscribed { id, channel } => (w.op, w.id, w.channel) = ("unsubscribed", id, Some(channel)),
-            Reply::Published { id } => (w.op, w.id) = ("published", id),
+            Reply::Published { id, position } => {
+                (w.op, w.id) = ("published", id);
+                (w.offset, w.epoch) = (position.map(|t| t.offset), position.map(|t| &*t.epoch));
+            }
             Reply::Pong { id } => (w.op, w.id) = ("pong", id),
             Reply::Refreshed { id, exp } => (w.op, w.id, w.exp) = ("refreshed", id, Some(exp)),
             Reply::Error { id, code, message } => {
@@ -317,6 +368,7 @@ mod tests {
             ts: 1_700_000_000_000_000,
             enc,
             data: Bytes::copy_from_slice(data),
+            position: None,
         }
     }
 
@@ -484,7 +536,8 @@ mod tests {
 
     #[test]
     fn replies_in_both_formats() {
-        let r = encode_reply(Encoding::Json, &Reply::Subscribed { id: Some(7), channel: "a" });
+        let r =
+            encode_reply(Encoding::Json, &Reply::Subscribed { id: Some(7), channel: "a", top: None, recovered: None });
         assert_eq!(body(&r), br#"{"op":"subscribed","channel":"a","id":7}"#);
         let r = encode_reply(Encoding::Json, &Reply::Pong { id: None });
         assert_eq!(body(&r), br#"{"op":"pong"}"#);
@@ -494,9 +547,27 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(body(&r)).unwrap();
         assert_eq!(v, serde_json::json!({"op":"error","code":"bad_request","message":"no \"op\"","id":1}));
-        let r = encode_reply(Encoding::MsgPack, &Reply::Published { id: Some(3) });
+        let r = encode_reply(Encoding::MsgPack, &Reply::Published { id: Some(3), position: None });
         assert_eq!(r[0], 0x82);
         let v = rmpv::decode::read_value(&mut body(&r)).unwrap();
         assert_eq!(v, rmpv::Value::Map(vec![("op".into(), "published".into()), ("id".into(), 3.into())]));
+        let top = Position::new(12, "e1");
+        let r = encode_reply(
+            Encoding::Json,
+            &Reply::Subscribed { id: None, channel: "h:a", top: Some(&top), recovered: Some(true) },
+        );
+        assert_eq!(body(&r), br#"{"op":"subscribed","channel":"h:a","offset":12,"epoch":"e1","recovered":true}"#);
+    }
+
+    #[test]
+    fn a_stored_publication_carries_its_offset() {
+        let mut p = publication(Encoding::Json, b"1");
+        p.position = Some(Position::new(5, "e"));
+        let f = encode_message(Encoding::Json, &p).unwrap();
+        assert_eq!(body(&f), br#"{"op":"message","channel":"chat:1","data":1,"offset":5,"ts":1700000000000000}"#);
+        let f = encode_message(Encoding::MsgPack, &p).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&transcode(Encoding::MsgPack, Encoding::Json, body(&f)).unwrap()).unwrap();
+        assert_eq!(v["offset"], 5);
     }
 }

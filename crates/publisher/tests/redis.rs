@@ -27,7 +27,8 @@ async fn next(stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin
 /// Checks that `payload` is byte for byte the workspace's envelope of `(enc, data)`,
 /// stamped between `before` and now.
 fn assert_envelope(payload: &[u8], before: u64, enc: Encoding, data: &[u8]) {
-    let (ts, got_enc, got_data) = decode_envelope(payload).unwrap();
+    let e = decode_envelope(payload).unwrap();
+    let (ts, got_enc, got_data) = (e.ts, e.enc, e.data);
     assert!(ts >= before && ts <= now_micros(), "ts {ts} stamped at publish time");
     assert_eq!((got_enc, got_data), (enc, data));
     assert_eq!(payload, encode_envelope(ts, enc, data), "exactly the protocol crate's envelope");
@@ -63,8 +64,8 @@ async fn msgpack_raw_and_custom_prefix() {
     assert_envelope(&next(&mut stream).await.1, before, Encoding::MsgPack, &raw);
     p.publish("x", &("a", 2)).await.unwrap();
     let (_, payload) = next(&mut stream).await;
-    let (_, enc, data) = decode_envelope(&payload).unwrap();
-    assert_eq!((enc, data), (Encoding::MsgPack, &[0x92, 0xa1, b'a', 0x02][..]));
+    let e = decode_envelope(&payload).unwrap();
+    assert_eq!((e.enc, e.data), (Encoding::MsgPack, &[0x92, 0xa1, b'a', 0x02][..]));
 }
 
 #[tokio::test]
@@ -88,7 +89,7 @@ async fn batches_are_pipelined_in_order_and_broadcast_reaches_every_channel() {
     for _ in 0..3 {
         let (channel, payload) = next(&mut stream).await;
         assert_envelope(&payload, before, Encoding::Json, br#""all""#);
-        stamps.push(fanout_protocol::decode_envelope(&payload).unwrap().0);
+        stamps.push(fanout_protocol::decode_envelope(&payload).unwrap().ts);
         got.push(channel);
     }
     got.sort();

@@ -11,7 +11,8 @@ use std::{
 use bytes::Bytes;
 use fanout_hub::{Hub, LogLimiter};
 use fanout_protocol::{
-    decode_api_publish, encode_api_error, encode_api_ok, now_micros, Encoding, ErrorCode, Publication,
+    decode_api_history, decode_api_publish, encode_api_error, encode_api_history, encode_api_ok, encode_api_published,
+    now_micros, Encoding, ErrorCode, Publication,
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
@@ -61,7 +62,8 @@ impl Handler for Internal {
             }
             (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,
             (&Method::POST, "/api/broadcast") => self.publish(req, true, peer).await,
-            (_, "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast") => {
+            (&Method::POST, "/api/history") => self.history(req, peer).await,
+            (_, "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast" | "/api/history") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -122,65 +124,113 @@ impl Internal {
         !self.draining.load(Ordering::Relaxed) && self.hub.broker_up()
     }
 
-    async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
+    /// The formats, the API key check and the body, bounded in size and time; or the
+    /// response that refuses the request.
+    async fn read_request(&self, req: Request<Incoming>) -> Result<(Encoding, Encoding, Bytes), Response<Body>> {
         let Ok((request_format, format)) = formats(req.headers()) else {
-            return api_error(
+            return Err(api_error(
                 Encoding::Json,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::BadRequest,
                 "Content-Type must be application/json or application/msgpack",
-            );
+            ));
         };
         if let Some(key) = &self.api_key {
             let given =
                 req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
             if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-                return api_error(
+                return Err(api_error(
                     format,
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::Unauthorized,
                     "missing or wrong API key",
-                );
+                ));
             }
         }
         // Bounded in time as well as size: a body that never finishes must not hold the
         // connection (and its slot in the listener's pool) forever.
         let collected = tokio::time::timeout(self.body_timeout, Limited::new(req.into_body(), self.max_body).collect());
-        let body = match collected.await {
-            Err(_) => {
-                return api_error(
+        match collected.await {
+            Err(_) => Err(api_error(
+                format,
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                "the request body did not arrive in time",
+            )),
+            Ok(Ok(b)) => Ok((request_format, format, b.to_bytes())),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(api_error(
+                format,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge,
+                "request body exceeds max_http_body",
+            )),
+            Ok(Err(_)) => Err(api_error(
+                format,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "could not read the request body",
+            )),
+        }
+    }
+
+    /// The caller learns that the broker failed, not how (no addresses or Redis text); a
+    /// 503 means the outcome is unknown (docs/protocol.md).
+    fn broker_failed(
+        &self,
+        format: Encoding,
+        peer: SocketAddr,
+        what: &str,
+        e: &fanout_hub::BrokerError,
+    ) -> Response<Body> {
+        if let Some(suppressed) = BROKER_ERROR_LOG.check() {
+            tracing::warn!(%peer, error = %e, suppressed, "broker failed an API {what}");
+        }
+        api_error(format, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.client_message())
+    }
+
+    fn bad_request(&self, format: Encoding, peer: SocketAddr, code: ErrorCode, message: &str) -> Response<Body> {
+        if let Some(suppressed) = BAD_REQUEST_LOG.check() {
+            tracing::info!(%peer, error = %message, suppressed, "bad API request");
+        }
+        api_error(format, StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// `POST /api/history`.
+    async fn history(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let (request_format, format, body) = match self.read_request(req).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
+        let (channel, query) = match decode_api_history(request_format, &body) {
+            Ok(r) => r,
+            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
+        };
+        if !self.hub.keeps_history(channel.as_str()) {
+            return self.bad_request(format, peer, ErrorCode::BadRequest, "this channel's namespace keeps no history");
+        }
+        self.metrics.history_reads_http.increment(1);
+        match self.hub.history(&channel, &query).await {
+            Ok(page) => match encode_api_history(format, &page) {
+                Ok(body) => api_response(format, StatusCode::OK, body),
+                Err(_) => api_error(
                     format,
-                    StatusCode::REQUEST_TIMEOUT,
-                    ErrorCode::BadRequest,
-                    "the request body did not arrive in time",
-                )
-            }
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return api_error(
-                    format,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorCode::MessageTooLarge,
-                    "request body exceeds max_http_body",
-                );
-            }
-            Ok(Err(_)) => {
-                return api_error(
-                    format,
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadRequest,
-                    "could not read the request body",
-                )
-            }
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    "history could not be encoded",
+                ),
+            },
+            Err(e) => self.broker_failed(format, peer, "history read", &e),
+        }
+    }
+
+    async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
+        let (request_format, format, body) = match self.read_request(req).await {
+            Ok(r) => r,
+            Err(response) => return response,
         };
         let request = match decode_api_publish(request_format, &body, broadcast) {
             Ok(r) => r,
-            Err(e) => {
-                if let Some(suppressed) = BAD_REQUEST_LOG.check() {
-                    tracing::info!(%peer, error = %e.message, suppressed, "bad API request");
-                }
-                return api_error(format, StatusCode::BAD_REQUEST, e.code, &e.message);
-            }
+            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
         };
         if request.data.len() > self.max_message_size {
             return api_error(
@@ -191,27 +241,26 @@ impl Internal {
             );
         }
         let ts = now_micros();
+        let mut position = None;
         for channel in request.channels {
-            let publication = Publication { channel, ts, enc: request.enc, data: request.data.clone() };
+            let publication = Publication::new(channel, ts, request.enc, request.data.clone());
             match self.hub.publish(&publication, request.idempotency_key.as_deref()).await {
-                Ok(fanout_hub::Published::Sent) => self.metrics.publications_http.increment(1),
-                Ok(fanout_hub::Published::Duplicate) => self.metrics.idempotent_duplicates.increment(1),
-                Err(e) => {
-                    // The caller learns that the broker failed, not how (no addresses or
-                    // Redis text); a 503 means the outcome is unknown (docs/protocol.md).
-                    if let Some(suppressed) = BROKER_ERROR_LOG.check() {
-                        tracing::warn!(%peer, error = %e, suppressed, "broker failed an API publish");
+                Ok(published) => {
+                    if published.duplicate {
+                        self.metrics.idempotent_duplicates.increment(1);
+                    } else {
+                        self.metrics.publications_http.increment(1);
                     }
-                    return api_error(
-                        format,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        ErrorCode::Unavailable,
-                        e.client_message(),
-                    );
+                    position = published.position;
                 }
+                Err(e) => return self.broker_failed(format, peer, "publish", &e),
             }
         }
-        api_response(format, StatusCode::OK, encode_api_ok(format))
+        // A broadcast answers {"ok":true} alone: its channels each have their own offset.
+        if broadcast {
+            return api_response(format, StatusCode::OK, encode_api_ok(format));
+        }
+        api_response(format, StatusCode::OK, encode_api_published(format, position.as_ref()))
     }
 }
 

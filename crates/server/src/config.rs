@@ -166,6 +166,11 @@ pub struct Settings {
     #[arg(long, env = "FANOUT_BROKER_BACKLOG_BYTES", value_name = "BYTES", default_value = "33554432")]
     pub broker_backlog_bytes: usize,
 
+    /// History the embedded broker keeps in memory across all channels, bytes; past it the
+    /// oldest publications are forgotten (recovering them gives recovered:false)
+    #[arg(long, env = "FANOUT_HISTORY_MAX_BYTES", value_name = "BYTES", default_value = "67108864")]
+    pub history_max_bytes: usize,
+
     /// How long a subscribe or publish may wait for the broker (then 503 / unavailable: outcome unknown)
     #[arg(long, env = "FANOUT_BROKER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = duration)]
     #[serde(with = "humantime_serde")]
@@ -257,7 +262,15 @@ pub struct NamespaceConfig {
     pub publish_rate: Option<f64>,
     /// Burst of that bucket [default: publish_rate rounded up].
     pub publish_burst: Option<u32>,
+    /// Publications kept per channel for recovery and `history` (0: no history) [default: 0]
+    pub history_size: Option<u64>,
+    /// How long a channel's history lives after its last publication [default: 10m]
+    #[serde(default, with = "humantime_serde")]
+    pub history_ttl: Option<Duration>,
 }
+
+/// A namespace's history lives this long after its last publication unless it says.
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(600);
 
 /// The rule of a namespace nobody configured.
 pub const DEFAULT_NAMESPACE_RULE: NamespaceConfig = NamespaceConfig {
@@ -266,6 +279,8 @@ pub const DEFAULT_NAMESPACE_RULE: NamespaceConfig = NamespaceConfig {
     max_message_size: None,
     publish_rate: None,
     publish_burst: None,
+    history_size: None,
+    history_ttl: None,
 };
 
 /// Resolved `[auth]` settings (the HMAC secret stays in [`Config::jwt_hmac_secret`]).
@@ -505,6 +520,9 @@ impl Config {
         if self.broker_backlog_bytes < self.publication_limit {
             return Err(invalid("broker_backlog_bytes", "must hold at least one publication of max_publication_size"));
         }
+        if self.history_max_bytes < 1024 {
+            return Err(invalid("history_max_bytes", "must be at least 1024 bytes"));
+        }
         if self.max_http_body < 64 {
             return Err(invalid("max_http_body", "must be at least 64 bytes"));
         }
@@ -575,6 +593,17 @@ impl Config {
         Ok(())
     }
 
+    /// Which namespaces keep history, for the hub and the brokers.
+    pub fn histories(&self) -> fanout_hub::Histories {
+        fanout_hub::Histories::new(self.namespaces.iter().map(|(name, ns)| {
+            let policy = fanout_hub::HistoryPolicy {
+                size: ns.history_size.unwrap_or(0),
+                ttl: ns.history_ttl.unwrap_or(DEFAULT_HISTORY_TTL),
+            };
+            (name.clone(), policy)
+        }))
+    }
+
     fn validate_namespaces(&self) -> Result<(), ConfigError> {
         for (name, ns) in &self.namespaces {
             let ok_name = name == "*"
@@ -597,6 +626,24 @@ impl Config {
             }
             if ns.publish_burst == Some(0) {
                 return Err(invalid("namespaces.publish_burst", format!("[namespaces.{name:?}]: must be at least 1")));
+            }
+            if ns.history_size.is_some_and(|n| n > fanout_protocol::MAX_HISTORY_LIMIT) {
+                return Err(invalid(
+                    "namespaces.history_size",
+                    format!("[namespaces.{name:?}]: at most {}", fanout_protocol::MAX_HISTORY_LIMIT),
+                ));
+            }
+            if ns.history_ttl.is_some_and(|t| t < Duration::from_secs(1) || t > Duration::from_secs(30 * 86_400)) {
+                return Err(invalid(
+                    "namespaces.history_ttl",
+                    format!("[namespaces.{name:?}]: between 1s and 30 days"),
+                ));
+            }
+            if ns.history_ttl.is_some() && ns.history_size.unwrap_or(0) == 0 {
+                return Err(invalid(
+                    "namespaces.history_ttl",
+                    format!("[namespaces.{name:?}]: set without history_size"),
+                ));
             }
             if ns.publish_burst.is_some() && ns.publish_rate.is_none() {
                 return Err(invalid(
@@ -781,6 +828,9 @@ mod tests {
             "[namespaces.x]\npublish_rate = 0".into(),
             "[namespaces.x]\npublish_rate = 1\npublish_burst = 0".into(),
             "[namespaces.x]\npublish_burst = 3".into(),
+            "[namespaces.x]\nhistory_size = 100001".into(),
+            "[namespaces.x]\nhistory_size = 10\nhistory_ttl = \"0s\"".into(),
+            "[namespaces.x]\nhistory_ttl = \"1m\"".into(),
             "[namespaces.x]\nno_such_rule = true".into(),
             "command_rate = -1".into(),
             "trusted_proxies = [\"10.0.0.0/40\"]".into(),

@@ -50,12 +50,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None => None,
     };
     let registry = Arc::new(Registry::new());
+    let histories = Arc::new(config.histories());
     let broker: Arc<dyn Broker> = match config.redis_config() {
-        None => Arc::new(EmbeddedBroker::new(registry.clone())),
-        Some(redis) => RedisBroker::start(redis, registry.clone(), background.child_token())
-            .map_err(|e| ConfigError::Invalid { key: "redis_url", message: e.to_string() })?,
+        None => Arc::new(EmbeddedBroker::with_history(registry.clone(), histories.clone(), config.history_max_bytes)),
+        Some(redis) => {
+            RedisBroker::start_with_history(redis, registry.clone(), histories.clone(), background.child_token())
+                .map_err(|e| ConfigError::Invalid { key: "redis_url", message: e.to_string() })?
+        }
     };
-    let hub = Hub::new(registry, broker, config.broker_timeout);
+    let hub = Hub::with_history(registry, broker, histories, config.broker_timeout);
     spawn_upkeep(prometheus.clone(), background.clone());
 
     let public = TcpListener::bind(config.public_addr)

@@ -43,6 +43,22 @@ fn describe() {
     g!("fanout_broker_channels", "Channels this node holds a broker subscription for");
     c!("fanout_publications_total", "Publications accepted, by where they entered (ws, http)");
     c!("fanout_idempotent_duplicates_total", "Publications suppressed because their idempotency_key was seen");
+    c!("fanout_history_reads_total", "History reads by clients (history op, POST /api/history), by where");
+    c!("fanout_recoveries_total", "Subscriptions with since, by outcome (recovered, not_recovered, too_large)");
+    c!("fanout_publications_replayed_total", "Publications delivered to recovering subscribers from history");
+    c!("fanout_resyncs_total", "Times a history channel's subscribers were told to resync (possible loss)");
+    c!("fanout_broker_catch_ups_total", "Catch-ups of history channels after a pub/sub reconnect");
+    c!(
+        "fanout_broker_catch_up_publications_total",
+        "Publications a node delivered from history after a reconnect or a gap"
+    );
+    c!("fanout_broker_history_gaps_total", "Gaps found in a history channel's live publications");
+    c!("fanout_broker_history_duplicates_dropped_total", "Stored publications that reached the node twice (dropped)");
+    c!(
+        "fanout_history_unstored_publications_total",
+        "Plain PUBLISHes into a history namespace: delivered without offset, not stored"
+    );
+    g!("fanout_history_bytes", Unit::Bytes, "History held by the embedded broker");
     c!("fanout_broker_publications_received_total", "Publications received from the broker");
     c!("fanout_deliveries_total", "Message frames written to client sockets");
     c!("fanout_sent_bytes_total", Unit::Bytes, "Bytes written to client sockets");
@@ -191,6 +207,8 @@ pub struct NodeMetrics {
     pub publications_http: Counter,
     /// Publications not published again because their idempotency key was seen.
     pub idempotent_duplicates: Counter,
+    pub history_reads_ws: Counter,
+    pub history_reads_http: Counter,
     pub deliveries: Counter,
     pub sent_bytes: Counter,
     pub slow_consumers: Counter,
@@ -225,6 +243,8 @@ impl NodeMetrics {
             publications_ws: metrics::counter!("fanout_publications_total", "source" => "ws"),
             publications_http: metrics::counter!("fanout_publications_total", "source" => "http"),
             idempotent_duplicates: metrics::counter!("fanout_idempotent_duplicates_total"),
+            history_reads_ws: metrics::counter!("fanout_history_reads_total", "via" => "ws"),
+            history_reads_http: metrics::counter!("fanout_history_reads_total", "via" => "http"),
             deliveries: metrics::counter!("fanout_deliveries_total"),
             sent_bytes: metrics::counter!("fanout_sent_bytes_total"),
             slow_consumers: metrics::counter!("fanout_slow_consumer_disconnects_total"),

@@ -6,10 +6,10 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use fanout_hub::{Hub, LogLimiter, Outbox, Published, Status};
+use fanout_hub::{Hub, LogLimiter, Outbox, Status, Subscription};
 use fanout_protocol::{
-    close_frame, decode_command, encode_reply, frame, now_micros, ChannelName, Command, CommandError, Encoding,
-    ErrorCode, OpCode, Publication, Reply,
+    close_frame, decode_command, encode_history_reply, encode_reply, frame, now_micros, ChannelName, Command,
+    CommandError, Encoding, ErrorCode, OpCode, Publication, Reply,
 };
 use tokio::{net::TcpStream, time::Instant};
 
@@ -406,20 +406,32 @@ impl Session {
         };
         let hub = &self.shared.hub;
         match cmd {
-            Command::Subscribe { id, channel } => {
+            Command::Subscribe { id, channel, since } => {
                 if let Err(denied) = self.shared.policy.check_subscribe(&self.identity, channel.as_str()) {
                     return self.denied(id, denied);
                 }
                 if self.subscriptions.contains(&channel) {
-                    return self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
+                    return self.reply(&Reply::Subscribed {
+                        id,
+                        channel: channel.as_str(),
+                        top: None,
+                        recovered: None,
+                    });
                 }
                 if self.subscriptions.len() >= self.shared.limits.max_subscriptions {
                     let msg = format!("at most {} subscriptions per connection", self.shared.limits.max_subscriptions);
                     return self.error(id, ErrorCode::TooManySubscriptions, &msg);
                 }
-                match hub.subscribe(&channel, &self.outbox).await {
+                let reply = |s: &Subscription| {
+                    self.reply(&Reply::Subscribed {
+                        id,
+                        channel: channel.as_str(),
+                        top: s.top.as_ref(),
+                        recovered: s.recovered,
+                    })
+                };
+                match hub.subscribe(&channel, &self.outbox, since.as_ref(), reply).await {
                     Ok(()) => {
-                        self.reply(&Reply::Subscribed { id, channel: channel.as_str() });
                         self.subscriptions.insert(channel);
                     }
                     Err(e) => self.broker_error(id, "subscribe", &e),
@@ -442,18 +454,43 @@ impl Session {
                 if !within_publish_rate(&self.shared.policy, &mut self.publish_rates, slot) {
                     return self.error(id, ErrorCode::RateLimited, "publish rate of this namespace exceeded");
                 }
-                let publication = Publication { channel, ts: now_micros(), enc, data };
+                let publication = Publication::new(channel, now_micros(), enc, data);
                 match hub.publish(&publication, idempotency_key.as_deref()).await {
-                    Ok(Published::Sent) => {
-                        self.shared.metrics.publications_ws.increment(1);
-                        self.reply(&Reply::Published { id });
-                    }
-                    // Answered as the first was: the retry of a publish whose answer was lost.
-                    Ok(Published::Duplicate) => {
-                        self.shared.metrics.idempotent_duplicates.increment(1);
-                        self.reply(&Reply::Published { id });
+                    Ok(published) => {
+                        // A duplicate is answered as the first was: the retry of a publish
+                        // whose answer was lost.
+                        if published.duplicate {
+                            self.shared.metrics.idempotent_duplicates.increment(1);
+                        } else {
+                            self.shared.metrics.publications_ws.increment(1);
+                        }
+                        self.reply(&Reply::Published { id, position: published.position.as_ref() });
                     }
                     Err(e) => self.broker_error(id, "publish", &e),
+                }
+            }
+            Command::History { id, channel, query } => {
+                if let Err(denied) = self.shared.policy.check_subscribe(&self.identity, channel.as_str()) {
+                    return self.denied(id, denied);
+                }
+                if !hub.keeps_history(channel.as_str()) {
+                    return self.error(id, ErrorCode::BadRequest, "this channel's namespace keeps no history");
+                }
+                self.shared.metrics.history_reads_ws.increment(1);
+                match hub.history(&channel, &query).await {
+                    Ok(page) => match encode_history_reply(self.format, id, channel.as_str(), &page) {
+                        // A reply larger than the queue would cut the connection off (4008).
+                        Ok(frame) if frame.len() + 1024 > self.outbox.room() => self.error(
+                            id,
+                            ErrorCode::MessageTooLarge,
+                            "the history is larger than this connection's send queue: ask for less with limit",
+                        ),
+                        Ok(frame) => {
+                            self.outbox.push_reply(frame);
+                        }
+                        Err(_) => self.error(id, ErrorCode::Internal, "history could not be encoded"),
+                    },
+                    Err(e) => self.broker_error(id, "history", &e),
                 }
             }
             Command::Ping { id } => self.reply(&Reply::Pong { id }),

@@ -31,6 +31,7 @@ broker_backlog_bytes = {{ $c.brokerBacklogBytes | int64 }}
 {{- with $c.maxPublicationSize }}
 max_publication_size = {{ . | int64 }}
 {{- end }}
+history_max_bytes = {{ $c.historyMaxBytes | int64 }}
 broker_timeout = {{ $c.brokerTimeout | toString | toJson }}
 allowed_origins = {{ $c.allowedOrigins | default list | toJson }}
 max_connections_per_ip_per_second = {{ $c.maxConnectionsPerIpPerSecond | float64 | toJson }}
@@ -92,6 +93,12 @@ publish_rate = {{ $ns.publishRate | float64 | toJson }}
 {{- end }}
 {{- if hasKey $ns "publishBurst" }}
 publish_burst = {{ $ns.publishBurst | int64 }}
+{{- end }}
+{{- if hasKey $ns "historySize" }}
+history_size = {{ $ns.historySize | int64 }}
+{{- end }}
+{{- if hasKey $ns "historyTtl" }}
+history_ttl = {{ $ns.historyTtl | toString | toJson }}
 {{- end }}
 {{- end }}
 {{- end }}

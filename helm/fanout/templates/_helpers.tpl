@@ -222,6 +222,9 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- define "fanout.validateNamespaces" -}}
 {{- $max := .Values.config.maxMessageSize | int64 }}
 {{- range $name, $ns := .Values.namespaces }}
+{{- if and (hasKey $ns "historyTtl") (not (gt (int64 (default 0 $ns.historySize)) 0)) }}
+{{- fail (printf "fanout: namespaces.%q sets historyTtl without historySize" $name) }}
+{{- end }}
 {{- if and (hasKey $ns "publishBurst") (not (hasKey $ns "publishRate")) }}
 {{- fail (printf "fanout: namespaces.%q sets publishBurst without publishRate" $name) }}
 {{- end }}
@@ -262,6 +265,7 @@ credentials (they belong in the Secret).
   "max_pending_connections" "config.maxPendingConnections"
   "max_publication_size" "config.maxPublicationSize"
   "broker_backlog_bytes" "config.brokerBacklogBytes"
+  "history_max_bytes" "config.historyMaxBytes"
   "broker_timeout" "config.brokerTimeout"
   "allowed_origins" "config.allowedOrigins"
   "max_connections_per_ip_per_second" "config.maxConnectionsPerIpPerSecond"
