@@ -128,7 +128,7 @@ struct JsonFrame<'a> {
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    since: Option<SinceJson<'a>>,
+    since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<u64>,
 }
@@ -138,6 +138,10 @@ struct SinceJson<'a> {
     offset: u64,
     #[serde(borrow)]
     epoch: Cow<'a, str>,
+}
+
+fn since_type(id: Option<u64>) -> CommandError {
+    bad(id, "field \"since\" must be an object with an unsigned \"offset\" and a string \"epoch\"")
 }
 
 /// Just the `id` of a frame that failed to decode as a whole.
@@ -183,7 +187,16 @@ fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
         data: frame.data.map(|raw| raw.get().as_bytes()),
         token: frame.token,
         idempotency_key: frame.idempotency_key,
-        since: frame.since.map(|s| (s.offset, s.epoch)),
+        since: match frame.since {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            // serde would also take `[offset, epoch]` for a struct: only an object is one.
+            Some(raw) if !raw.get().starts_with('{') => return Err(since_type(id)),
+            Some(raw) => {
+                let s: SinceJson<'_> = serde_json::from_str(raw.get()).map_err(|_| since_type(id))?;
+                Some((s.offset, s.epoch))
+            }
+        },
         limit: frame.limit,
     })
 }

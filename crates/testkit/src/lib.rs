@@ -32,6 +32,16 @@ pub async fn eventually(
     started.elapsed()
 }
 
+/// Writes `toml` to a fresh file under the temp directory (named after `name` and this
+/// process) and returns its path, for `--config`.
+pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fanout-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
 /// Sends a signal to a process by pid (`TERM`, `KILL`, `STOP`, `CONT`).
 pub fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
