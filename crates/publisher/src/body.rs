@@ -13,7 +13,7 @@ pub(crate) fn content_type(enc: Encoding) -> &'static str {
 
 /// `{"channel":C,"data":V}`. `channel` must already be validated: valid names contain no
 /// character that JSON would escape.
-pub(crate) fn publish_body(enc: Encoding, channel: &str, data: &[u8]) -> Vec<u8> {
+pub(crate) fn publish_body(enc: Encoding, channel: &str, data: &[u8], key: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + channel.len() + data.len());
     match enc {
         Encoding::Json => {
@@ -21,18 +21,44 @@ pub(crate) fn publish_body(enc: Encoding, channel: &str, data: &[u8]) -> Vec<u8>
             out.extend_from_slice(channel.as_bytes());
             out.extend_from_slice(b"\",\"data\":");
             out.extend_from_slice(data);
+            if let Some(key) = key {
+                out.extend_from_slice(b",\"idempotency_key\":");
+                // A key is any string: escaped.
+                let _ = serde_json::to_writer(&mut out, key);
+            }
             out.push(b'}');
         }
         Encoding::MsgPack => {
             // Writes into a Vec cannot fail.
-            let _ = rmp::encode::write_map_len(&mut out, 2);
+            let _ = rmp::encode::write_map_len(&mut out, 2 + u32::from(key.is_some()));
             let _ = rmp::encode::write_str(&mut out, "channel");
             let _ = rmp::encode::write_str(&mut out, channel);
             let _ = rmp::encode::write_str(&mut out, "data");
             out.extend_from_slice(data);
+            if let Some(key) = key {
+                let _ = rmp::encode::write_str(&mut out, "idempotency_key");
+                let _ = rmp::encode::write_str(&mut out, key);
+            }
         }
     }
     out
+}
+
+/// What a successful `POST /api/publish` answered: `offset` and `epoch` in a namespace
+/// that keeps history.
+#[derive(Deserialize, Default)]
+pub(crate) struct Published {
+    #[serde(default)]
+    pub(crate) offset: Option<u64>,
+    #[serde(default)]
+    pub(crate) epoch: Option<String>,
+}
+
+pub(crate) fn published_of(content_type: Option<&str>, body: &[u8]) -> Published {
+    let msgpack =
+        content_type.is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/msgpack"));
+    let parsed = if msgpack { rmp_serde::from_slice(body).ok() } else { serde_json::from_slice(body).ok() };
+    parsed.unwrap_or_default()
 }
 
 /// `{"channels":[C,…],"data":V}`, channels validated as for [`publish_body`].
@@ -110,10 +136,16 @@ mod tests {
     #[test]
     fn json_bodies_embed_data_verbatim() {
         assert_eq!(
-            publish_body(Encoding::Json, "chat:1", br#"{"a": [1, 2]}"#),
+            publish_body(Encoding::Json, "chat:1", br#"{"a": [1, 2]}"#, None),
             br#"{"channel":"chat:1","data":{"a": [1, 2]}}"#
         );
         assert_eq!(broadcast_body(Encoding::Json, &["a", "b"], b"null"), br#"{"channels":["a","b"],"data":null}"#);
+        assert_eq!(
+            publish_body(Encoding::Json, "c", b"1", Some("k\"1")),
+            br#"{"channel":"c","data":1,"idempotency_key":"k\"1"}"#
+        );
+        let mp = publish_body(Encoding::MsgPack, "c", &[1], Some("k"));
+        assert_eq!(rmpv::decode::read_value(&mut &mp[..]).unwrap().as_map().unwrap().len(), 3);
         let v: serde_json::Value = serde_json::from_slice(&broadcast_body(Encoding::Json, &["x"], b"1")).unwrap();
         assert_eq!(v, serde_json::json!({"channels":["x"],"data":1}));
     }
@@ -122,7 +154,7 @@ mod tests {
     fn msgpack_bodies_decode_to_the_documented_maps() {
         use rmpv::Value as V;
         let data = rmp_serde::to_vec_named(&serde_json::json!({"k": "v"})).unwrap();
-        let body = publish_body(Encoding::MsgPack, "c", &data);
+        let body = publish_body(Encoding::MsgPack, "c", &data, None);
         let v = rmpv::decode::read_value(&mut &body[..]).unwrap();
         assert_eq!(
             v,

@@ -20,10 +20,14 @@ use crate::{body, PublishError};
 /// Error bodies are a few dozen bytes; anything far larger is not the gateway talking.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
+/// A history answer holds publications: up to 100,000 of them in principle.
+const MAX_HISTORY_BODY: usize = 256 << 20;
+
 pub(crate) struct HttpTransport {
     client: Client<HttpConnector, Full<Bytes>>,
     publish_uri: Uri,
     broadcast_uri: Uri,
+    history_uri: Uri,
     auth: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -62,11 +66,23 @@ impl HttpTransport {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
-        Ok(Self { client, publish_uri: uri("/api/publish")?, broadcast_uri: uri("/api/broadcast")?, auth, timeout })
+        Ok(Self {
+            client,
+            publish_uri: uri("/api/publish")?,
+            broadcast_uri: uri("/api/broadcast")?,
+            history_uri: uri("/api/history")?,
+            auth,
+            timeout,
+        })
     }
 
-    pub(crate) fn publish(&self, enc: Encoding, channel: &str, data: &[u8]) -> Body {
-        Body { uri: self.publish_uri.clone(), enc, bytes: Bytes::from(body::publish_body(enc, channel, data)) }
+    pub(crate) fn publish(&self, enc: Encoding, channel: &str, data: &[u8], key: Option<&str>) -> Body {
+        Body { uri: self.publish_uri.clone(), enc, bytes: Bytes::from(body::publish_body(enc, channel, data, key)) }
+    }
+
+    /// A `POST /api/history` request (always JSON).
+    pub(crate) fn history(&self, request: &serde_json::Value) -> Body {
+        Body { uri: self.history_uri.clone(), enc: Encoding::Json, bytes: Bytes::from(request.to_string()) }
     }
 
     pub(crate) fn broadcast(&self, enc: Encoding, channels: &[&str], data: &[u8]) -> Body {
@@ -75,6 +91,11 @@ impl HttpTransport {
 
     /// One attempt: sends `body` and classifies the answer.
     pub(crate) async fn send(&self, body: &Body) -> Result<(), PublishError> {
+        self.exchange(body).await.map(drop)
+    }
+
+    /// One attempt: sends `body` and returns the success answer's content type and body.
+    pub(crate) async fn exchange(&self, body: &Body) -> Result<(Option<String>, Bytes), PublishError> {
         let mut req = Request::post(body.uri.clone())
             .header(CONTENT_TYPE, body::content_type(body.enc))
             .header(ACCEPT, body::content_type(body.enc))
@@ -90,12 +111,17 @@ impl HttpTransport {
                 .await
                 .map_err(|e| PublishError::Unavailable { status: None, reason: chain(&e) })?;
             let status = resp.status();
-            if status.is_success() {
-                // Drain the body so the connection goes back to the pool.
-                let _ = Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect().await;
-                return Ok(());
-            }
             let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            if status.is_success() {
+                // Read to the end, which also returns the connection to the pool. History
+                // answers can be large; anything else is a few bytes.
+                let limit = if body.uri == self.history_uri { MAX_HISTORY_BODY } else { MAX_RESPONSE_BODY };
+                let bytes = match Limited::new(resp.into_body(), limit).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => Bytes::new(),
+                };
+                return Ok((content_type, bytes));
+            }
             let bytes = match Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => Bytes::new(),

@@ -10,6 +10,11 @@
 //!
 //! let redis = Publisher::redis("redis://127.0.0.1:6379").encoding(Encoding::MsgPack).connect().await?;
 //! redis.broadcast(&["user:1", "user:2"], &("hello", 1)).await?;
+//!
+//! // In a namespace that keeps history: the offset, and a retry that cannot duplicate.
+//! let receipt = http.publish_with("feed:1", &"event", Some("order-7-paid")).await?;
+//! println!("stored at {:?} in epoch {:?}", receipt.offset, receipt.epoch);
+//! let history = http.history("feed:1", None, Some(10)).await?;
 //! # Ok(()) }
 //! ```
 
@@ -64,6 +69,33 @@ pub struct Outgoing {
     pub channel: String,
     pub enc: Encoding,
     pub data: Bytes,
+}
+
+/// Where a publication was stored, in a namespace that keeps history (both `None`
+/// elsewhere). Through Redis only the offset is known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Receipt {
+    pub offset: Option<u64>,
+    pub epoch: Option<String>,
+}
+
+/// A channel's history as `POST /api/history` returns it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct History {
+    /// The channel's top: the offset of its last publication.
+    pub offset: u64,
+    pub epoch: String,
+    /// Oldest first.
+    pub publications: Vec<StoredPublication>,
+}
+
+/// One publication of a [`History`].
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct StoredPublication {
+    pub offset: u64,
+    /// Microseconds since the Unix epoch, stamped where it entered.
+    pub ts: u64,
+    pub data: serde_json::Value,
 }
 
 impl Outgoing {
@@ -200,11 +232,85 @@ impl Publisher {
         check_channel(channel)?;
         match &self.inner.transport {
             Transport::Http(h) => {
-                let body = h.publish(enc, channel, &data);
+                let body = h.publish(enc, channel, &data, None);
                 self.retrying(|| h.send(&body)).await
             }
             Transport::Redis(r) => self.retrying(|| r.publish(std::iter::once((channel, enc, &data[..])))).await,
         }
+    }
+
+    /// Publishes `data` to `channel` and says where it was stored. With `key` (at most 64
+    /// bytes), a publication already made with that key on the channel within five
+    /// minutes is not made again, so retries are safe; the receipt is then the first one's.
+    ///
+    /// Through Redis this is `FCALL fanout_publish` (Redis 7 with a fanout node's Function
+    /// library loaded), which stores the publication when its namespace keeps history.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        data: &T,
+        key: Option<&str>,
+    ) -> Result<Receipt, PublishError> {
+        let bytes = self.encode(data)?;
+        self.publish_raw_with(channel, self.inner.encoding, bytes, key).await
+    }
+
+    /// [`Publisher::publish_with`] for bytes already encoded as `enc`.
+    pub async fn publish_raw_with(
+        &self,
+        channel: &str,
+        enc: Encoding,
+        data: Bytes,
+        key: Option<&str>,
+    ) -> Result<Receipt, PublishError> {
+        check_channel(channel)?;
+        if key.is_some_and(|k| k.len() > fanout_protocol::MAX_IDEMPOTENCY_KEY) {
+            return Err(PublishError::Config(format!(
+                "idempotency keys are at most {} bytes",
+                fanout_protocol::MAX_IDEMPOTENCY_KEY
+            )));
+        }
+        match &self.inner.transport {
+            Transport::Http(h) => {
+                let body = h.publish(enc, channel, &data, key);
+                let (content_type, answer) = self.retrying(|| h.exchange(&body)).await?;
+                let p = body::published_of(content_type.as_deref(), &answer);
+                Ok(Receipt { offset: p.offset, epoch: p.epoch })
+            }
+            Transport::Redis(r) => {
+                let offset = self.retrying(|| r.publish_stored(channel, enc, &data, key)).await?;
+                Ok(Receipt { offset: (offset > 0).then_some(offset), epoch: None })
+            }
+        }
+    }
+
+    /// Reads `channel`'s history through the HTTP API: after `since` (offset, epoch) or
+    /// everything kept, at most `limit` publications. Only over HTTP (the Redis transport
+    /// answers with a configuration error).
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Option<(u64, &str)>,
+        limit: Option<u64>,
+    ) -> Result<History, PublishError> {
+        check_channel(channel)?;
+        let Transport::Http(h) = &self.inner.transport else {
+            return Err(PublishError::Config("history reads need the HTTP transport".into()));
+        };
+        let mut request = serde_json::json!({ "channel": channel });
+        if let Some((offset, epoch)) = since {
+            request["since"] = serde_json::json!({"offset": offset, "epoch": epoch});
+        }
+        if let Some(limit) = limit {
+            request["limit"] = limit.into();
+        }
+        let body = h.history(&request);
+        let (_, answer) = self.retrying(|| h.exchange(&body)).await?;
+        serde_json::from_slice(&answer).map_err(|e| PublishError::Rejected {
+            status: Some(200),
+            code: "bad_response".into(),
+            message: format!("the history answer is not the documented shape: {e}"),
+        })
     }
 
     /// Publishes one value to several channels.
@@ -244,7 +350,7 @@ impl Publisher {
                 use futures_util::{stream, TryStreamExt};
                 stream::iter(batch.iter().map(Ok))
                     .try_for_each_concurrent(HTTP_BATCH_CONCURRENCY, |o| async move {
-                        let body = h.publish(o.enc, &o.channel, &o.data);
+                        let body = h.publish(o.enc, &o.channel, &o.data, None);
                         self.retrying(|| h.send(&body)).await
                     })
                     .await
@@ -255,10 +361,10 @@ impl Publisher {
         }
     }
 
-    async fn retrying<F, Fut>(&self, mut attempt: F) -> Result<(), PublishError>
+    async fn retrying<F, Fut, R>(&self, mut attempt: F) -> Result<R, PublishError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), PublishError>>,
+        Fut: std::future::Future<Output = Result<R, PublishError>>,
     {
         let policy = self.inner.retry;
         let mut retry = 0;

@@ -1,5 +1,6 @@
-//! The direct-Redis transport: `PUBLISH {prefix}{channel} <envelope>` on one multiplexed
-//! connection, replaced after a connection-level failure.
+//! The direct-Redis transport: `PUBLISH {prefix}{channel} <envelope>` (or, for stored and
+//! idempotent publishing, `FCALL fanout_publish`) on one multiplexed connection, replaced
+//! after a connection-level failure.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -66,6 +67,34 @@ impl RedisTransport {
         };
         tokio::time::timeout(self.timeout, attempt).await.map_err(|_| {
             // A silent server may leave requests queued on the connection; start afresh.
+            self.drop_connection();
+            PublishError::Timeout(self.timeout)
+        })?
+    }
+
+    /// One attempt at `FCALL fanout_publish 1 {prefix}{channel} ENVELOPE [KEY]`: stored in
+    /// the channel's history when its namespace keeps one; the offset, 0 outside history.
+    pub(crate) async fn publish_stored(
+        &self,
+        channel: &str,
+        enc: Encoding,
+        data: &[u8],
+        key: Option<&str>,
+    ) -> Result<u64, PublishError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("fanout_publish").arg(1).arg(redis_channel(&self.prefix, channel)).arg(encode_envelope(
+            now_micros(),
+            enc,
+            data,
+        ));
+        if let Some(key) = key {
+            cmd.arg(key);
+        }
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            cmd.query_async::<u64>(&mut conn).await.map_err(|e| self.fail(e))
+        };
+        tokio::time::timeout(self.timeout, attempt).await.map_err(|_| {
             self.drop_connection();
             PublishError::Timeout(self.timeout)
         })?

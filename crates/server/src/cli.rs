@@ -1,5 +1,5 @@
-//! The operator commands `fanout publish` and `fanout subscribe`: scripts and humans
-//! talking to a live cluster.
+//! The operator commands `fanout publish`, `fanout subscribe` and `fanout history`:
+//! scripts and humans talking to a live cluster.
 
 use std::{io::BufRead as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -53,6 +53,58 @@ pub struct PublishArgs {
     /// Per-request timeout.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     pub timeout: humantime::Duration,
+    /// Publish at most once with this key (at most 64 bytes) within five minutes, so a
+    /// retried command cannot publish twice (one channel, one publication).
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The channel to read.
+    #[arg(value_name = "CHANNEL")]
+    pub channel: String,
+    /// Only publications after this offset (needs --since-epoch).
+    #[arg(long, value_name = "OFFSET", requires = "since_epoch")]
+    pub since_offset: Option<u64>,
+    /// The epoch --since-offset is in.
+    #[arg(long, value_name = "EPOCH", requires = "since_offset")]
+    pub since_epoch: Option<String>,
+    /// At most this many publications (oldest first).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// A node's internal listener.
+    #[arg(long, env = "FANOUT_API_URL", default_value = "http://127.0.0.1:9090", value_name = "URL")]
+    pub api_url: String,
+    /// API key for the HTTP API.
+    #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub timeout: humantime::Duration,
+}
+
+/// `fanout history`: prints the channel's position, then one JSON line per publication.
+pub async fn history(args: HistoryArgs) -> ExitCode {
+    let mut b = Publisher::http(&args.api_url).timeout(Duration::from(args.timeout));
+    if let Some(key) = &args.api_key {
+        b = b.api_key(key);
+    }
+    let publisher = match b.build() {
+        Ok(p) => p,
+        Err(e) => return fail(publish_exit(&e), e),
+    };
+    let since = args.since_offset.zip(args.since_epoch.as_deref());
+    match publisher.history(&args.channel, since, args.limit).await {
+        Ok(h) => {
+            println!("{}", serde_json::json!({"offset": h.offset, "epoch": h.epoch}));
+            for p in h.publications {
+                println!("{}", serde_json::json!({"offset": p.offset, "ts": p.ts, "data": p.data}));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(publish_exit(&e), e),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -146,10 +198,28 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
             Ok(d) => d,
             Err(e) => return fail(exit::DATA, e),
         };
+        // One channel: say where it was stored (in a namespace that keeps history).
+        if let [channel] = channels[..] {
+            return match publisher.publish_raw_with(channel, enc, data, args.idempotency_key.as_deref()).await {
+                Ok(receipt) => {
+                    if let Some(offset) = receipt.offset {
+                        println!("{}", serde_json::json!({"offset": offset, "epoch": receipt.epoch}));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(publish_exit(&e), e),
+            };
+        }
+        if args.idempotency_key.is_some() {
+            return fail(exit::USAGE, "--idempotency-key takes one channel and one publication");
+        }
         return match send(data).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(publish_exit(&e), e),
         };
+    }
+    if args.idempotency_key.is_some() {
+        return fail(exit::USAGE, "--idempotency-key takes one channel and one publication (--data or --file)");
     }
     // One publication per line of standard input; stop at the first failure so the
     // exit code tells a script where things stand.

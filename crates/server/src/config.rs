@@ -49,6 +49,8 @@ pub enum CliCommand {
     Publish(crate::cli::PublishArgs),
     /// Subscribe to channels on a node and print what arrives as JSON lines.
     Subscribe(crate::cli::SubscribeArgs),
+    /// Read a channel's history through a node's HTTP API (its position, then one JSON line per publication).
+    History(crate::cli::HistoryArgs),
 }
 
 /// `fanout serve`'s arguments: the config file, and every setting.
@@ -57,7 +59,8 @@ pub struct ServeArgs {
     /// TOML file holding any of the settings below (flags and environment win over it), plus
     /// the `[auth]` table (algorithms, public_key_file, jwks_file, required, leeway, audience,
     /// issuer) and `[namespaces.NAME]` tables (anonymous_subscribe, client_publish,
-    /// max_message_size, publish_rate, publish_burst); see docs/security.md.
+    /// max_message_size, publish_rate, publish_burst, history_size, history_ttl); see
+    /// docs/security.md and docs/delivery.md.
     #[arg(long, env = "FANOUT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 

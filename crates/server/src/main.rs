@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         }
         CliCommand::Publish(args) => client_runtime(fanout_server::cli::publish(args)),
         CliCommand::Subscribe(args) => client_runtime(fanout_server::cli::subscribe(args)),
+        CliCommand::History(args) => client_runtime(fanout_server::cli::history(args)),
     }
 }
 

@@ -481,3 +481,42 @@ async fn a_rolling_restart_under_200_per_second_loses_and_duplicates_nothing() {
         assert_eq!(first, 1, "client {c} subscribed before the first publication");
     }
 }
+
+/// Backends: the publisher crate writes with keys and reads history, over HTTP and
+/// (`FCALL`) straight into Redis, and so does the CLI.
+#[tokio::test]
+async fn the_publisher_crate_and_the_cli_publish_into_and_read_history() {
+    use fanout_publisher::Publisher;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let config = config_file("history-publisher", CONFIG);
+    let node = Node::start(BIN, &args(config.to_str().unwrap(), Some(&url)));
+    let api_url = format!("http://{}", node.internal);
+    let http_pub = Publisher::http(&api_url).build().unwrap();
+    let first = http_pub.publish_with("h:p", &json!({"n":1}), Some("k-1")).await.unwrap();
+    assert_eq!(first.offset, Some(1));
+    let epoch = first.epoch.clone().unwrap();
+    assert_eq!(http_pub.publish_with("h:p", &json!({"n":1}), Some("k-1")).await.unwrap(), first, "a retry");
+    let redis_pub = Publisher::redis(&url).connect().await.unwrap();
+    let stored = redis_pub.publish_with("h:p", &json!({"n":2}), Some("k-2")).await.unwrap();
+    assert_eq!((stored.offset, stored.epoch), (Some(2), None));
+    assert_eq!(redis_pub.publish_with("h:p", &json!({"n":2}), Some("k-2")).await.unwrap().offset, Some(2));
+    assert_eq!(redis_pub.publish_with("plain", &1, None).await.unwrap().offset, None, "outside history");
+    let h = http_pub.history("h:p", None, None).await.unwrap();
+    assert_eq!((h.offset, h.epoch.as_str()), (2, epoch.as_str()));
+    assert_eq!(h.publications.iter().map(|p| p.data.clone()).collect::<Vec<_>>(), [json!({"n":1}), json!({"n":2})]);
+    assert!(redis_pub.history("h:p", None, None).await.is_err(), "history needs HTTP");
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = cli(&["publish", "-c", "h:p", "-d", "3", "--api-url", &api_url, "--idempotency-key", "k-3"]);
+    assert_eq!(serde_json::from_str::<Value>(printed.trim()).unwrap(), json!({"offset":3,"epoch":epoch}));
+    let lines = cli(&["history", "h:p", "--api-url", &api_url, "--since-offset", "1", "--since-epoch", &epoch]);
+    let lines: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], json!({"offset":3,"epoch":epoch}));
+    assert_eq!(lines[1..].iter().map(|l| l["offset"].clone()).collect::<Vec<_>>(), [json!(2), json!(3)]);
+    assert_eq!(lines[2]["data"], 3);
+}
