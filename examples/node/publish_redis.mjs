@@ -10,6 +10,12 @@
 // Prints one JSON line per publication with the `ts` it carries and how many Redis
 // subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
 // Redis refuses (a wrong password), 69 when it cannot be reached or does not answer.
+//
+// With FANOUT_STORED=1 it publishes with `FCALL fanout_publish` instead (Redis 7, the
+// Function library every fanout node loads): in a namespace that keeps history the
+// publication is stored and gets an offset, which it prints instead of the receivers, and
+// each carries an idempotency key, so running the same publication again cannot publish
+// it twice.
 
 import { encode } from "@msgpack/msgpack";
 import { createClient, ErrorReply } from "redis";
@@ -17,6 +23,7 @@ import { createClient, ErrorReply } from "redis";
 const REDIS_URL = process.env.FANOUT_REDIS_URL ?? "redis://127.0.0.1:6379";
 const PREFIX = process.env.FANOUT_REDIS_PREFIX ?? "fanout:";
 const CHANNEL = process.argv[2] ?? process.env.FANOUT_CHANNEL ?? "examples:demo";
+const STORED = process.env.FANOUT_STORED === "1";
 
 const PUBLICATIONS = [
   "héllo wörld ☃ 日本",
@@ -69,8 +76,18 @@ client.on("error", () => {}); // reported by the command that fails
 try {
   await client.connect();
   // One connection, one PUBLISH after the other: subscribers get them in this order.
-  for (const [enc, data] of items) {
+  for (const [n, [enc, data]] of items.entries()) {
     const ts = nowMicros();
+    if (STORED) {
+      // Stored and published in one atomic step; the key makes a retry safe.
+      const key = `example-${ts}-${n}`;
+      const offset = await client.fCall("fanout_publish", {
+        keys: [PREFIX + CHANNEL],
+        arguments: [envelope(ts, enc, data), key],
+      });
+      console.log(JSON.stringify({ channel: CHANNEL, enc, ts, offset }));
+      continue;
+    }
     const receivers = await client.publish(PREFIX + CHANNEL, envelope(ts, enc, data));
     console.log(JSON.stringify({ channel: CHANNEL, enc, ts, receivers }));
   }

@@ -11,6 +11,12 @@ embedded broker never see Redis.
 Prints one JSON line per publication with the `ts` it carries and how many Redis
 subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
 Redis refuses (a wrong password), 69 when it cannot be reached or does not answer.
+
+With FANOUT_STORED=1 it publishes with `FCALL fanout_publish` instead (Redis 7, the
+Function library every fanout node loads): in a namespace that keeps history the
+publication is stored and gets an offset, which it prints instead of the receivers, and
+each carries an idempotency key, so running the same publication again cannot publish
+it twice.
 """
 
 import json
@@ -24,6 +30,7 @@ import redis
 REDIS_URL = os.environ.get("FANOUT_REDIS_URL", "redis://127.0.0.1:6379")
 PREFIX = os.environ.get("FANOUT_REDIS_PREFIX", "fanout:")
 CHANNEL = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FANOUT_CHANNEL", "examples:demo")
+STORED = os.environ.get("FANOUT_STORED") == "1"
 
 PUBLICATIONS = [
     "héllo wörld ☃ 日本",
@@ -72,9 +79,15 @@ def main():
     items.append(("msgpack", msgpack.packb(MSGPACK_PUBLICATION, use_bin_type=True)))
     try:
         # One connection, one PUBLISH after the other: subscribers get them in this order.
-        for enc, data in items:
+        for n, (enc, data) in enumerate(items):
             # Microseconds since the Unix epoch, set once here; subscribers see it unchanged.
             ts = time.time_ns() // 1000
+            if STORED:
+                # Stored and published in one atomic step; the key makes a retry safe.
+                key = f"example-{ts}-{n}"
+                offset = client.fcall("fanout_publish", 1, PREFIX + CHANNEL, envelope(ts, enc, data), key)
+                print(json.dumps({"channel": CHANNEL, "enc": enc, "ts": ts, "offset": offset}), flush=True)
+                continue
             receivers = client.publish(PREFIX + CHANNEL, envelope(ts, enc, data))
             print(json.dumps({"channel": CHANNEL, "enc": enc, "ts": ts, "receivers": receivers}), flush=True)
     except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as e:

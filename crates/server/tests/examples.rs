@@ -144,6 +144,8 @@ struct Cluster {
     b: Node,
     subscribers: [WsClient; 2],
     channel: String,
+    /// The channel keeps history: messages carry offsets, 1 up.
+    stored: bool,
 }
 
 /// How the `ts` of each publication is checked.
@@ -163,14 +165,28 @@ struct Run {
 
 impl Cluster {
     async fn start(channel: &str) -> Self {
+        Self::start_with(channel, false).await
+    }
+
+    /// With `stored`, the nodes keep history in namespace `stored`.
+    async fn start_with(channel: &str, stored: bool) -> Self {
         let redis = RedisServer::start();
-        let a = Node::start(BIN, &["--redis-url", &redis.url(), "--api-key", KEY]);
-        let b = Node::start(BIN, &["--redis-url", &redis.url(), "--api-key", KEY]);
+        let config = fanout_testkit::config_file(
+            &format!("examples-{}", channel.replace(':', "-")),
+            "[namespaces.stored]\nhistory_size = 100\n",
+        );
+        let mut args = vec!["--redis-url".to_owned(), redis.url(), "--api-key".to_owned(), KEY.to_owned()];
+        if stored {
+            args.extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let a = Node::start(BIN, &args);
+        let b = Node::start(BIN, &args);
         let mut json = WsClient::json(&a.ws_url()).await;
         json.subscribe(channel).await;
         let mut msgpack = WsClient::msgpack(&b.ws_url()).await;
         msgpack.subscribe(channel).await;
-        Self { redis, a, b, subscribers: [json, msgpack], channel: channel.to_owned() }
+        Self { redis, a, b, subscribers: [json, msgpack], channel: channel.to_owned(), stored }
     }
 
     /// The settings every example reads, pointed at this cluster and changed by `overrides`.
@@ -200,7 +216,14 @@ impl Cluster {
         let mut cmd = Command::new(program);
         cmd.args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped());
         // Nothing from the test's own environment may point the example elsewhere.
-        for var in ["FANOUT_API_URL", "FANOUT_API_KEY", "FANOUT_REDIS_URL", "FANOUT_REDIS_PREFIX", "FANOUT_CHANNEL"] {
+        for var in [
+            "FANOUT_API_URL",
+            "FANOUT_API_KEY",
+            "FANOUT_REDIS_URL",
+            "FANOUT_REDIS_PREFIX",
+            "FANOUT_CHANNEL",
+            "FANOUT_STORED",
+        ] {
             cmd.env_remove(var);
         }
         cmd.envs(self.env(overrides));
@@ -256,7 +279,10 @@ impl Cluster {
                     (other, _) => panic!("{format} subscriber: expected a message frame, got {other:?}"),
                 };
                 let keys: Vec<&str> = m.as_object().expect("an object").keys().map(String::as_str).collect();
-                assert_eq!(keys.len(), 4, "{format} subscriber: {keys:?}");
+                assert_eq!(keys.len(), if self.stored { 5 } else { 4 }, "{format} subscriber: {keys:?}");
+                if self.stored {
+                    assert_eq!(m["offset"], json!(got.len() + 1), "{format} subscriber: offsets 1 up");
+                }
                 assert_eq!((&m["op"], &m["channel"]), (&json!("message"), &json!(self.channel)), "{format}");
                 if m["data"] == json!(END) {
                     break;
@@ -308,6 +334,37 @@ fn redis_example_stamps(lines: &[Value]) -> Stamps {
     assert_eq!(encs, ["json", "json", "json", "msgpack"], "{lines:?}");
     assert!(lines.iter().all(|l| l["receivers"] == json!(2)), "one Redis subscription per node: {lines:?}");
     Stamps::Exactly(lines.iter().map(|l| l["ts"].as_u64().expect("ts")).collect())
+}
+
+/// [`redis_example_stamps`] for FANOUT_STORED=1: offsets 1 to 4 instead of receivers.
+fn stored_example_stamps(lines: &[Value]) -> Stamps {
+    let offsets: Vec<u64> = lines.iter().map(|l| l["offset"].as_u64().expect("offset")).collect();
+    assert_eq!(offsets, [1, 2, 3, 4], "{lines:?}");
+    Stamps::Exactly(lines.iter().map(|l| l["ts"].as_u64().expect("ts")).collect())
+}
+
+#[tokio::test]
+async fn python_redis_stored_with_fcall() {
+    let Some(python) = python() else { return };
+    let mut c = Cluster::start_with("stored:python", true).await;
+    let run =
+        c.run_with(&python, &["publish_redis.py"], &repo().join("examples/python"), &[("FANOUT_STORED", "1")]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let lines: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stamps = stored_example_stamps(&lines);
+    // The END marker goes through the HTTP API and is stored too.
+    c.expect(&redis_publications(), stamps).await;
+}
+
+#[tokio::test]
+async fn node_redis_stored_with_fcall() {
+    let Some(node) = node(true) else { return };
+    let mut c = Cluster::start_with("stored:node", true).await;
+    let run = c.run_with(&node, &["publish_redis.mjs"], &repo().join("examples/node"), &[("FANOUT_STORED", "1")]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let lines: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stamps = stored_example_stamps(&lines);
+    c.expect(&redis_publications(), stamps).await;
 }
 
 #[tokio::test]
