@@ -9,7 +9,8 @@
 # Environment: NODES (default 2), GATEWAY_CPUS (default 0), LOADTEST_CPUS (default 1),
 # FANOUT_BIN, LOADTEST_BIN (default target/release/...), BUILD=0 to skip cargo build,
 # NODE_ARGS (flags for `fanout serve`; default lifts the per-client rate limits),
-# NOFILE (open-file limit to ask for, default 1048576).
+# NOFILE (open-file limit to ask for, default 1048576), HISTORY=N (the generator's
+# namespace keeps N publications per channel; 10000 for the recovery scenario).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -79,6 +80,16 @@ for _ in $(seq 100); do
     sleep 0.05
 done
 redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis-server did not start" >&2; exit 1; }
+
+# History (HISTORY=N, and always for the recovery scenario): the generator's namespace
+# `loadtest` keeps the last N publications of each channel.
+if [[ "$SCENARIO" == recovery && -z "${HISTORY:-}" ]]; then
+    HISTORY=10000
+fi
+if [[ -n "${HISTORY:-}" && "${HISTORY}" != 0 ]]; then
+    printf '[namespaces.loadtest]\nhistory_size = %s\nhistory_ttl = "10m"\n' "$HISTORY" >"$work/fanout.toml"
+    NODE_ARGS="$NODE_ARGS --config $work/fanout.toml"
+fi
 
 # Gateway nodes: port 0, addresses read from the `listening public=… internal=…` line.
 urls=()

@@ -4,6 +4,7 @@
 mod metrics;
 mod plot;
 mod publish;
+mod recovery;
 mod report;
 mod run;
 mod scan;
@@ -75,6 +76,12 @@ struct Overrides {
     /// How long each churn client stays.
     #[arg(long, value_parser = humantime::parse_duration)]
     churn_hold: Option<Duration>,
+    /// Recovery scenario: how often each subscriber leaves.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    recover_every: Option<Duration>,
+    /// Recovery scenario: how long a subscriber stays away.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    recover_away: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -188,6 +195,12 @@ fn apply(mut s: scenario::Scenario, o: &Overrides) -> scenario::Scenario {
     if let Some(v) = o.churn_hold {
         s.churn_hold = v;
     }
+    if o.recover_every.is_some() {
+        s.recover_every = o.recover_every;
+    }
+    if o.recover_away.is_some() {
+        s.recover_away = o.recover_away;
+    }
     s
 }
 
@@ -211,6 +224,30 @@ fn main() -> anyhow::Result<()> {
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let s = apply(scenario::load(&args.scenario, args.scenario_dir.as_deref())?, &args.overrides);
     let name = args.scenario.trim_end_matches(".toml").rsplit('/').next().unwrap_or(&args.scenario).to_owned();
+    if s.recover_every.is_some() {
+        let cfg = recovery::RecoveryConfig {
+            scenario: s,
+            urls: args.urls,
+            http_url: args.http_url.context("the recovery scenario publishes through --http-url")?,
+            api_key: args.api_key,
+            run_id: args.run_id.unwrap_or_else(|| format!("r{}", std::process::id())),
+            quiet: args.quiet,
+        };
+        let report = recovery::run_blocking(cfg)?;
+        print!("{}", report.table());
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if args.fail_on_loss && (report.gaps > 0 || report.duplicates > 0 || report.incomplete > 0) {
+            eprintln!(
+                "fanout-loadtest: {} gaps, {} duplicates, {} incomplete",
+                report.gaps, report.duplicates, report.incomplete
+            );
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
     let cfg = run::RunConfig {
         name,
         scenario: s,

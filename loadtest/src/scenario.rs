@@ -44,6 +44,13 @@ pub(crate) struct Scenario {
     pub churn_rate: f64,
     #[serde(default = "default_churn_hold", with = "humantime_serde")]
     pub churn_hold: Duration,
+    /// Recovery scenario: each subscriber disconnects this often and comes back with
+    /// `since` (needs a history namespace).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub recover_every: Option<Duration>,
+    /// How long a recovering subscriber stays away.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub recover_away: Option<Duration>,
 }
 
 fn one() -> usize {
@@ -64,6 +71,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("multi", include_str!("../scenarios/multi.toml")),
     ("idle", include_str!("../scenarios/idle.toml")),
     ("churn", include_str!("../scenarios/churn.toml")),
+    ("recovery", include_str!("../scenarios/recovery.toml")),
 ];
 
 /// The compiled-in scenarios as `(name, description)`.
