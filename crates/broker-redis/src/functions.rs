@@ -123,7 +123,9 @@ local function publish(key, envelope, size, ttl, idem, window)
     offset = redis.call('HINCRBY', meta, 'o', 1)
     envelope = with_position(n, rest, offset, epoch)
     local stream = stream_of(key)
-    redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset), 'd', envelope)
+    -- Trimmed loosely (whole radix nodes, far cheaper than one entry at a time); reads
+    -- return only the last `size`, so history_size stays exact.
+    redis.call('XADD', stream, 'MAXLEN', '~', size, string.format('%d-0', offset), 'd', envelope)
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', meta, ttl)
   end
@@ -148,14 +150,17 @@ end)
 
 redis.register_function('fanout_history', function(keys, args)
   local key = keys[1]
+  local size = tonumber(args[1]) or 0
   local ttl = tonumber(args[2]) or 60
   local since_epoch, since, limit = args[3] or '', tonumber(args[4]) or 0, tonumber(args[5]) or -1
   local epoch = epoch_of(key, ttl)
   local top = tonumber(redis.call('HGET', meta_of(key), 'o')) or 0
   local entries = {}
   if limit ~= 0 and (since_epoch == '' or (since_epoch == epoch and since < top)) then
-    local start = '-'
-    if since_epoch ~= '' then start = string.format('%d-0', since + 1) end
+    -- Exactly the last `size` are kept, whatever the loose trim left.
+    local first = math.max(top - size + 1, 1)
+    if since_epoch ~= '' then first = math.max(first, since + 1) end
+    local start = string.format('%d-0', first)
     if limit > 0 then
       entries = redis.call('XRANGE', stream_of(key), start, '+', 'COUNT', limit)
     else

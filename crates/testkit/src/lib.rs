@@ -10,7 +10,7 @@ mod raw;
 mod redis;
 mod ws;
 
-pub use http::{http, HttpResponse};
+pub use http::{http, try_http, HttpResponse};
 pub use node::{parse_metrics, Node};
 pub use raw::{client_frame, RawFrame, RawWs};
 pub use redis::{free_port, RedisServer};
