@@ -41,7 +41,7 @@ enum Command {
     Show {
         scenario: String,
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Box<Overrides>,
         #[arg(long)]
         scenario_dir: Option<PathBuf>,
     },

@@ -315,3 +315,46 @@ fn list_and_show_scenarios() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
 }
+
+/// The recovery scenario against nodes keeping history: subscribers leave and come back,
+/// and the report shows every recovery complete, with no gap and no duplicate; against
+/// nodes without history it refuses to report success.
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_scenario_reports_recoveries_without_gaps_or_duplicates() {
+    let config = fanout_testkit::config_file("loadtest-recovery", "[namespaces.loadtest]\nhistory_size = 5000\n");
+    let c = Cluster::start_with(2, &["--config", config.to_str().unwrap()]);
+    let http = format!("http://{}", c.nodes[0].internal);
+    let args = [
+        "recovery",
+        "-n",
+        "20",
+        "-r",
+        "300",
+        "-d",
+        "4s",
+        "--recover-every",
+        "1s",
+        "--recover-away",
+        "300ms",
+        "--url",
+        &c.urls(),
+        "--http-url",
+        &http,
+    ];
+    let r = run("recovery", &args);
+    assert_eq!(u(&r["publications"]), 1200, "{r}");
+    assert!(u(&r["recovered"]) >= 20, "every subscriber recovered at least once: {r}");
+    assert_eq!((u(&r["gaps"]), u(&r["duplicates"]), u(&r["incomplete"]), u(&r["not_recovered"])), (0, 0, 0, 0), "{r}");
+    assert!(u(&r["replayed"]) > 0, "{r}");
+    assert!(f(&r["recovery_ms"]["max"]) > 0.0, "{r}");
+
+    let plain = Cluster::start(1);
+    let http = format!("http://{}", plain.nodes[0].internal);
+    let out = loadtest(
+        &["recovery", "-n", "2", "-r", "20", "-d", "1s", "--url", &plain.urls(), "--http-url", &http].map(String::from),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success(), "without history the scenario must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history"), "{}", String::from_utf8_lossy(&out.stderr));
+}
