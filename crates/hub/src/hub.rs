@@ -3,7 +3,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use fanout_protocol::{encode_message, ChannelName, HistoryPage, HistoryQuery, Position, Publication};
 
 use crate::{
@@ -30,7 +29,6 @@ pub struct Hub {
 struct RecoveryMetrics {
     recovered: metrics::Counter,
     not_recovered: metrics::Counter,
-    too_large: metrics::Counter,
     replayed: metrics::Counter,
 }
 
@@ -40,7 +38,6 @@ impl RecoveryMetrics {
         Self {
             recovered: outcome("recovered"),
             not_recovered: outcome("not_recovered"),
-            too_large: outcome("too_large"),
             replayed: metrics::counter!("fanout_publications_replayed_total"),
         }
     }
@@ -52,6 +49,100 @@ impl RecoveryMetrics {
 pub struct Subscription {
     pub top: Option<Position>,
     pub recovered: Option<bool>,
+}
+
+/// Publications read from history per page of a replay.
+const REPLAY_PAGE: u64 = 1000;
+
+/// The rest of a recovery too large for the outbox's room: publications after `cursor` up
+/// to `top`, fed as the socket drains. Dropping it (the session ended, the client
+/// unsubscribed) just stops it; the registry entry goes with the subscription.
+pub struct Replay {
+    hub: Hub,
+    channel: ChannelName,
+    outbox: Arc<Outbox>,
+    top: Position,
+    /// The last position pushed.
+    cursor: Position,
+    pending: std::collections::VecDeque<Publication>,
+}
+
+impl Replay {
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// Pushes pending publications while they fit; true when the replay has reached the top.
+    fn push_fitting(&mut self) -> bool {
+        let format = self.outbox.format();
+        while let Some(p) = self.pending.front() {
+            let Some(position) = p.position.clone() else {
+                self.pending.pop_front();
+                continue;
+            };
+            if position.offset > self.top.offset {
+                // Published after the reply: the hold has it.
+                self.pending.clear();
+                break;
+            }
+            let Ok(frame) = encode_message(format, p) else {
+                self.pending.pop_front();
+                continue;
+            };
+            if frame.len() > self.outbox.room() {
+                return false;
+            }
+            let ts = p.ts;
+            self.pending.pop_front();
+            self.outbox.push(frame, ts);
+            self.hub.metrics.replayed.increment(1);
+            self.cursor = position;
+        }
+        self.cursor.offset >= self.top.offset || self.cursor.epoch != self.top.epoch
+    }
+
+    /// Live publications after the top now flow to the subscriber directly.
+    fn finish(self) {
+        self.hub.registry.release(&self.channel, self.outbox.id(), Some(&self.top));
+    }
+
+    /// Feeds the rest as the outbox drains, reading further pages as needed, then ends
+    /// the hold. If the history moved on under it (trimmed faster than the client reads),
+    /// the subscriber is told to resync from the top instead.
+    pub async fn run(mut self) {
+        loop {
+            if self.push_fitting() {
+                return self.finish();
+            }
+            if !self.pending.is_empty() {
+                // 4 KiB beyond the next frame, so the wait is not woken for every byte.
+                let need = self.pending.front().map_or(0, |p| p.data.len() + 4096);
+                if !self.outbox.wait_room(need.min(self.outbox.limit())).await {
+                    return;
+                }
+                continue;
+            }
+            let query = HistoryQuery { since: Some(self.cursor.clone()), limit: Some(REPLAY_PAGE) };
+            let page = match self.hub.history(&self.channel, &query).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(channel = %self.channel, error = %e, "a replay could not read history; the subscriber is told to resync");
+                    return self.resync();
+                }
+            };
+            if page.publications.first().and_then(Publication::offset) != Some(self.cursor.offset + 1) {
+                return self.resync();
+            }
+            self.pending = page.publications.into();
+        }
+    }
+
+    /// The replay cannot continue: `resync` at the top, then live ones after it.
+    fn resync(self) {
+        let frame = fanout_protocol::encode_resync(self.outbox.format(), self.channel.as_str(), &self.top);
+        self.outbox.push(frame, 0);
+        self.finish();
+    }
 }
 
 /// Counts one publication in flight for as long as it lives (a cancelled publish too).
@@ -109,13 +200,18 @@ impl Hub {
     /// reaches the outbox, so the `subscribed` reply it queues comes first. In a namespace
     /// that keeps history, it is told the channel's top and, with `since`, whether the gap
     /// was filled; the recovered publications follow it, then live ones, none twice.
+    ///
+    /// A gap larger than the room in the outbox is not pushed at once: the [`Replay`]
+    /// returned feeds it page by page as the socket drains (the caller runs it in a task
+    /// of its own, since the session that writes the socket must keep running), and ends
+    /// the hold on live publications when it reaches the top.
     pub async fn subscribe(
         &self,
         channel: &ChannelName,
         outbox: &Arc<Outbox>,
         since: Option<&Position>,
         reply: impl FnOnce(&Subscription),
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<Replay>, BrokerError> {
         if !self.broker.is_up() {
             return Err(BrokerError::Unavailable("broker is disconnected".into()));
         }
@@ -126,15 +222,15 @@ impl Hub {
                 return Err(e);
             }
             reply(&Subscription { top: None, recovered: since.map(|_| false) });
-            return Ok(());
+            return Ok(None);
         }
         // Live publications are held from here on, so none is lost between the history
         // read and the release, and none is delivered twice.
         self.registry.insert_held_with(channel, outbox, || self.broker.add_interest(channel));
         let page = match self.ready(channel).await {
             Ok(()) => {
-                let query = HistoryQuery { since: since.cloned(), limit: since.is_none().then_some(0) };
-                self.history(channel, &query).await
+                let limit = if since.is_some() { REPLAY_PAGE } else { 0 };
+                self.history(channel, &HistoryQuery { since: since.cloned(), limit: Some(limit) }).await
             }
             Err(e) => Err(e),
         };
@@ -145,36 +241,30 @@ impl Hub {
                 return Err(e);
             }
         };
-        let mut replay: Vec<(Bytes, u64)> = Vec::new();
-        let recovered = since.map(|since| {
-            if !recoverable(since, &page) {
-                self.metrics.not_recovered.increment(1);
-                return false;
-            }
-            let format = outbox.format();
-            replay = page
-                .publications
-                .iter()
-                .filter_map(|p| encode_message(format, p).ok().map(|frame| (frame, p.ts)))
-                .collect();
-            // Replayed through the same bounded queue as live traffic: a gap too large to
-            // fit is reported unrecovered rather than cut off as a slow consumer, which
-            // would only make the client reconnect into the same gap.
-            if replay.iter().map(|(f, _)| f.len()).sum::<usize>() > outbox.room().saturating_sub(4096) {
-                replay.clear();
-                self.metrics.too_large.increment(1);
-                return false;
-            }
-            self.metrics.recovered.increment(1);
-            self.metrics.replayed.increment(replay.len() as u64);
-            true
-        });
-        reply(&Subscription { top: Some(page.top.clone()), recovered });
-        for (frame, ts) in replay {
-            outbox.push(frame, ts);
+        let recovered = since.map(|since| recoverable(since, &page));
+        match recovered {
+            Some(true) => self.metrics.recovered.increment(1),
+            Some(false) => self.metrics.not_recovered.increment(1),
+            None => {}
         }
-        self.registry.release(channel, outbox.id(), Some(&page.top));
-        Ok(())
+        reply(&Subscription { top: Some(page.top.clone()), recovered });
+        let mut replay = Replay {
+            hub: self.clone(),
+            channel: channel.clone(),
+            outbox: outbox.clone(),
+            top: page.top.clone(),
+            cursor: since.cloned().unwrap_or_else(|| page.top.clone()),
+            pending: if recovered == Some(true) { page.publications.into() } else { Default::default() },
+        };
+        if recovered != Some(true) {
+            replay.cursor = page.top;
+        }
+        // Whatever fits now goes now; most recoveries end here, in the session's own task.
+        if replay.push_fitting() {
+            replay.finish();
+            return Ok(None);
+        }
+        Ok(Some(replay))
     }
 
     async fn ready(&self, channel: &ChannelName) -> Result<(), BrokerError> {

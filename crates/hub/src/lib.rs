@@ -15,7 +15,7 @@ mod registry;
 pub use broker::{BoxFuture, Broker, BrokerError, Published};
 pub use embedded::EmbeddedBroker;
 pub use history::{Histories, HistoryPolicy};
-pub use hub::{Hub, Subscription};
+pub use hub::{Hub, Replay, Subscription};
 pub use loglimit::LogLimiter;
 pub use outbox::{Outbox, Outgoing, Push, Status};
 pub use registry::{DeliveryReport, Registry};

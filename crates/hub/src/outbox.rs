@@ -64,6 +64,10 @@ pub struct Outbox {
     in_flight: AtomicUsize,
     state: Mutex<State>,
     waker: AtomicWaker,
+    /// A replay waits here for room under the bound (see [`Outbox::wait_room`]); the
+    /// writer only notifies while someone waits, one relaxed load per write otherwise.
+    room: tokio::sync::Notify,
+    room_waiters: AtomicUsize,
 }
 
 impl Outbox {
@@ -75,6 +79,8 @@ impl Outbox {
             in_flight: AtomicUsize::new(0),
             state: Mutex::new(State { queue: VecDeque::new(), status: Status::Open }),
             waker: AtomicWaker::new(),
+            room: tokio::sync::Notify::new(),
+            room_waiters: AtomicUsize::new(0),
         }
     }
 
@@ -107,6 +113,7 @@ impl Outbox {
         }
         drop(state);
         self.waker.wake();
+        self.wake_room();
     }
 
     /// Bytes queued or being written.
@@ -143,6 +150,7 @@ impl Outbox {
             state.queue.clear();
             drop(state);
             self.waker.wake();
+            self.wake_room();
             return Push::Overflow;
         }
         self.in_flight.fetch_add(len, Ordering::Relaxed);
@@ -193,6 +201,40 @@ impl Outbox {
     /// The writer reports `n` bytes handed to the socket.
     pub fn written(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        if self.room_waiters.load(Ordering::Relaxed) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Waits until `n` more bytes fit under the bound: true then, false once the outbox
+    /// no longer takes publications (closed, overflowed, draining). For a replay that
+    /// feeds the outbox at the pace the socket drains it.
+    pub async fn wait_room(&self, n: usize) -> bool {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.room_waiters.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.room_waiters);
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            // Registered before the checks, so a write between them still wakes us.
+            notified.as_mut().enable();
+            if self.status() != Status::Open {
+                return false;
+            }
+            if self.room() >= n {
+                return true;
+            }
+            notified.await;
+        }
+    }
+
+    fn wake_room(&self) {
+        self.room.notify_waiters();
     }
 
     /// Asks the consumer to finish: frames already queued can still be taken, new ones
@@ -204,6 +246,7 @@ impl Outbox {
         }
         drop(state);
         self.waker.wake();
+        self.wake_room();
     }
 
     /// Stops accepting frames; what is queued stays takeable only while `Open`, so
@@ -216,6 +259,7 @@ impl Outbox {
         state.queue = VecDeque::new();
         drop(state);
         self.waker.wake();
+        self.wake_room();
     }
 
     pub fn status(&self) -> Status {

@@ -44,7 +44,7 @@ fn describe() {
     c!("fanout_publications_total", "Publications accepted, by where they entered (ws, http)");
     c!("fanout_idempotent_duplicates_total", "Publications suppressed because their idempotency_key was seen");
     c!("fanout_history_reads_total", "History reads by clients (history op, POST /api/history), by where");
-    c!("fanout_recoveries_total", "Subscriptions with since, by outcome (recovered, not_recovered, too_large)");
+    c!("fanout_recoveries_total", "Subscriptions with since, by outcome (recovered, not_recovered)");
     c!("fanout_publications_replayed_total", "Publications delivered to recovering subscribers from history");
     c!("fanout_resyncs_total", "Times a history channel's subscribers were told to resync (possible loss)");
     c!("fanout_broker_catch_ups_total", "Catch-ups of history channels after a pub/sub reconnect");

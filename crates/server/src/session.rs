@@ -150,6 +150,7 @@ pub async fn run(
         outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
         conn: Connection::new(stream, leftover, shared.limits.max_message_size),
         subscriptions: HashSet::new(),
+        replays: Vec::new(),
         format,
         shared,
     };
@@ -164,6 +165,10 @@ struct Session {
     conn: Connection,
     outbox: Arc<Outbox>,
     subscriptions: HashSet<ChannelName>,
+    /// Recoveries too large to push at once, each feeding its channel as the socket
+    /// drains (a task of its own: this one must keep writing). Aborted with the
+    /// subscription.
+    replays: Vec<(ChannelName, tokio::task::AbortHandle)>,
     format: Encoding,
     shared: Arc<SessionContext>,
     identity: Identity,
@@ -183,6 +188,9 @@ struct Session {
 /// subscriptions, its place in the live set, the connection gauge) outlives it.
 impl Drop for Session {
     fn drop(&mut self) {
+        for (_, replay) in self.replays.drain(..) {
+            replay.abort();
+        }
         for channel in self.subscriptions.drain() {
             self.shared.hub.unsubscribe(&channel, self.outbox.id());
         }
@@ -431,7 +439,12 @@ impl Session {
                     })
                 };
                 match hub.subscribe(&channel, &self.outbox, since.as_ref(), reply).await {
-                    Ok(()) => {
+                    Ok(replay) => {
+                        if let Some(replay) = replay {
+                            self.replays.retain(|(_, r)| !r.is_finished());
+                            let task = tokio::spawn(replay.run());
+                            self.replays.push((channel.clone(), task.abort_handle()));
+                        }
                         self.subscriptions.insert(channel);
                     }
                     Err(e) => self.broker_error(id, "subscribe", &e),
@@ -439,7 +452,8 @@ impl Session {
             }
             Command::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel) {
-                    hub.unsubscribe(&channel, self.outbox.id());
+                    self.stop_replay(&channel);
+                    self.shared.hub.unsubscribe(&channel, self.outbox.id());
                 }
                 self.reply(&Reply::Unsubscribed { id, channel: channel.as_str() });
             }
@@ -496,6 +510,15 @@ impl Session {
             Command::Ping { id } => self.reply(&Reply::Pong { id }),
             Command::Refresh { id, token } => self.refresh(id, &token),
         }
+    }
+
+    fn stop_replay(&mut self, channel: &ChannelName) {
+        self.replays.retain(|(c, replay)| {
+            if c == channel {
+                replay.abort();
+            }
+            c != channel
+        });
     }
 
     /// The client learns that the broker failed, not how: addresses and Redis or ACL text
@@ -563,6 +586,7 @@ impl Session {
             .collect();
         for channel in revoked {
             self.subscriptions.remove(&channel);
+            self.stop_replay(&channel);
             self.shared.hub.unsubscribe(&channel, self.outbox.id());
             self.reply(&Reply::Unsubscribed { id: None, channel: channel.as_str() });
         }
@@ -570,6 +594,9 @@ impl Session {
 
     /// Leaves every channel, says goodbye the way `end` asks, and closes the socket.
     async fn finish(&mut self, end: End) -> CloseReason {
+        for (_, replay) in self.replays.drain(..) {
+            replay.abort();
+        }
         for channel in self.subscriptions.drain() {
             self.shared.hub.unsubscribe(&channel, self.outbox.id());
         }

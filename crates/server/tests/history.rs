@@ -537,3 +537,48 @@ async fn the_publisher_crate_and_the_cli_publish_into_and_read_history() {
     assert_eq!(lines[1..].iter().map(|l| l["offset"].clone()).collect::<Vec<_>>(), [json!(2), json!(3)]);
     assert_eq!(lines[2]["data"], 3);
 }
+
+/// A slow consumer cut off with 4008 comes back with its last position and gets exactly
+/// what it missed — more than its send queue holds, so the replay is fed as it reads.
+#[tokio::test]
+async fn a_slow_consumer_cut_with_4008_recovers_a_gap_larger_than_its_queue() {
+    let config = config_file("history-4008", "[namespaces.big]\nhistory_size = 5000\n");
+    let node = Node::start(
+        BIN,
+        &["--config", config.to_str().unwrap(), "--outbound-queue-bytes", "65536", "--max-message-size", "4096"],
+    );
+    let mut slow = WsClient::json(&node.ws_url()).await;
+    let epoch = subscribe(&mut slow, "big:1", None).await["epoch"].as_str().unwrap().to_owned();
+    const N: u64 = 4000;
+    let pad = "x".repeat(1000);
+    for i in 1..=N {
+        let (status, _) = api(&node, "/api/publish", json!({"channel":"big:1","data":{"i":i,"pad":pad}})).await;
+        assert_eq!(status, 200);
+    }
+    // It never read while 4 MB were published: cut off. What reached its socket is still
+    // readable, then the 4008.
+    let mut last = 0;
+    loop {
+        match slow.recv_timeout(Duration::from_secs(10)).await {
+            Event::Json(m) if m["op"] == "message" => {
+                let o = m["offset"].as_u64().unwrap();
+                assert_eq!(o, last + 1, "in order up to the cut");
+                last = o;
+            }
+            Event::Close(code) => {
+                assert_eq!(code, Some(4008));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(last < N - 100, "the gap is large ({last} of {N} read)");
+    let mut back = WsClient::json(&node.ws_url()).await;
+    let reply = subscribe(&mut back, "big:1", Some((last, &epoch))).await;
+    assert_eq!((reply["recovered"].clone(), reply["offset"].clone()), (json!(true), json!(N)), "{reply}");
+    assert_eq!(offsets(&mut back, (N - last) as usize).await, (last + 1..=N).collect::<Vec<_>>());
+    // Live ones follow the replay, none twice.
+    assert_eq!(api(&node, "/api/publish", json!({"channel":"big:1","data":"live"})).await.0, 200);
+    assert_eq!(offsets(&mut back, 1).await, [N + 1]);
+    assert!(node.metric("fanout_publications_replayed_total").await >= (N - last) as f64);
+}
