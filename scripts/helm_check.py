@@ -52,7 +52,7 @@ def toml_keys():
     if not binary:
         return None
     out = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    return {m.replace("-", "_") for m in re.findall(r"^\s+--([a-z-]+) <", out, re.M)} - {"config"}
+    return {m.replace("-", "_") for m in re.findall(r"^\s+--([a-z-]+) \[?<", out, re.M)} - {"config"}
 
 
 AUTH_KEYS = {"algorithms", "public_key_file", "jwks_file", "jwks_reload_interval", "required", "leeway",

@@ -4,7 +4,8 @@
 # installs its own tools), then runs every test:
 # the Rust workspace (unit, property and integration tests against real redis-server
 # processes and real fanout nodes) and the Helm chart / deploy checks.
-# the Autobahn|Testsuite conformance runs (scripts/autobahn.sh).
+# the Autobahn|Testsuite conformance runs (scripts/autobahn.sh), and the JavaScript client's
+# tests against real nodes, in Node and in Debian's headless Chromium (clients/js).
 # Ends with one line "tests: N passed, M failed" and exits non-zero on any failure.
 set -uo pipefail
 
@@ -71,9 +72,26 @@ need_examples() {
   fi
 }
 
+# clients/js: its pinned dev packages (TypeScript, puppeteer-core) by its lock file, and
+# Debian's chromium for the browser test (puppeteer-core never downloads a browser).
+need_js() {
+  [ -x /usr/bin/chromium ] || { log "installing chromium from Debian's packages"; apt_install chromium; }
+  local lock
+  lock="$(sha256sum clients/js/package-lock.json | cut -d' ' -f1)"
+  if [ "$(cat clients/js/node_modules/.fanout-lock 2>/dev/null)" != "$lock" ]; then
+    log "installing the JavaScript client's dev packages (npm ci in clients/js)"
+    if (cd clients/js && npm ci --no-audit --no-fund --loglevel=error); then
+      echo "$lock" >clients/js/node_modules/.fanout-lock
+    else
+      log "npm ci in clients/js failed (Node 20 and npm are needed)"
+    fi
+  fi
+}
+
 need_redis
 need_tools
 need_examples
+need_js
 
 failed_steps=()
 log_dir="$(mktemp -d)"
@@ -82,6 +100,19 @@ trap 'rm -rf "$log_dir"' EXIT
 log "cargo test --workspace"
 cargo test --workspace --locked 2>&1 | tee "$log_dir/cargo.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("cargo test")
+
+# The committed bundle (the demo page serves it) must be what the sources compile to; then
+# the client's tests against the fanout binary cargo test just built.
+log "JavaScript client: build check and tests (Node, Chromium)"
+(
+  cd clients/js &&
+    npx tsc -p tsconfig.json --outDir "$log_dir/js-dist" &&
+    diff -r dist "$log_dir/js-dist" >/dev/null || { echo "clients/js/dist is stale: run npm run build in clients/js"; exit 1; }
+  FANOUT_BIN="$ROOT/target/debug/fanout" npm test
+) 2>&1 | tee "$log_dir/js.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("js client")
+# node:test closes with "# pass N" / "# fail N".
+sed -n -e 's/^# pass \([0-9]*\)$/js: \1 passed/p' -e 's/^# fail \([0-9]*\)$/js: \1 failed/p' "$log_dir/js.log" >"$log_dir/js-count.log"
 
 log "helm chart and deploy checks"
 scripts/helm-check.sh 2>&1 | tee "$log_dir/helm.log"
@@ -93,7 +124,7 @@ scripts/autobahn.sh 2>&1 | tee "$log_dir/autobahn.log"
 
 sum() { awk -v want="$2" '{ for (i = 1; i < NF; i++) if ($(i+1) ~ "^" want) s += $i } END { print s + 0 }' "$1"; }
 count() { # count WORD: passed or failed, over every runner's closing lines
-  grep -h -e '^test result:' -e '^helm-check: [0-9]' -e '^autobahn: [0-9]' "$log_dir"/*.log | sum /dev/stdin "$1"
+  grep -h -e '^test result:' -e '^helm-check: [0-9]' -e '^autobahn: [0-9]' -e '^js: [0-9]' "$log_dir"/*.log | sum /dev/stdin "$1"
 }
 passed=$(count passed)
 failed=$(count failed)

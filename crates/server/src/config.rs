@@ -174,6 +174,12 @@ pub struct Settings {
     #[arg(long, env = "FANOUT_HISTORY_MAX_BYTES", value_name = "BYTES", default_value = "67108864")]
     pub history_max_bytes: usize,
 
+    /// Serve the demo (a chat and a counter on the JavaScript client) at GET /demo on the
+    /// public listener; namespace `demo` then keeps history unless configured
+    #[arg(long, env = "FANOUT_DEMO", value_name = "BOOL", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub demo: bool,
+
     /// How long a subscribe or publish may wait for the broker (then 503 / unavailable: outcome unknown)
     #[arg(long, env = "FANOUT_BROKER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = duration)]
     #[serde(with = "humantime_serde")]
@@ -271,6 +277,9 @@ pub struct NamespaceConfig {
     #[serde(default, with = "humantime_serde")]
     pub history_ttl: Option<Duration>,
 }
+
+/// The namespace the demo page uses (`demo:chat`, `demo:counter`).
+pub const DEMO_NAMESPACE: &str = "demo";
 
 /// A namespace's history lives this long after its last publication unless it says.
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(600);
@@ -598,13 +607,23 @@ impl Config {
 
     /// Which namespaces keep history, for the hub and the brokers.
     pub fn histories(&self) -> fanout_hub::Histories {
-        fanout_hub::Histories::new(self.namespaces.iter().map(|(name, ns)| {
-            let policy = fanout_hub::HistoryPolicy {
-                size: ns.history_size.unwrap_or(0),
-                ttl: ns.history_ttl.unwrap_or(DEFAULT_HISTORY_TTL),
-            };
-            (name.clone(), policy)
-        }))
+        let mut namespaces: Vec<(String, fanout_hub::HistoryPolicy)> = self
+            .namespaces
+            .iter()
+            .map(|(name, ns)| {
+                let policy = fanout_hub::HistoryPolicy {
+                    size: ns.history_size.unwrap_or(0),
+                    ttl: ns.history_ttl.unwrap_or(DEFAULT_HISTORY_TTL),
+                };
+                (name.clone(), policy)
+            })
+            .collect();
+        // The demo's chat recovers what a reconnecting page missed.
+        if self.demo && !self.namespaces.contains_key(DEMO_NAMESPACE) {
+            let ttl = Duration::from_secs(3600);
+            namespaces.push((DEMO_NAMESPACE.into(), fanout_hub::HistoryPolicy { size: 100, ttl }));
+        }
+        fanout_hub::Histories::new(namespaces)
     }
 
     fn validate_namespaces(&self) -> Result<(), ConfigError> {

@@ -112,6 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         sessions: Arc::new(Semaphore::new(config.max_connections)),
         tracker: sessions.clone(),
         allowed_origins: config.allowed_origins.clone(),
+        demo: config.demo,
         auth_required: config.auth.required,
         ip_limiter: (config.max_connections_per_ip_per_second > 0.0)
             .then(|| limit::IpRateLimiter::new(config.max_connections_per_ip_per_second, config.connection_rate_burst)),

@@ -1,4 +1,5 @@
-//! The public listener: `GET /ws` upgrades into a session, `GET /healthz`.
+//! The public listener: `GET /ws` upgrades into a session, `GET /healthz`, and with `--demo`
+//! the demo page (`GET /demo`) and the JavaScript client it loads.
 
 use std::{
     net::SocketAddr,
@@ -21,7 +22,7 @@ use fanout_hub::LogLimiter;
 use crate::{
     auth::{self, Identity},
     limit::{IpRateLimiter, IpVerdict, TrustedProxies},
-    listener::{text, Body, Handler},
+    listener::{respond, text, Body, Handler},
     metrics::Rejection,
     session::{self, SessionContext},
 };
@@ -45,12 +46,25 @@ pub struct Public {
     pub ip_limiter: Option<IpRateLimiter>,
     /// Whose `X-Forwarded-For` names the client address the limiter charges.
     pub trusted_proxies: TrustedProxies,
+    /// Serve the demo page and the JavaScript client at `/demo`.
+    pub demo: bool,
 }
+
+/// The demo page and the client bundle it imports, built from `clients/js` (the built
+/// bundle is committed, so nothing is built at run time).
+const DEMO_PAGE: &str = include_str!("../../../clients/js/demo/index.html");
+const DEMO_CLIENT: &str = include_str!("../../../clients/js/dist/index.js");
 
 impl Handler for Public {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/demo" | "/demo/") if self.demo => {
+                respond(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(DEMO_PAGE.as_bytes()))
+            }
+            (&Method::GET, "/demo/fanout.js" | "/fanout.js") if self.demo => {
+                respond(StatusCode::OK, "text/javascript; charset=utf-8", Bytes::from_static(DEMO_CLIENT.as_bytes()))
+            }
             (&Method::GET, "/ws") => self.upgrade(req, peer).unwrap_or_else(|(status, reason, message)| {
                 self.shared.metrics.rejected(reason).increment(1);
                 let mut response = text(status, message);

@@ -122,3 +122,25 @@ async fn subprotocol_negotiation() {
     c.send(json!({"op":"ping","id":3})).await;
     assert_eq!(c.recv().await, Event::MsgPack(json!({"op":"pong","id":3})));
 }
+
+/// `--demo` serves the demo page and the client bundle it imports on the public listener;
+/// without it they do not exist, and namespace `demo` keeps history only with it.
+#[tokio::test]
+async fn the_demo_is_served_only_when_asked_for() {
+    let demo = Node::start(env!("CARGO_BIN_EXE_fanout"), &["--demo"]);
+    let page = http(demo.public, "GET", "/demo", &[], b"").await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page.text().contains("import { Client } from \"./fanout.js\""));
+    let js = http(demo.public, "GET", "/fanout.js", &[], b"").await;
+    assert_eq!(js.status, 200);
+    assert!(js.header("content-type").unwrap().starts_with("text/javascript"));
+    assert!(js.text().contains("export class Client"));
+    let mut ws = WsClient::json(&demo.ws_url()).await;
+    ws.send(json!({"op":"subscribe","channel":"demo:chat","id":1})).await;
+    assert_eq!(ws.next_value().await["offset"], 0, "demo keeps history");
+
+    let plain = node();
+    assert_eq!(http(plain.public, "GET", "/demo", &[], b"").await.status, 404);
+    assert_eq!(http(plain.public, "GET", "/fanout.js", &[], b"").await.status, 404);
+}

@@ -32,6 +32,7 @@ broker_backlog_bytes = {{ $c.brokerBacklogBytes | int64 }}
 max_publication_size = {{ . | int64 }}
 {{- end }}
 history_max_bytes = {{ $c.historyMaxBytes | int64 }}
+demo = {{ $c.demo }}
 broker_timeout = {{ $c.brokerTimeout | toString | toJson }}
 allowed_origins = {{ $c.allowedOrigins | default list | toJson }}
 max_connections_per_ip_per_second = {{ $c.maxConnectionsPerIpPerSecond | float64 | toJson }}

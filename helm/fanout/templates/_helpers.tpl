@@ -266,6 +266,7 @@ credentials (they belong in the Secret).
   "max_publication_size" "config.maxPublicationSize"
   "broker_backlog_bytes" "config.brokerBacklogBytes"
   "history_max_bytes" "config.historyMaxBytes"
+  "demo" "config.demo"
   "broker_timeout" "config.brokerTimeout"
   "allowed_origins" "config.allowedOrigins"
   "max_connections_per_ip_per_second" "config.maxConnectionsPerIpPerSecond"
