@@ -48,6 +48,8 @@ pub(crate) struct BrokerState {
     pub resync_log: LogLimiter,
     /// One warning per 10 s about plain `PUBLISH`es into history namespaces.
     pub unstored_log: LogLimiter,
+    /// The node this broker serves (server API), once the server introduced it.
+    pub node: std::sync::OnceLock<fanout_hub::NodeSelf>,
 }
 
 impl BrokerState {
@@ -73,6 +75,7 @@ impl BrokerState {
             positions: Positions::default(),
             resync_log: LogLimiter::new(10_000),
             unstored_log: LogLimiter::new(10_000),
+            node: std::sync::OnceLock::new(),
             registry,
             publisher: PublishConnection::new(&config),
             config,
@@ -94,6 +97,22 @@ impl BrokerState {
     pub(crate) fn endpoint(&self) -> (usize, &Endpoint) {
         let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
         (i, &self.endpoints[i])
+    }
+}
+
+/// Refreshes this node's report in the registry every second while Redis is up.
+async fn report(shared: Arc<BrokerState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::cluster::REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if shared.is_up() {
+            // A failed report is retried at the next tick; the publish path counts the error.
+            let _ = shared.report().await;
+        }
     }
 }
 
@@ -133,8 +152,9 @@ impl RedisBroker {
         let shared = Arc::new(BrokerState::new(config, registry, histories, endpoints));
         let (commands, receiver) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
-        let manager = Manager::new(shared.clone(), receiver, shutdown, tasks.clone());
+        let manager = Manager::new(shared.clone(), receiver, shutdown.clone(), tasks.clone());
         tasks.spawn_on(manager.run(), &runtime);
+        tasks.spawn_on(report(shared.clone(), shutdown), &runtime);
         tasks.close();
         Ok(Arc::new(Self { shared, commands, tasks }))
     }
@@ -185,6 +205,28 @@ impl Broker for RedisBroker {
             }
             Ok(page)
         })
+    }
+
+    fn control<'a>(&'a self, control: &'a fanout_hub::Control) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.send_control(control).await
+        })
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<fanout_hub::NodeReport>, BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.live_nodes().await
+        })
+    }
+
+    fn set_node(&self, node: fanout_hub::NodeSelf) {
+        let _ = self.shared.node.set(node);
     }
 
     fn add_interest(&self, channel: &ChannelName) {

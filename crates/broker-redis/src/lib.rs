@@ -59,6 +59,7 @@
 
 mod backoff;
 mod broker;
+mod cluster;
 mod config;
 mod continuity;
 mod error;

@@ -164,6 +164,13 @@ impl Manager {
 
         let started = Instant::now();
         self.subscribe_pending(&mut sink).await?;
+        // The control channel (server API) on every connection, before the node is up.
+        let control = crate::cluster::control_channel(&self.shared.config.prefix);
+        match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}"))),
+            Err(_) => return Err(Stop::Lost("no answer to SUBSCRIBE (control channel) in time".into())),
+        }
         self.shared.publisher.install(Some(publish));
         // Every wanted channel is subscribed again: what was published while it was not
         // can now be read from history without missing anything after it.

@@ -26,6 +26,8 @@ pub(crate) struct BrokerMetrics {
     pub catch_up_seconds: Histogram,
     /// Plain `PUBLISH`es into a history namespace: delivered, but not stored.
     pub unstored: Counter,
+    /// Messages read from the control channel (server API).
+    pub control_received: Counter,
     pub errors: Errors,
 }
 
@@ -57,6 +59,7 @@ impl BrokerMetrics {
             catch_ups: counter!("fanout_broker_catch_ups_total"),
             catch_up_seconds: histogram!("fanout_broker_catch_up_duration_seconds"),
             unstored: counter!("fanout_history_unstored_publications_total"),
+            control_received: counter!("fanout_broker_control_messages_total"),
             errors: Errors {
                 publish: errors("publish"),
                 subscribe: errors("subscribe"),

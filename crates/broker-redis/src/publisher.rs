@@ -170,6 +170,41 @@ impl PublishConnection {
         }
     }
 
+    /// [`Self::run`] for the rest of the crate (control plane, node registry).
+    pub(crate) async fn run_cmd<T: redis::FromRedisValue>(
+        &self,
+        shared: &BrokerState,
+        cmd: &redis::Cmd,
+        what: &str,
+    ) -> Result<T, BrokerError> {
+        self.run(shared, cmd, what).await
+    }
+
+    /// A pipeline on the command connection, within `publish_timeout`.
+    pub(crate) async fn run_pipe(
+        &self,
+        shared: &BrokerState,
+        pipe: &redis::Pipeline,
+        what: &str,
+    ) -> Result<(), BrokerError> {
+        let (generation, mut connection) = match self.current() {
+            Some(c) => c,
+            None => self.dial(shared).await?,
+        };
+        let result =
+            match tokio::time::timeout(shared.config.publish_timeout, pipe.query_async::<()>(&mut connection)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    if is_connection_error(&e) {
+                        self.discard(generation);
+                    }
+                    Err(Failure::Redis(e))
+                }
+                Err(_) => Err(Failure::Broker(BrokerError::Timeout)),
+            };
+        self.finish(shared, result, what)
+    }
+
     /// Runs `cmd` on the command connection, dialing it if needed, within `publish_timeout`.
     async fn run<T: redis::FromRedisValue>(
         &self,

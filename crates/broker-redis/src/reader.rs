@@ -156,6 +156,11 @@ async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>, subscribed: to
 
 impl BrokerState {
     pub(crate) async fn on_message(&self, redis_channel: &str, payload: &[u8]) {
+        if redis_channel.len() == self.config.prefix.len() + "!control".len()
+            && redis_channel == crate::cluster::control_channel(&self.config.prefix)
+        {
+            return self.on_control(payload);
+        }
         let Some(name) = redis_channel.strip_prefix(self.config.prefix.as_str()) else {
             return self.invalid(redis_channel, &"channel lacks the configured prefix");
         };
@@ -221,7 +226,7 @@ impl BrokerState {
         );
     }
 
-    fn invalid(&self, redis_channel: &str, reason: &dyn Display) {
+    pub(crate) fn invalid(&self, redis_channel: &str, reason: &dyn Display) {
         self.metrics.invalid_envelope.increment(1);
         self.warn(Some(redis_channel), reason);
     }

@@ -1,6 +1,6 @@
 //! The contract between the hub and whatever carries publications between nodes.
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, Position, Publication};
 
@@ -26,6 +26,41 @@ impl BrokerError {
             BrokerError::Timeout => "broker did not answer in time; the outcome is unknown",
         }
     }
+}
+
+/// A server-API action every node carries out on its own connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close every connection of `user` with 4009.
+    Disconnect { user: String },
+    /// Remove `channel` from every connection of `user`.
+    Unsubscribe { user: String, channel: ChannelName },
+}
+
+/// What a node reports about itself (`GET /api/nodes`, `GET /api/channels`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    pub id: String,
+    pub version: String,
+    pub uptime_s: u64,
+    pub connections: u64,
+    pub subscriptions: u64,
+    /// Channels with local subscribers and how many, largest first, at most
+    /// [`MAX_REPORTED_CHANNELS`].
+    pub channels: Vec<(String, u64)>,
+    /// How many channels the node has, reported or not.
+    pub channel_count: u64,
+}
+
+/// Channels one node reports at most (the largest): a report is refreshed every second.
+pub const MAX_REPORTED_CHANNELS: usize = 10_000;
+
+/// The node the broker runs in: who it is, how to read its figures, and what to do with a
+/// [`Control`] message meant for its connections.
+#[derive(Clone)]
+pub struct NodeSelf {
+    pub report: Arc<dyn Fn() -> NodeReport + Send + Sync>,
+    pub control: Arc<dyn Fn(&Control) + Send + Sync>,
 }
 
 /// What [`Broker::publish`] did.
@@ -67,6 +102,16 @@ pub trait Broker: Send + Sync + 'static {
         channel: &'a ChannelName,
         query: &'a HistoryQuery,
     ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>>;
+
+    /// Tells every node (this one included) to act on `control`. `Ok` means every node
+    /// connected to the broker will: with Redis, the control channel's `PUBLISH` was taken.
+    fn control<'a>(&'a self, control: &'a Control) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Every live node's report (a node that stopped reporting drops out within seconds).
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeReport>, BrokerError>>;
+
+    /// Called once at start, before the node serves.
+    fn set_node(&self, node: NodeSelf);
 
     /// The node now wants publications on `channel`. Must not block.
     fn add_interest(&self, channel: &ChannelName);

@@ -210,6 +210,7 @@ pub struct EmbeddedBroker {
     history_bytes: metrics::Gauge,
     keys: Mutex<Keys>,
     store: Mutex<Store>,
+    node: std::sync::OnceLock<crate::broker::NodeSelf>,
 }
 
 impl EmbeddedBroker {
@@ -229,6 +230,7 @@ impl EmbeddedBroker {
             history_bytes: metrics::gauge!("fanout_history_bytes"),
             keys: Mutex::default(),
             store: Mutex::new(Store::new(history_bytes)),
+            node: std::sync::OnceLock::new(),
         }
     }
 
@@ -298,6 +300,22 @@ impl Broker for EmbeddedBroker {
             None => Err(BrokerError::Unavailable("this channel keeps no history".into())),
         };
         Box::pin(std::future::ready(result))
+    }
+
+    fn control<'a>(&'a self, control: &'a crate::broker::Control) -> BoxFuture<'a, Result<(), BrokerError>> {
+        if let Some(node) = self.node.get() {
+            (node.control)(control);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<crate::broker::NodeReport>, BrokerError>> {
+        let reports = self.node.get().map(|n| vec![(n.report)()]).unwrap_or_default();
+        Box::pin(std::future::ready(Ok(reports)))
+    }
+
+    fn set_node(&self, node: crate::broker::NodeSelf) {
+        let _ = self.node.set(node);
     }
 
     fn add_interest(&self, _channel: &ChannelName) {

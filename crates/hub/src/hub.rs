@@ -298,6 +298,27 @@ impl Hub {
     pub fn broker_up(&self) -> bool {
         self.broker.is_up()
     }
+
+    /// Tells every node to act on `control` (server API).
+    pub async fn control(&self, control: &crate::Control) -> Result<(), BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.control(control)).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    /// Every live node's report.
+    pub async fn nodes(&self) -> Result<Vec<crate::NodeReport>, BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.nodes()).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    /// Introduces the node to its broker (once, at start).
+    pub fn set_node(&self, node: crate::NodeSelf) {
+        self.broker.set_node(node);
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +352,13 @@ mod tests {
         ) -> crate::BoxFuture<'a, Result<HistoryPage, BrokerError>> {
             Box::pin(std::future::ready(Err(BrokerError::Timeout)))
         }
+        fn control<'a>(&'a self, _: &'a crate::Control) -> crate::BoxFuture<'a, Result<(), BrokerError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn nodes(&self) -> crate::BoxFuture<'_, Result<Vec<crate::NodeReport>, BrokerError>> {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+        fn set_node(&self, _: crate::NodeSelf) {}
         fn add_interest(&self, _: &ChannelName) {
             self.events.lock().unwrap().push(true);
         }

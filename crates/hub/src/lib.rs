@@ -12,10 +12,10 @@ mod loglimit;
 mod outbox;
 mod registry;
 
-pub use broker::{BoxFuture, Broker, BrokerError, Published};
+pub use broker::{BoxFuture, Broker, BrokerError, Control, NodeReport, NodeSelf, Published, MAX_REPORTED_CHANNELS};
 pub use embedded::EmbeddedBroker;
 pub use history::{Histories, HistoryPolicy};
 pub use hub::{Hub, Replay, Subscription};
 pub use loglimit::LogLimiter;
-pub use outbox::{Outbox, Outgoing, Push, Status};
+pub use outbox::{Order, Outbox, Outgoing, Push, Status};
 pub use registry::{DeliveryReport, Registry};

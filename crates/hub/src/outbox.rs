@@ -49,6 +49,18 @@ pub enum Status {
 struct State {
     queue: VecDeque<Outgoing>,
     status: Status,
+    /// What the backend asked of this connection (server API), for its session to act on.
+    orders: Vec<Order>,
+}
+
+/// Something the backend asks a connection's session to do (`POST /api/disconnect`,
+/// `POST /api/unsubscribe`), delivered through the outbox the session already polls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Order {
+    /// Close with 4009.
+    Disconnect,
+    /// Leave this channel and say `unsubscribed` with `reason:"server"`.
+    Unsubscribe(fanout_protocol::ChannelName),
 }
 
 /// A byte-bounded multi-producer queue of frames for one connection.
@@ -77,7 +89,7 @@ impl Outbox {
             format,
             limit,
             in_flight: AtomicUsize::new(0),
-            state: Mutex::new(State { queue: VecDeque::new(), status: Status::Open }),
+            state: Mutex::new(State { queue: VecDeque::new(), status: Status::Open, orders: Vec::new() }),
             waker: AtomicWaker::new(),
             room: tokio::sync::Notify::new(),
             room_waiters: AtomicUsize::new(0),
@@ -181,7 +193,7 @@ impl Outbox {
     pub fn take_now(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
         let mut state = self.lock();
         match state.status {
-            Status::Open if state.queue.is_empty() => return None,
+            Status::Open if state.queue.is_empty() && state.orders.is_empty() => return None,
             Status::Open | Status::Draining => {}
             other => return Some(other),
         }
@@ -191,6 +203,22 @@ impl Outbox {
             into.extend(state.queue.drain(..));
         }
         Some(state.status)
+    }
+
+    /// Queues an order for the session and wakes it (at most 64 wait; more are dropped:
+    /// the session acts on them at its next pass, and a flood of orders is not news).
+    pub fn order(&self, order: Order) {
+        let mut state = self.lock();
+        if state.orders.len() < 64 {
+            state.orders.push(order);
+        }
+        drop(state);
+        self.waker.wake();
+    }
+
+    /// The orders queued since the last call.
+    pub fn take_orders(&self) -> Vec<Order> {
+        std::mem::take(&mut self.lock().orders)
     }
 
     /// Future form of [`Self::poll_take`].

@@ -184,6 +184,21 @@ impl Registry {
         self.shard(channel).read().unwrap_or_else(PoisonError::into_inner).get(channel).map_or(0, IndexMap::len)
     }
 
+    /// Channels with local subscribers and how many each has, largest first, at most `max`;
+    /// how many channels there are in all, and how many subscriptions.
+    pub fn channel_counts(&self, max: usize) -> (Vec<(String, u64)>, u64, u64) {
+        let mut all: Vec<(String, u64)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
+            all.extend(shard.iter().map(|(c, subs)| (c.as_str().to_owned(), subs.len() as u64)));
+        }
+        let total = all.len() as u64;
+        let subscriptions = all.iter().map(|(_, n)| n).sum();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(max);
+        (all, total, subscriptions)
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channels(&self) -> Vec<ChannelName> {
         self.shards

@@ -62,6 +62,30 @@ pub fn decode_api_history(enc: Encoding, body: &[u8]) -> Result<(ChannelName, Hi
     Ok((name, HistoryQuery { since: since(None, f.since)?, limit: limit(None, f.limit)? }))
 }
 
+/// Longest `user` the server API takes, in bytes (a token's `sub`).
+pub const MAX_USER_LEN: usize = 1024;
+
+/// Decodes `{"user":U}` (`POST /api/disconnect`) or, with `with_channel`,
+/// `{"user":U,"channel":C}` (`POST /api/unsubscribe`).
+pub fn decode_api_user(
+    enc: Encoding,
+    body: &[u8],
+    with_channel: bool,
+) -> Result<(String, Option<ChannelName>), CommandError> {
+    let f = fields(enc, body)
+        .map_err(|e| CommandError { message: format!("malformed body: {}", e.message).into(), ..e })?;
+    let user = f.user.ok_or_else(|| bad(None, "missing field \"user\""))?;
+    if user.len() > MAX_USER_LEN {
+        return Err(bad(None, format!("\"user\" is longer than {MAX_USER_LEN} bytes")));
+    }
+    let channel = if with_channel {
+        Some(channel(f.channel.as_deref().ok_or_else(|| bad(None, "missing field \"channel\""))?)?)
+    } else {
+        None
+    };
+    Ok((user.into_owned(), channel))
+}
+
 #[derive(Serialize)]
 struct Ok_<'a> {
     ok: bool,
@@ -158,6 +182,24 @@ mod tests {
             encode_api_published(Encoding::Json, Some(&Position::new(4, "e"))),
             br#"{"ok":true,"offset":4,"epoch":"e"}"#
         );
+    }
+
+    #[test]
+    fn server_api_bodies() {
+        assert_eq!(decode_api_user(Encoding::Json, br#"{"user":"u1"}"#, false).unwrap(), ("u1".into(), None));
+        let (u, c) = decode_api_user(Encoding::Json, br#"{"user":"u1","channel":"chat:1"}"#, true).unwrap();
+        assert_eq!((u.as_str(), c.unwrap().as_str()), ("u1", "chat:1"));
+        for (body, with_channel) in [
+            (&br#"{}"#[..], false),
+            (br#"{"user":1}"#, false),
+            (br#"{"user":"u"}"#, true),
+            (br#"{"user":"u","channel":"bad name"}"#, true),
+            (b"nope", false),
+        ] {
+            assert_eq!(decode_api_user(Encoding::Json, body, with_channel).unwrap_err().code, ErrorCode::BadRequest);
+        }
+        let long = format!(r#"{{"user":"{}"}}"#, "u".repeat(1025));
+        assert!(decode_api_user(Encoding::Json, long.as_bytes(), false).is_err());
     }
 
     #[test]

@@ -104,6 +104,7 @@ pub(crate) struct Fields<'a> {
     pub(crate) idempotency_key: Option<Cow<'a, str>>,
     pub(crate) since: Option<(u64, Cow<'a, str>)>,
     pub(crate) limit: Option<u64>,
+    pub(crate) user: Option<Cow<'a, str>>,
 }
 
 /// Decodes one frame's payload sent by a client speaking `format`.
@@ -131,6 +132,8 @@ struct JsonFrame<'a> {
     since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<u64>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +201,7 @@ fn json_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
             }
         },
         limit: frame.limit,
+        user: frame.user,
     })
 }
 
@@ -231,6 +235,12 @@ fn msgpack_fields(payload: &[u8]) -> Result<Fields<'_>, CommandError> {
             Some("token") => {
                 f.token = str_of(&value).or_else(|| {
                     wrong_type = Some("token");
+                    None
+                })
+            }
+            Some("user") => {
+                f.user = str_of(&value).or_else(|| {
+                    wrong_type = Some("user");
                     None
                 })
             }

@@ -269,9 +269,11 @@ pub enum Reply<'a> {
         top: Option<&'a Position>,
         recovered: Option<bool>,
     },
+    /// `reason`: `"server"` when the backend removed the subscription (v1.1).
     Unsubscribed {
         id: Option<u64>,
         channel: &'a str,
+        reason: Option<&'a str>,
     },
     /// `position`: where the publication (or, for a suppressed duplicate, the first one)
     /// was stored, in a history namespace.
@@ -313,6 +315,8 @@ struct ReplyWire<'a> {
     epoch: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 impl<'a> Reply<'a> {
@@ -327,13 +331,16 @@ impl<'a> Reply<'a> {
             offset: None,
             epoch: None,
             recovered: None,
+            reason: None,
         };
         match *self {
             Reply::Subscribed { id, channel, top, recovered } => {
                 (w.op, w.id, w.channel, w.recovered) = ("subscribed", id, Some(channel), recovered);
                 (w.offset, w.epoch) = (top.map(|t| t.offset), top.map(|t| &*t.epoch));
             }
-            Reply::Unsubscribed { id, channel } => (w.op, w.id, w.channel) = ("unsubscribed", id, Some(channel)),
+            Reply::Unsubscribed { id, channel, reason } => {
+                (w.op, w.id, w.channel, w.reason) = ("unsubscribed", id, Some(channel), reason)
+            }
             Reply::Published { id, position } => {
                 (w.op, w.id) = ("published", id);
                 (w.offset, w.epoch) = (position.map(|t| t.offset), position.map(|t| &*t.epoch));

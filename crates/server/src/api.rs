@@ -1,4 +1,5 @@
-//! The internal listener: the HTTP publish API, `/metrics`, `/healthz` and `/readyz`.
+//! The internal listener: the HTTP publish and history API, the server API (disconnect,
+//! unsubscribe, channels, nodes), `/metrics`, `/healthz` and `/readyz`.
 
 use std::{
     net::SocketAddr,
@@ -11,8 +12,8 @@ use std::{
 use bytes::Bytes;
 use fanout_hub::{Hub, LogLimiter};
 use fanout_protocol::{
-    decode_api_history, decode_api_publish, encode_api_error, encode_api_history, encode_api_ok, encode_api_published,
-    now_micros, Encoding, ErrorCode, Publication,
+    decode_api_history, decode_api_publish, decode_api_user, encode_api_error, encode_api_history, encode_api_ok,
+    encode_api_published, now_micros, Encoding, ErrorCode, Publication,
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
@@ -63,9 +64,15 @@ impl Handler for Internal {
             (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,
             (&Method::POST, "/api/broadcast") => self.publish(req, true, peer).await,
             (&Method::POST, "/api/history") => self.history(req, peer).await,
-            (_, "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast" | "/api/history") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            }
+            (&Method::POST, "/api/disconnect") => self.control(req, false, peer).await,
+            (&Method::POST, "/api/unsubscribe") => self.control(req, true, peer).await,
+            (&Method::GET, "/api/channels") => self.listing(req, false, peer).await,
+            (&Method::GET, "/api/nodes") => self.listing(req, true, peer).await,
+            (
+                _,
+                "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast" | "/api/history"
+                | "/api/disconnect" | "/api/unsubscribe" | "/api/channels" | "/api/nodes",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
@@ -193,6 +200,101 @@ impl Internal {
             tracing::info!(%peer, error = %message, suppressed, "bad API request");
         }
         api_error(format, StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// The API key check of a request without a body (the GET endpoints).
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(key) = &self.api_key else { return true };
+        let given =
+            req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
+        given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
+    }
+
+    /// `POST /api/disconnect` `{"user":U}` and `POST /api/unsubscribe` `{"user":U,"channel":C}`:
+    /// 200 once every node connected to the broker has been told (a user with no
+    /// connection anywhere is not an error: nothing is done).
+    async fn control(&self, req: Request<Incoming>, unsubscribe: bool, peer: SocketAddr) -> Response<Body> {
+        let endpoint = if unsubscribe { "unsubscribe" } else { "disconnect" };
+        let (request_format, format, body) = match self.read_request(req).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
+        let (user, channel) = match decode_api_user(request_format, &body, unsubscribe) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.server_api(endpoint, "bad_request").increment(1);
+                return self.bad_request(format, peer, e.code, &e.message);
+            }
+        };
+        let control = match channel {
+            Some(channel) => fanout_hub::Control::Unsubscribe { user, channel },
+            None => fanout_hub::Control::Disconnect { user },
+        };
+        match self.hub.control(&control).await {
+            Ok(()) => {
+                self.metrics.server_api(endpoint, "ok").increment(1);
+                api_response(format, StatusCode::OK, encode_api_ok(format))
+            }
+            Err(e) => {
+                self.metrics.server_api(endpoint, "unavailable").increment(1);
+                self.broker_failed(format, peer, endpoint, &e)
+            }
+        }
+    }
+
+    /// `GET /api/channels[?namespace=NS]` and `GET /api/nodes`, from every live node's
+    /// report (refreshed every second). Always JSON.
+    async fn listing(&self, req: Request<Incoming>, nodes: bool, peer: SocketAddr) -> Response<Body> {
+        let endpoint = if nodes { "nodes" } else { "channels" };
+        if !self.authorized(&req) {
+            return api_error(
+                Encoding::Json,
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong API key",
+            );
+        }
+        let namespace = req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "namespace").map(|(_, v)| v.into_owned())
+        });
+        let reports = match self.hub.nodes().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.server_api(endpoint, "unavailable").increment(1);
+                return self.broker_failed(Encoding::Json, peer, endpoint, &e);
+            }
+        };
+        self.metrics.server_api(endpoint, "ok").increment(1);
+        let body = if nodes {
+            let nodes: Vec<serde_json::Value> = reports
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"id": r.id, "version": r.version, "uptime_s": r.uptime_s,
+                        "connections": r.connections, "subscriptions": r.subscriptions, "channels": r.channel_count})
+                })
+                .collect();
+            serde_json::json!({ "nodes": nodes })
+        } else {
+            let mut merged: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+            for r in &reports {
+                for (channel, n) in &r.channels {
+                    if namespace.as_deref().is_none_or(|ns| fanout_protocol::namespace_of(channel) == ns) {
+                        *merged.entry(channel.as_str()).or_default() += n;
+                    }
+                }
+            }
+            let mut channels: Vec<(&str, u64)> = merged.into_iter().collect();
+            channels.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            let truncated = reports.iter().any(|r| r.channel_count > r.channels.len() as u64);
+            let list: Vec<serde_json::Value> =
+                channels.iter().map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n})).collect();
+            let mut body = serde_json::json!({ "channels": list });
+            if truncated {
+                body["truncated"] = true.into();
+            }
+            body
+        };
+        respond(StatusCode::OK, "application/json", Bytes::from(body.to_string()))
     }
 
     /// `POST /api/history`.

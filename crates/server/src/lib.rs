@@ -32,6 +32,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
 
+/// A node id unique in the cluster for its lifetime: the process id and start time hashed
+/// with std's `RandomState`, whose keys come from the OS's randomness (no random crate
+/// needed for 64 bits nobody else will have).
+fn node_id() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let seed = (std::process::id(), fanout_protocol::now_micros());
+    format!("{:016x}", RandomState::new().hash_one(seed))
+}
+
 /// Runs a node until `shutdown` resolves, then drains: `/readyz` turns 503, new upgrades
 /// are refused, every session closes with 1001, and this returns once they are gone or
 /// `drain_timeout` has passed.
@@ -117,6 +126,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ip_limiter: (config.max_connections_per_ip_per_second > 0.0)
             .then(|| limit::IpRateLimiter::new(config.max_connections_per_ip_per_second, config.connection_rate_burst)),
         trusted_proxies: limit::TrustedProxies::new(config.proxies.clone()),
+    });
+    // The server API: this node's report, and what to do with a control message.
+    let node_id = node_id();
+    tracing::info!(node = %node_id, "node id");
+    let started = std::time::Instant::now();
+    let (registry, live_for_report, live_for_control) =
+        (hub.registry().clone(), session_shared.clone(), session_shared.clone());
+    hub.set_node(fanout_hub::NodeSelf {
+        report: Arc::new(move || {
+            let (channels, channel_count, subscriptions) = registry.channel_counts(fanout_hub::MAX_REPORTED_CHANNELS);
+            fanout_hub::NodeReport {
+                id: node_id.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_s: started.elapsed().as_secs(),
+                connections: live_for_report.live.connections() as u64,
+                subscriptions,
+                channels,
+                channel_count,
+            }
+        }),
+        control: Arc::new(move |control| {
+            live_for_control.live.apply(control);
+        }),
     });
     let internal_handler = Arc::new(api::Internal {
         hub,

@@ -43,6 +43,11 @@ fn describe() {
     g!("fanout_broker_channels", "Channels this node holds a broker subscription for");
     c!("fanout_publications_total", "Publications accepted, by where they entered (ws, http)");
     c!("fanout_idempotent_duplicates_total", "Publications suppressed because their idempotency_key was seen");
+    c!(
+        "fanout_server_api_calls_total",
+        "Server API calls (disconnect, unsubscribe, channels, nodes), by endpoint and outcome"
+    );
+    c!("fanout_broker_control_messages_total", "Control messages (server API actions) this node received");
     c!("fanout_history_reads_total", "History reads by clients (history op, POST /api/history), by where");
     c!("fanout_recoveries_total", "Subscriptions with since, by outcome (recovered, not_recovered)");
     c!("fanout_publications_replayed_total", "Publications delivered to recovering subscribers from history");
@@ -115,10 +120,12 @@ pub enum CloseReason {
     AuthExpired,
     /// The client kept sending commands far over its rate limit.
     RateLimited,
+    /// The backend asked for it (`POST /api/disconnect`): 4009.
+    Kicked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Client,
         CloseReason::Disconnected,
         CloseReason::ProtocolError,
@@ -129,6 +136,7 @@ impl CloseReason {
         CloseReason::IdleTimeout,
         CloseReason::AuthExpired,
         CloseReason::RateLimited,
+        CloseReason::Kicked,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -143,6 +151,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::AuthExpired => "auth_expired",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::Kicked => "kicked",
         }
     }
 
@@ -156,6 +165,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => Some(4008),
             CloseReason::Draining | CloseReason::IdleTimeout => Some(1001),
             CloseReason::AuthExpired | CloseReason::RateLimited => Some(1008),
+            CloseReason::Kicked => Some(4009),
         }
     }
 }
@@ -208,6 +218,8 @@ pub struct NodeMetrics {
     /// Publications not published again because their idempotency key was seen.
     pub idempotent_duplicates: Counter,
     pub history_reads_ws: Counter,
+    /// Server API calls by endpoint and outcome, registered once.
+    server_api: std::collections::HashMap<(&'static str, &'static str), Counter>,
     pub history_reads_http: Counter,
     pub deliveries: Counter,
     pub sent_bytes: Counter,
@@ -228,6 +240,12 @@ pub struct Reloads {
 }
 
 impl NodeMetrics {
+    /// The counter of server API calls to `endpoint` that ended in `outcome`.
+    pub fn server_api(&self, endpoint: &'static str, outcome: &'static str) -> &Counter {
+        static NONE: OnceLock<Counter> = OnceLock::new();
+        self.server_api.get(&(endpoint, outcome)).unwrap_or_else(|| NONE.get_or_init(Counter::noop))
+    }
+
     pub fn new() -> Self {
         let build_info = metrics::gauge!("fanout_build_info", "version" => env!("CARGO_PKG_VERSION"));
         build_info.set(1.0);
@@ -244,6 +262,13 @@ impl NodeMetrics {
             publications_http: metrics::counter!("fanout_publications_total", "source" => "http"),
             idempotent_duplicates: metrics::counter!("fanout_idempotent_duplicates_total"),
             history_reads_ws: metrics::counter!("fanout_history_reads_total", "via" => "ws"),
+            server_api: ["disconnect", "unsubscribe", "channels", "nodes"]
+                .into_iter()
+                .flat_map(|e| ["ok", "bad_request", "unavailable"].map(|o| (e, o)))
+                .map(|(e, o)| {
+                    ((e, o), metrics::counter!("fanout_server_api_calls_total", "endpoint" => e, "outcome" => o))
+                })
+                .collect(),
             history_reads_http: metrics::counter!("fanout_history_reads_total", "via" => "http"),
             deliveries: metrics::counter!("fanout_deliveries_total"),
             sent_bytes: metrics::counter!("fanout_sent_bytes_total"),

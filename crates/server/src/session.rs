@@ -6,7 +6,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use fanout_hub::{Hub, LogLimiter, Outbox, Status, Subscription};
+use fanout_hub::{Control, Hub, LogLimiter, Order, Outbox, Status, Subscription};
 use fanout_protocol::{
     close_frame, decode_command, encode_history_reply, encode_reply, frame, now_micros, ChannelName, Command,
     CommandError, Encoding, ErrorCode, OpCode, Publication, Reply,
@@ -57,6 +57,8 @@ pub struct Live {
 struct LiveInner {
     draining: bool,
     outboxes: std::collections::HashMap<u64, std::sync::Weak<Outbox>>,
+    /// Token `sub` → that user's connections here, for the server API.
+    users: std::collections::HashMap<String, HashSet<u64>>,
 }
 
 impl Live {
@@ -64,16 +66,50 @@ impl Live {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn join(&self, outbox: &Arc<Outbox>) {
+    fn join(&self, outbox: &Arc<Outbox>, user: Option<&str>) {
         let mut live = self.lock();
         if live.draining {
             outbox.drain();
         }
         live.outboxes.insert(outbox.id(), Arc::downgrade(outbox));
+        if let Some(user) = user {
+            live.users.entry(user.to_owned()).or_default().insert(outbox.id());
+        }
     }
 
-    fn leave(&self, id: u64) {
-        self.lock().outboxes.remove(&id);
+    fn leave(&self, id: u64, user: Option<&str>) {
+        let mut live = self.lock();
+        live.outboxes.remove(&id);
+        if let Some(user) = user {
+            if let Some(ids) = live.users.get_mut(user) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    live.users.remove(user);
+                }
+            }
+        }
+    }
+
+    /// Open connections on this node.
+    pub fn connections(&self) -> usize {
+        self.lock().outboxes.len()
+    }
+
+    /// Hands a server-API action to the sessions of its user on this node; how many.
+    pub fn apply(&self, control: &Control) -> usize {
+        let live = self.lock();
+        let (user, order) = match control {
+            Control::Disconnect { user } => (user, Order::Disconnect),
+            Control::Unsubscribe { user, channel } => (user, Order::Unsubscribe(channel.clone())),
+        };
+        let Some(ids) = live.users.get(user.as_str()) else { return 0 };
+        let outboxes: Vec<Arc<Outbox>> =
+            ids.iter().filter_map(|id| live.outboxes.get(id).and_then(std::sync::Weak::upgrade)).collect();
+        drop(live);
+        for outbox in &outboxes {
+            outbox.order(order.clone());
+        }
+        outboxes.len()
     }
 
     /// Tells every open session, and any that opens from now on, to close with 1001.
@@ -140,7 +176,12 @@ pub async fn run(
     m.connections.increment(1.0);
     let now = std::time::Instant::now();
     let rate = shared.limits.command_rate.unwrap_or(Rate::new(0.0, 1));
+    let user = match &identity {
+        Identity::Token(grant) => grant.sub.as_deref().map(str::to_owned),
+        _ => None,
+    };
     let mut s = Session {
+        user,
         expires_at: expiry_of(&identity, shared.verifier.as_deref()),
         identity,
         commands: TokenBucket::new(rate, now),
@@ -154,7 +195,7 @@ pub async fn run(
         format,
         shared,
     };
-    s.shared.live.join(&s.outbox);
+    s.shared.live.join(&s.outbox, s.user.as_deref());
     let end = s.event_loop().await;
     // Boxed for the same reason: only a closing session needs the room.
     let reason = Box::pin(s.finish(end)).await;
@@ -172,6 +213,8 @@ struct Session {
     format: Encoding,
     shared: Arc<SessionContext>,
     identity: Identity,
+    /// The token's `sub`: whose connection this is for the server API.
+    user: Option<String>,
     /// When the token (plus leeway) expires; the session closes with 1008 then.
     expires_at: Option<Instant>,
     commands: TokenBucket,
@@ -194,7 +237,7 @@ impl Drop for Session {
         for channel in self.subscriptions.drain() {
             self.shared.hub.unsubscribe(&channel, self.outbox.id());
         }
-        self.shared.live.leave(self.outbox.id());
+        self.shared.live.leave(self.outbox.id(), self.user.as_deref());
         self.outbox.close();
         self.shared.metrics.connections.decrement(1.0);
     }
@@ -250,6 +293,9 @@ impl Session {
                 // overflows behind a stalled socket must still end the session now.
                 status = self.outbox.take(pending) => match status {
                     Status::Open => {
+                        if let Some(end) = self.obey() {
+                            return end;
+                        }
                         // Let the rest of this fan-out, and publications right behind it,
                         // reach the outbox first, so one write carries them all.
                         tokio::task::yield_now().await;
@@ -298,6 +344,24 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Acts on what the backend ordered (server API); `Some` when the session must end.
+    fn obey(&mut self) -> Option<End> {
+        for order in self.outbox.take_orders() {
+            match order {
+                Order::Disconnect => return Some(End::Close(CloseReason::Kicked)),
+                Order::Unsubscribe(channel) => {
+                    if self.subscriptions.remove(&channel) {
+                        self.stop_replay(&channel);
+                        self.shared.hub.unsubscribe(&channel, self.outbox.id());
+                        let reply = Reply::Unsubscribed { id: None, channel: channel.as_str(), reason: Some("server") };
+                        self.reply(&reply);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// When the session timer must fire next: the next ping or the token's expiry.
@@ -455,7 +519,7 @@ impl Session {
                     self.stop_replay(&channel);
                     self.shared.hub.unsubscribe(&channel, self.outbox.id());
                 }
-                self.reply(&Reply::Unsubscribed { id, channel: channel.as_str() });
+                self.reply(&Reply::Unsubscribed { id, channel: channel.as_str(), reason: None });
             }
             Command::Publish { id, channel, enc, data, idempotency_key } => {
                 if data.len() > self.shared.limits.max_message_size {
@@ -588,7 +652,7 @@ impl Session {
             self.subscriptions.remove(&channel);
             self.stop_replay(&channel);
             self.shared.hub.unsubscribe(&channel, self.outbox.id());
-            self.reply(&Reply::Unsubscribed { id: None, channel: channel.as_str() });
+            self.reply(&Reply::Unsubscribed { id: None, channel: channel.as_str(), reason: None });
         }
     }
 
