@@ -158,6 +158,25 @@ describe("tokens", () => {
     c.close();
   });
 
+  test("4009 from the server API closes the client for good, without reconnecting", async () => {
+    const getToken = async () => token(SECRET, "kicked", 60);
+    const c = new Client({ ...fast, url: node.ws, token: token(SECRET, "kicked", 60), getToken });
+    const s = c.subscribe("chat:k");
+    await next((f) => s.on("subscribed", f));
+    const states = [];
+    c.on("state", (st) => states.push(st));
+    const r = await fetch(`http://${node.internal}/api/disconnect`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user: "kicked" }),
+    });
+    assert.equal(r.status, 200);
+    const closed = await next((f) => c.on("closed", f));
+    assert.equal(closed.code, 4009);
+    await new Promise((res) => setTimeout(res, 300));
+    assert.deepEqual(states, ["disconnected", "closed"], "no reconnect attempt");
+  });
+
   test("without getToken, 1008 at expiry closes the client for good", async () => {
     const c = new Client({ ...fast, url: node.ws, token: token(SECRET, "u3", 1) });
     const s = c.subscribe("chat:gone");
