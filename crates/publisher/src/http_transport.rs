@@ -28,6 +28,8 @@ pub(crate) struct HttpTransport {
     publish_uri: Uri,
     broadcast_uri: Uri,
     history_uri: Uri,
+    /// `http://authority/prefix`, for the server API's paths.
+    base: String,
     auth: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -71,22 +73,34 @@ impl HttpTransport {
             publish_uri: uri("/api/publish")?,
             broadcast_uri: uri("/api/broadcast")?,
             history_uri: uri("/api/history")?,
+            base: format!("http://{authority}{prefix}"),
             auth,
             timeout,
         })
     }
 
     pub(crate) fn publish(&self, enc: Encoding, channel: &str, data: &[u8], key: Option<&str>) -> Body {
-        Body { uri: self.publish_uri.clone(), enc, bytes: Bytes::from(body::publish_body(enc, channel, data, key)) }
+        let bytes = Bytes::from(body::publish_body(enc, channel, data, key));
+        Body { uri: self.publish_uri.clone(), enc, bytes, get: false, large: false }
     }
 
     /// A `POST /api/history` request (always JSON).
     pub(crate) fn history(&self, request: &serde_json::Value) -> Body {
-        Body { uri: self.history_uri.clone(), enc: Encoding::Json, bytes: Bytes::from(request.to_string()) }
+        let bytes = Bytes::from(request.to_string());
+        Body { uri: self.history_uri.clone(), enc: Encoding::Json, bytes, get: false, large: true }
+    }
+
+    /// A server API request: `POST path` with a JSON body, or `GET path` without.
+    pub(crate) fn api(&self, path: &str, request: Option<&serde_json::Value>) -> Result<Body, PublishError> {
+        let uri: Uri =
+            format!("{}{path}", self.base).parse().map_err(|e| PublishError::Config(format!("{path}: {e}")))?;
+        let bytes = request.map(|r| Bytes::from(r.to_string())).unwrap_or_default();
+        Ok(Body { uri, enc: Encoding::Json, bytes, get: request.is_none(), large: true })
     }
 
     pub(crate) fn broadcast(&self, enc: Encoding, channels: &[&str], data: &[u8]) -> Body {
-        Body { uri: self.broadcast_uri.clone(), enc, bytes: Bytes::from(body::broadcast_body(enc, channels, data)) }
+        let bytes = Bytes::from(body::broadcast_body(enc, channels, data));
+        Body { uri: self.broadcast_uri.clone(), enc, bytes, get: false, large: false }
     }
 
     /// One attempt: sends `body` and classifies the answer.
@@ -96,7 +110,8 @@ impl HttpTransport {
 
     /// One attempt: sends `body` and returns the success answer's content type and body.
     pub(crate) async fn exchange(&self, body: &Body) -> Result<(Option<String>, Bytes), PublishError> {
-        let mut req = Request::post(body.uri.clone())
+        let builder = if body.get { Request::get(body.uri.clone()) } else { Request::post(body.uri.clone()) };
+        let mut req = builder
             .header(CONTENT_TYPE, body::content_type(body.enc))
             .header(ACCEPT, body::content_type(body.enc))
             .body(Full::new(body.bytes.clone()))
@@ -115,7 +130,7 @@ impl HttpTransport {
             if status.is_success() {
                 // Read to the end, which also returns the connection to the pool. History
                 // answers can be large; anything else is a few bytes.
-                let limit = if body.uri == self.history_uri { MAX_HISTORY_BODY } else { MAX_RESPONSE_BODY };
+                let limit = if body.large { MAX_HISTORY_BODY } else { MAX_RESPONSE_BODY };
                 let bytes = match Limited::new(resp.into_body(), limit).collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(_) => Bytes::new(),
@@ -137,6 +152,9 @@ pub(crate) struct Body {
     uri: Uri,
     enc: Encoding,
     bytes: Bytes,
+    get: bool,
+    /// The answer may be large (history, listings).
+    large: bool,
 }
 
 fn classify(status: StatusCode, content_type: Option<&str>, body: &[u8]) -> PublishError {

@@ -313,6 +313,50 @@ impl Publisher {
         })
     }
 
+    /// Closes every connection of `user` (a token's `sub`) on every node with 4009. Only
+    /// over HTTP, like the rest of the server API.
+    pub async fn disconnect(&self, user: &str) -> Result<(), PublishError> {
+        self.server_api("/api/disconnect", Some(serde_json::json!({ "user": user }))).await.map(drop)
+    }
+
+    /// Removes `channel` from every connection of `user`, on every node.
+    pub async fn unsubscribe(&self, user: &str, channel: &str) -> Result<(), PublishError> {
+        check_channel(channel)?;
+        self.server_api("/api/unsubscribe", Some(serde_json::json!({ "user": user, "channel": channel })))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /api/channels[?namespace=NS]`: `{"channels":[{"channel","subscribers"}...]}`.
+    pub async fn channels(&self, namespace: Option<&str>) -> Result<serde_json::Value, PublishError> {
+        let path = match namespace {
+            Some(ns) => format!(
+                "/api/channels?namespace={}",
+                form_urlencoded::byte_serialize(ns.as_bytes()).collect::<String>()
+            ),
+            None => "/api/channels".to_owned(),
+        };
+        self.server_api(&path, None).await
+    }
+
+    /// `GET /api/nodes`: every live node.
+    pub async fn nodes(&self) -> Result<serde_json::Value, PublishError> {
+        self.server_api("/api/nodes", None).await
+    }
+
+    async fn server_api(&self, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value, PublishError> {
+        let Transport::Http(h) = &self.inner.transport else {
+            return Err(PublishError::Config("the server API needs the HTTP transport".into()));
+        };
+        let request = h.api(path, body.as_ref())?;
+        let (_, answer) = self.retrying(|| h.exchange(&request)).await?;
+        serde_json::from_slice(&answer).map_err(|e| PublishError::Rejected {
+            status: Some(200),
+            code: "bad_response".into(),
+            message: format!("the answer is not JSON: {e}"),
+        })
+    }
+
     /// Publishes one value to several channels.
     pub async fn broadcast<T: Serialize + ?Sized>(&self, channels: &[&str], data: &T) -> Result<(), PublishError> {
         let bytes = self.encode(data)?;

@@ -1,5 +1,6 @@
-//! The operator commands `fanout publish`, `fanout subscribe` and `fanout history`:
-//! scripts and humans talking to a live cluster.
+//! The operator commands `fanout publish`, `fanout subscribe`, `fanout history` and the
+//! server API's `fanout disconnect`, `fanout channels`, `fanout nodes`: scripts and humans
+//! talking to a live cluster.
 
 use std::{io::BufRead as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -82,6 +83,84 @@ pub struct HistoryArgs {
     /// Per-request timeout.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     pub timeout: humantime::Duration,
+}
+
+/// Where the server API commands send their requests.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// A node's internal listener.
+    #[arg(long, env = "FANOUT_API_URL", default_value = "http://127.0.0.1:9090", value_name = "URL")]
+    pub api_url: String,
+    /// API key for the HTTP API.
+    #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub timeout: humantime::Duration,
+}
+
+/// `fanout disconnect USER`.
+#[derive(Debug, Args)]
+pub struct DisconnectArgs {
+    /// The user (a token's `sub`) whose connections to close with 4009, on every node.
+    #[arg(value_name = "USER")]
+    pub user: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `fanout channels [--namespace NS]`.
+#[derive(Debug, Args)]
+pub struct ChannelsArgs {
+    /// Only channels of this namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+fn api_publisher(api: &ApiArgs) -> Result<Publisher, PublishError> {
+    let mut b = Publisher::http(&api.api_url).timeout(Duration::from(api.timeout));
+    if let Some(key) = &api.api_key {
+        b = b.api_key(key);
+    }
+    b.build()
+}
+
+/// `fanout disconnect`: closes the user's connections everywhere.
+pub async fn disconnect(args: DisconnectArgs) -> ExitCode {
+    match api_publisher(&args.api) {
+        Ok(p) => match p.disconnect(&args.user).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(publish_exit(&e), e),
+        },
+        Err(e) => fail(publish_exit(&e), e),
+    }
+}
+
+/// `fanout channels` / `fanout nodes`: one JSON line per channel or node.
+pub async fn listing(api: ApiArgs, nodes: bool, namespace: Option<String>) -> ExitCode {
+    let publisher = match api_publisher(&api) {
+        Ok(p) => p,
+        Err(e) => return fail(publish_exit(&e), e),
+    };
+    let (answer, key) = if nodes {
+        (publisher.nodes().await, "nodes")
+    } else {
+        (publisher.channels(namespace.as_deref()).await, "channels")
+    };
+    match answer {
+        Ok(v) => {
+            for row in v.get(key).and_then(serde_json::Value::as_array).into_iter().flatten() {
+                println!("{row}");
+            }
+            if v.get("truncated").is_some_and(|t| t == true) {
+                eprintln!("fanout: some node has more channels than it reports (its 10,000 largest are listed)");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(publish_exit(&e), e),
+    }
 }
 
 /// `fanout history`: prints the channel's position, then one JSON line per publication.

@@ -51,6 +51,12 @@ pub enum CliCommand {
     Subscribe(crate::cli::SubscribeArgs),
     /// Read a channel's history through a node's HTTP API (its position, then one JSON line per publication).
     History(crate::cli::HistoryArgs),
+    /// Close every connection of a user (a token's sub) on every node with 4009.
+    Disconnect(crate::cli::DisconnectArgs),
+    /// List the cluster's channels with their subscriber counts, one JSON line each.
+    Channels(crate::cli::ChannelsArgs),
+    /// List the cluster's live nodes, one JSON line each.
+    Nodes(crate::cli::ApiArgs),
 }
 
 /// `fanout serve`'s arguments: the config file, and every setting.

@@ -152,3 +152,29 @@ async fn the_embedded_broker_serves_the_same_api_for_one_node() {
     let ok = http(keyed.internal, "GET", "/api/nodes", &[("Authorization", "Bearer k")], b"").await;
     assert_eq!(ok.status, 200);
 }
+
+/// The CLI (through the publisher crate): `fanout channels`, `fanout nodes`,
+/// `fanout disconnect`.
+#[tokio::test]
+async fn the_cli_lists_and_disconnects() {
+    let node = Node::start(BIN, &["--jwt-hmac-secret", SECRET, "--api-key", "k"]);
+    let mut c = connect(&node, "cli-user").await;
+    c.subscribe("chat:cli").await;
+    let api = format!("http://{}", node.internal);
+    let cli = |args: &[&str]| {
+        let out =
+            std::process::Command::new(BIN).args(args).args(["--api-url", &api, "--api-key", "k"]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let channels: Vec<Value> =
+        cli(&["channels", "--namespace", "chat"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(channels, [json!({"channel":"chat:cli","subscribers":1})]);
+    let nodes: Vec<Value> = cli(&["nodes"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((nodes.len(), nodes[0]["connections"].clone()), (1, json!(1)));
+    cli(&["disconnect", "cli-user"]);
+    assert_eq!(c.recv_timeout(Duration::from_secs(10)).await, Event::Close(Some(4009)));
+    let wrong =
+        std::process::Command::new(BIN).args(["nodes", "--api-url", &api, "--api-key", "nope"]).output().unwrap();
+    assert_eq!(wrong.status.code(), Some(1), "a refused key is a rejection");
+}
