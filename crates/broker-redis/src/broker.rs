@@ -50,6 +50,10 @@ pub(crate) struct BrokerState {
     pub unstored_log: LogLimiter,
     /// The node this broker serves (server API), once the server introduced it.
     pub node: std::sync::OnceLock<fanout_hub::NodeSelf>,
+    pub presences: Arc<fanout_hub::Presences>,
+    /// This node's own presence entries, refreshed in Redis.
+    pub presence_local: fanout_hub::LocalPresence,
+    pub event_budget: fanout_hub::EventBudget,
 }
 
 impl BrokerState {
@@ -76,6 +80,9 @@ impl BrokerState {
             resync_log: LogLimiter::new(10_000),
             unstored_log: LogLimiter::new(10_000),
             node: std::sync::OnceLock::new(),
+            presences: Arc::default(),
+            presence_local: fanout_hub::LocalPresence::default(),
+            event_budget: fanout_hub::EventBudget::default(),
             registry,
             publisher: PublishConnection::new(&config),
             config,
@@ -125,6 +132,7 @@ fn down() -> BrokerError {
 pub struct RedisBroker {
     shared: Arc<BrokerState>,
     commands: mpsc::UnboundedSender<InterestChange>,
+    presence: mpsc::Sender<crate::presence::PresenceOp>,
     tasks: TaskTracker,
 }
 
@@ -147,16 +155,35 @@ impl RedisBroker {
         histories: Arc<Histories>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, RedisBrokerError> {
+        Self::start_with(config, registry, histories, Arc::default(), shutdown)
+    }
+
+    /// [`Self::start`] with the namespaces that keep history and those that track presence.
+    pub fn start_with(
+        config: RedisConfig,
+        registry: Arc<Registry>,
+        histories: Arc<Histories>,
+        presences: Arc<fanout_hub::Presences>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, RedisBrokerError> {
         let endpoints = config.endpoints()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
-        let shared = Arc::new(BrokerState::new(config, registry, histories, endpoints));
+        // Entries expire after presence_ttl without a refresh: refresh three times as often.
+        let refresh = presences
+            .min_ttl()
+            .map_or(std::time::Duration::from_secs(20), |t| (t / 3).max(std::time::Duration::from_millis(500)));
+        let mut state = BrokerState::new(config, registry, histories, endpoints);
+        state.presences = presences;
+        let shared = Arc::new(state);
         let (commands, receiver) = mpsc::unbounded_channel();
+        let (presence, presence_rx) = mpsc::channel(crate::presence::QUEUE);
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown.clone(), tasks.clone());
         tasks.spawn_on(manager.run(), &runtime);
-        tasks.spawn_on(report(shared.clone(), shutdown), &runtime);
+        tasks.spawn_on(report(shared.clone(), shutdown.clone()), &runtime);
+        tasks.spawn_on(crate::presence::run(shared.clone(), presence_rx, refresh, shutdown), &runtime);
         tasks.close();
-        Ok(Arc::new(Self { shared, commands, tasks }))
+        Ok(Arc::new(Self { shared, commands, presence, tasks }))
     }
 
     /// Whether Redis is connected and every wanted channel is subscribed; changes as
@@ -227,6 +254,60 @@ impl Broker for RedisBroker {
 
     fn set_node(&self, node: fanout_hub::NodeSelf) {
         let _ = self.shared.node.set(node);
+    }
+
+    fn presence_join(&self, channel: &ChannelName, client: &str, user: &str) {
+        let Some(policy) = self.shared.presences.of(channel.as_str()) else { return };
+        if self.shared.presence_local.join(channel, client, user) {
+            let op = crate::presence::PresenceOp::Join {
+                channel: channel.clone(),
+                client: client.to_owned(),
+                user: user.to_owned(),
+                policy,
+            };
+            if self.presence.try_send(op).is_err() {
+                self.shared.metrics.presence_ops_dropped.increment(1);
+            }
+        }
+    }
+
+    fn presence_leave(&self, channel: &ChannelName, client: &str) {
+        let Some(policy) = self.shared.presences.of(channel.as_str()) else { return };
+        if let Some(user) = self.shared.presence_local.leave(channel, client) {
+            let op = crate::presence::PresenceOp::Leave {
+                channel: channel.clone(),
+                client: client.to_owned(),
+                user,
+                policy,
+            };
+            if self.presence.try_send(op).is_err() {
+                self.shared.metrics.presence_ops_dropped.increment(1);
+            }
+        }
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+    ) -> BoxFuture<'a, Result<fanout_protocol::PresenceList, BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.presence_list(channel).await
+        })
+    }
+
+    fn presence_stats<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+    ) -> BoxFuture<'a, Result<fanout_protocol::PresenceStats, BrokerError>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return Err(down());
+            }
+            self.shared.presence_counts(channel).await
+        })
     }
 
     fn add_interest(&self, channel: &ChannelName) {

@@ -34,7 +34,7 @@ use redis::aio::MultiplexedConnection;
 /// Bumped whenever the library's code changes. A node loads its library when Redis has
 /// none or an older one, never over a newer one: a newer library keeps every function
 /// and argument list of the older ones working.
-pub(crate) const VERSION: u64 = 1;
+pub(crate) const VERSION: u64 = 2;
 
 const LIBRARY: &str = r#"
 local VERSION = __VERSION__
@@ -168,6 +168,95 @@ redis.register_function('fanout_history', function(keys, args)
     end
   end
   return {top, epoch, entries}
+end)
+
+-- Presence: {K}:presence (zset client -> expiry ms), {K}:presence:users (hash client ->
+-- user), {K}:presence:ucount (hash user -> clients), so counts never load the set.
+local function presence_keys(key)
+  return '{' .. key .. '}:presence', '{' .. key .. '}:presence:users', '{' .. key .. '}:presence:ucount'
+end
+
+local function presence_add(z, u, c, client, user, expires)
+  if redis.call('ZADD', z, expires, client) == 1 then
+    redis.call('HSET', u, client, user)
+    redis.call('HINCRBY', c, user, 1)
+    return 1
+  end
+  return 0
+end
+
+local function presence_remove(key, client)
+  local z, u, c = presence_keys(key)
+  if redis.call('ZREM', z, client) == 0 then return nil end
+  local user = redis.call('HGET', u, client) or ''
+  redis.call('HDEL', u, client)
+  if redis.call('HINCRBY', c, user, -1) <= 0 then redis.call('HDEL', c, user) end
+  return user
+end
+
+-- Entries whose node stopped refreshing them, a bounded number per call.
+local function presence_expire(key, now)
+  local z = presence_keys(key)
+  for _, client in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, 1000)) do
+    presence_remove(key, client)
+  end
+end
+
+local function presence_keep(key, keep_ms)
+  local z, u, c = presence_keys(key)
+  redis.call('PEXPIRE', z, keep_ms)
+  redis.call('PEXPIRE', u, keep_ms)
+  redis.call('PEXPIRE', c, keep_ms)
+end
+
+-- fanout_presence_join 1 K CLIENT USER EXPIRES_MS KEEP_MS EVENT: publishes EVENT ('' none) when new.
+redis.register_function('fanout_presence_join', function(keys, args)
+  local z, u, c = presence_keys(keys[1])
+  local added = presence_add(z, u, c, args[1], args[2], args[3])
+  presence_keep(keys[1], args[4])
+  if added == 1 and args[5] ~= '' then redis.call('PUBLISH', keys[1], args[5]) end
+  return added
+end)
+
+-- fanout_presence_leave 1 K CLIENT EVENT
+redis.register_function('fanout_presence_leave', function(keys, args)
+  local user = presence_remove(keys[1], args[1])
+  if user and args[2] ~= '' then redis.call('PUBLISH', keys[1], args[2]) end
+  if user then return 1 end
+  return 0
+end)
+
+-- fanout_presence_refresh 1 K EXPIRES_MS KEEP_MS CLIENT USER [CLIENT USER ...]: re-adds
+-- what is missing (a Redis that restarted empty heals within one refresh).
+redis.register_function('fanout_presence_refresh', function(keys, args)
+  local z, u, c = presence_keys(keys[1])
+  for i = 3, #args, 2 do presence_add(z, u, c, args[i], args[i + 1], args[1]) end
+  presence_keep(keys[1], args[2])
+  return 1
+end)
+
+-- fanout_presence 1 K NOW_MS LIMIT -> {total, client, user, ...}
+redis.register_function('fanout_presence', function(keys, args)
+  presence_expire(keys[1], args[1])
+  local z, u = presence_keys(keys[1])
+  local live = '(' .. args[1]
+  local out = {redis.call('ZCOUNT', z, live, '+inf')}
+  local clients = redis.call('ZRANGEBYSCORE', z, live, '+inf', 'LIMIT', 0, args[2])
+  if #clients > 0 then
+    local users = redis.call('HMGET', u, unpack(clients))
+    for i, client in ipairs(clients) do
+      out[#out + 1] = client
+      out[#out + 1] = users[i] or ''
+    end
+  end
+  return out
+end)
+
+-- fanout_presence_stats 1 K NOW_MS -> {clients, users}
+redis.register_function('fanout_presence_stats', function(keys, args)
+  presence_expire(keys[1], args[1])
+  local z, _, c = presence_keys(keys[1])
+  return {redis.call('ZCOUNT', z, '(' .. args[1], '+inf'), redis.call('HLEN', c)}
 end)
 
 redis.register_function{

@@ -66,6 +66,7 @@ mod error;
 mod functions;
 mod manager;
 mod metrics;
+mod presence;
 mod publisher;
 mod reader;
 

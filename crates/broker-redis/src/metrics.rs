@@ -28,6 +28,10 @@ pub(crate) struct BrokerMetrics {
     pub unstored: Counter,
     /// Messages read from the control channel (server API).
     pub control_received: Counter,
+    pub presence_events_dropped: Counter,
+    pub presence_ops_dropped: Counter,
+    pub presence_entries: Gauge,
+    pub presence_events_delivered: Counter,
     pub errors: Errors,
 }
 
@@ -60,6 +64,10 @@ impl BrokerMetrics {
             catch_up_seconds: histogram!("fanout_broker_catch_up_duration_seconds"),
             unstored: counter!("fanout_history_unstored_publications_total"),
             control_received: counter!("fanout_broker_control_messages_total"),
+            presence_events_dropped: counter!("fanout_presence_events_dropped_total"),
+            presence_ops_dropped: counter!("fanout_presence_updates_dropped_total"),
+            presence_entries: gauge!("fanout_presence_entries"),
+            presence_events_delivered: counter!("fanout_presence_events_total"),
             errors: Errors {
                 publish: errors("publish"),
                 subscribe: errors("subscribe"),

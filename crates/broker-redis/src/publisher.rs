@@ -170,6 +170,16 @@ impl PublishConnection {
         }
     }
 
+    /// [`Self::fcall`] for the rest of the crate (presence).
+    pub(crate) async fn fcall_cmd<T: redis::FromRedisValue>(
+        &self,
+        shared: &BrokerState,
+        cmd: &redis::Cmd,
+        what: &str,
+    ) -> Result<T, BrokerError> {
+        self.fcall(shared, cmd, what).await
+    }
+
     /// [`Self::run`] for the rest of the crate (control plane, node registry).
     pub(crate) async fn run_cmd<T: redis::FromRedisValue>(
         &self,

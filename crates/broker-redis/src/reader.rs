@@ -180,7 +180,14 @@ impl BrokerState {
         }
         let envelope = match decode_envelope(payload) {
             Ok(envelope) => envelope,
-            Err(e) => return self.invalid(redis_channel, &e),
+            Err(e) => {
+                // Not a publication: a presence event another node published?
+                if let Some((event, client, user)) = fanout_protocol::decode_event_envelope(payload) {
+                    self.metrics.presence_events_delivered.increment(1);
+                    return self.registry.deliver_presence(&channel, event, &client, &user);
+                }
+                return self.invalid(redis_channel, &e);
+            }
         };
         if envelope.data.len() > max {
             return self.too_large(redis_channel);

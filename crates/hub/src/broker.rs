@@ -2,7 +2,7 @@
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
-use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, Position, Publication};
+use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, Position, PresenceList, PresenceStats, Publication};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -102,6 +102,19 @@ pub trait Broker: Send + Sync + 'static {
         channel: &'a ChannelName,
         query: &'a HistoryQuery,
     ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>>;
+
+    /// Client `client` of user `user` joined `channel` (a namespace with presence). Must
+    /// not block: the broker records it in the background.
+    fn presence_join(&self, channel: &ChannelName, client: &str, user: &str);
+
+    /// Client `client` left `channel`. Must not block.
+    fn presence_leave(&self, channel: &ChannelName, client: &str);
+
+    /// Who is present on `channel`, cluster-wide (at most [`fanout_protocol::MAX_PRESENCE_LIST`]).
+    fn presence<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<PresenceList, BrokerError>>;
+
+    /// How many connections and distinct users are present on `channel`, cluster-wide.
+    fn presence_stats<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<PresenceStats, BrokerError>>;
 
     /// Tells every node (this one included) to act on `control`. `Ok` means every node
     /// connected to the broker will: with Redis, the control channel's `PUBLISH` was taken.

@@ -211,6 +211,10 @@ pub struct EmbeddedBroker {
     keys: Mutex<Keys>,
     store: Mutex<Store>,
     node: std::sync::OnceLock<crate::broker::NodeSelf>,
+    presences: Arc<crate::Presences>,
+    presence: crate::LocalPresence,
+    events: crate::EventBudget,
+    events_dropped: metrics::Counter,
 }
 
 impl EmbeddedBroker {
@@ -231,6 +235,27 @@ impl EmbeddedBroker {
             keys: Mutex::default(),
             store: Mutex::new(Store::new(history_bytes)),
             node: std::sync::OnceLock::new(),
+            presences: Arc::default(),
+            presence: crate::LocalPresence::default(),
+            events: crate::EventBudget::default(),
+            events_dropped: metrics::counter!("fanout_presence_events_dropped_total"),
+        }
+    }
+
+    /// Which namespaces track presence.
+    pub fn with_presence(mut self, presences: Arc<crate::Presences>) -> Self {
+        self.presences = presences;
+        self
+    }
+
+    fn event(&self, channel: &ChannelName, event: fanout_protocol::PresenceEvent, client: &str, user: &str) {
+        if !self.presences.of(channel.as_str()).is_some_and(|p| p.join_leave) {
+            return;
+        }
+        if self.events.take(channel) {
+            self.registry.deliver_presence(channel, event, client, user);
+        } else {
+            self.events_dropped.increment(1);
         }
     }
 
@@ -316,6 +341,32 @@ impl Broker for EmbeddedBroker {
 
     fn set_node(&self, node: crate::broker::NodeSelf) {
         let _ = self.node.set(node);
+    }
+
+    fn presence_join(&self, channel: &ChannelName, client: &str, user: &str) {
+        if self.presence.join(channel, client, user) {
+            self.event(channel, fanout_protocol::PresenceEvent::Join, client, user);
+        }
+    }
+
+    fn presence_leave(&self, channel: &ChannelName, client: &str) {
+        if let Some(user) = self.presence.leave(channel, client) {
+            self.event(channel, fanout_protocol::PresenceEvent::Leave, client, &user);
+        }
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+    ) -> BoxFuture<'a, Result<fanout_protocol::PresenceList, BrokerError>> {
+        Box::pin(std::future::ready(Ok(self.presence.list(channel.as_str()))))
+    }
+
+    fn presence_stats<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+    ) -> BoxFuture<'a, Result<fanout_protocol::PresenceStats, BrokerError>> {
+        Box::pin(std::future::ready(Ok(self.presence.stats(channel.as_str()))))
     }
 
     fn add_interest(&self, _channel: &ChannelName) {

@@ -315,6 +315,28 @@ impl Hub {
         }
     }
 
+    pub fn presence_join(&self, channel: &ChannelName, client: &str, user: &str) {
+        self.broker.presence_join(channel, client, user);
+    }
+
+    pub fn presence_leave(&self, channel: &ChannelName, client: &str) {
+        self.broker.presence_leave(channel, client);
+    }
+
+    pub async fn presence(&self, channel: &ChannelName) -> Result<fanout_protocol::PresenceList, BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.presence(channel)).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    pub async fn presence_stats(&self, channel: &ChannelName) -> Result<fanout_protocol::PresenceStats, BrokerError> {
+        match tokio::time::timeout(self.subscribe_timeout, self.broker.presence_stats(channel)).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
     /// Introduces the node to its broker (once, at start).
     pub fn set_node(&self, node: crate::NodeSelf) {
         self.broker.set_node(node);
@@ -359,6 +381,20 @@ mod tests {
             Box::pin(std::future::ready(Ok(Vec::new())))
         }
         fn set_node(&self, _: crate::NodeSelf) {}
+        fn presence_join(&self, _: &ChannelName, _: &str, _: &str) {}
+        fn presence_leave(&self, _: &ChannelName, _: &str) {}
+        fn presence<'a>(
+            &'a self,
+            _: &'a ChannelName,
+        ) -> crate::BoxFuture<'a, Result<fanout_protocol::PresenceList, BrokerError>> {
+            Box::pin(std::future::ready(Ok(Default::default())))
+        }
+        fn presence_stats<'a>(
+            &'a self,
+            _: &'a ChannelName,
+        ) -> crate::BoxFuture<'a, Result<fanout_protocol::PresenceStats, BrokerError>> {
+            Box::pin(std::future::ready(Ok(Default::default())))
+        }
         fn add_interest(&self, _: &ChannelName) {
             self.events.lock().unwrap().push(true);
         }

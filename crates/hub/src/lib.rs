@@ -10,6 +10,7 @@ mod history;
 mod hub;
 mod loglimit;
 mod outbox;
+mod presence;
 mod registry;
 
 pub use broker::{BoxFuture, Broker, BrokerError, Control, NodeReport, NodeSelf, Published, MAX_REPORTED_CHANNELS};
@@ -18,4 +19,5 @@ pub use history::{Histories, HistoryPolicy};
 pub use hub::{Hub, Replay, Subscription};
 pub use loglimit::LogLimiter;
 pub use outbox::{Order, Outbox, Outgoing, Push, Status};
+pub use presence::{EventBudget, LocalPresence, PresencePolicy, Presences, EVENTS_PER_SECOND};
 pub use registry::{DeliveryReport, Registry};

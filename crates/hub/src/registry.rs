@@ -251,6 +251,29 @@ impl Registry {
         report
     }
 
+    /// Sends a join or leave event to every local subscriber of `channel` (recovering ones
+    /// included: presence is not part of the history they are catching up on).
+    pub fn deliver_presence(
+        &self,
+        channel: &ChannelName,
+        event: fanout_protocol::PresenceEvent,
+        client: &str,
+        user: &str,
+    ) {
+        let shard = self.shard(channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
+        let Some(subs) = shard.get(channel.as_str()) else { return };
+        let mut frames: [Option<Bytes>; 2] = [None, None];
+        for sub in subs.values() {
+            let format = sub.outbox.format();
+            let frame = frames[format.index()].get_or_insert_with(|| {
+                fanout_protocol::encode_presence_event(format, event, channel.as_str(), client, user)
+            });
+            if sub.outbox.push(frame.clone(), 0) == Push::Overflow {
+                self.metrics.dropped_slow.increment(1);
+            }
+        }
+    }
+
     /// Drops the holds of released subscribers that live publications have passed.
     fn end_holds(&self, channel: &ChannelName) {
         let mut shard = self.shard(channel.as_str()).write().unwrap_or_else(PoisonError::into_inner);

@@ -40,6 +40,12 @@ pub enum Command {
     Ping {
         id: Option<u64>,
     },
+    /// v1.1: who is subscribed to a channel (`stats`: only how many).
+    Presence {
+        id: Option<u64>,
+        channel: ChannelName,
+        stats: bool,
+    },
     /// v1.1: read a channel's history.
     History {
         id: Option<u64>,
@@ -61,6 +67,7 @@ impl Command {
             | Command::Publish { id, .. }
             | Command::Ping { id }
             | Command::History { id, .. }
+            | Command::Presence { id, .. }
             | Command::Refresh { id, .. } => *id,
         }
     }
@@ -72,6 +79,8 @@ impl Command {
             Command::Publish { .. } => "publish",
             Command::Ping { .. } => "ping",
             Command::History { .. } => "history",
+            Command::Presence { stats: false, .. } => "presence",
+            Command::Presence { stats: true, .. } => "presence_stats",
             Command::Refresh { .. } => "refresh",
         }
     }
@@ -363,6 +372,8 @@ fn build(format: Encoding, f: Fields<'_>) -> Result<Command, CommandError> {
     };
     Ok(match &*op {
         "subscribe" => Command::Subscribe { id, channel: channel()?, since: since(id, f.since)? },
+        "presence" => Command::Presence { id, channel: channel()?, stats: false },
+        "presence_stats" => Command::Presence { id, channel: channel()?, stats: true },
         "history" => Command::History {
             id,
             channel: channel()?,

@@ -8,6 +8,7 @@ mod envelope;
 mod error;
 mod history;
 mod message;
+mod presence;
 mod ws;
 
 pub use api::{
@@ -23,6 +24,11 @@ pub use history::{
     MAX_HISTORY_LIMIT,
 };
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
+pub use presence::{
+    decode_event_envelope, encode_api_presence, encode_api_presence_stats, encode_event_envelope,
+    encode_presence_event, encode_presence_reply, encode_presence_stats_reply, PresenceEvent, PresenceList,
+    PresenceStats, Present, MAX_PRESENCE_LIST,
+};
 pub use ws::{
     close_frame, frame, frame_header, parse_server_frame, write_client_frame, OpCode, ServerFrame, ServerFrameError,
     MAX_FRAME_HEADER,

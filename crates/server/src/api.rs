@@ -36,6 +36,8 @@ pub struct Internal {
     /// Longest time a request body may take to arrive (408 beyond).
     pub body_timeout: std::time::Duration,
     pub max_message_size: usize,
+    /// Which namespaces track presence.
+    pub presences: Arc<fanout_hub::Presences>,
 }
 
 static BAD_REQUEST_LOG: LogLimiter = LogLimiter::new(10_000);
@@ -64,14 +66,26 @@ impl Handler for Internal {
             (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,
             (&Method::POST, "/api/broadcast") => self.publish(req, true, peer).await,
             (&Method::POST, "/api/history") => self.history(req, peer).await,
+            (&Method::POST, "/api/presence") => self.presence(req, false, peer).await,
+            (&Method::POST, "/api/presence_stats") => self.presence(req, true, peer).await,
             (&Method::POST, "/api/disconnect") => self.control(req, false, peer).await,
             (&Method::POST, "/api/unsubscribe") => self.control(req, true, peer).await,
             (&Method::GET, "/api/channels") => self.listing(req, false, peer).await,
             (&Method::GET, "/api/nodes") => self.listing(req, true, peer).await,
             (
                 _,
-                "/healthz" | "/readyz" | "/metrics" | "/api/publish" | "/api/broadcast" | "/api/history"
-                | "/api/disconnect" | "/api/unsubscribe" | "/api/channels" | "/api/nodes",
+                "/healthz"
+                | "/readyz"
+                | "/metrics"
+                | "/api/publish"
+                | "/api/broadcast"
+                | "/api/history"
+                | "/api/disconnect"
+                | "/api/unsubscribe"
+                | "/api/channels"
+                | "/api/nodes"
+                | "/api/presence"
+                | "/api/presence_stats",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
@@ -295,6 +309,35 @@ impl Internal {
             body
         };
         respond(StatusCode::OK, "application/json", Bytes::from(body.to_string()))
+    }
+
+    /// `POST /api/presence` and `POST /api/presence_stats` `{"channel":C}`.
+    async fn presence(&self, req: Request<Incoming>, stats: bool, peer: SocketAddr) -> Response<Body> {
+        let (request_format, format, body) = match self.read_request(req).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
+        let (channel, _) = match decode_api_history(request_format, &body) {
+            Ok(r) => r,
+            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
+        };
+        if self.presences.of(channel.as_str()).is_none() {
+            return self.bad_request(
+                format,
+                peer,
+                ErrorCode::BadRequest,
+                "this channel's namespace does not track presence",
+            );
+        }
+        let body = if stats {
+            self.hub.presence_stats(&channel).await.map(|s| fanout_protocol::encode_api_presence_stats(format, s))
+        } else {
+            self.hub.presence(&channel).await.map(|l| fanout_protocol::encode_api_presence(format, &l))
+        };
+        match body {
+            Ok(body) => api_response(format, StatusCode::OK, body),
+            Err(e) => self.broker_failed(format, peer, "presence", &e),
+        }
     }
 
     /// `POST /api/history`.

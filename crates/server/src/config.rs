@@ -282,6 +282,13 @@ pub struct NamespaceConfig {
     /// How long a channel's history lives after its last publication [default: 10m]
     #[serde(default, with = "humantime_serde")]
     pub history_ttl: Option<Duration>,
+    /// Track who is subscribed to each channel (presence, presence_stats) [default: false]
+    pub presence: Option<bool>,
+    /// Send subscribers join and leave events (needs presence) [default: false]
+    pub join_leave: Option<bool>,
+    /// How long a presence entry outlives its node's last refresh [default: 60s]
+    #[serde(default, with = "humantime_serde")]
+    pub presence_ttl: Option<Duration>,
 }
 
 /// The namespace the demo page uses (`demo:chat`, `demo:counter`).
@@ -299,6 +306,9 @@ pub const DEFAULT_NAMESPACE_RULE: NamespaceConfig = NamespaceConfig {
     publish_burst: None,
     history_size: None,
     history_ttl: None,
+    presence: None,
+    join_leave: None,
+    presence_ttl: None,
 };
 
 /// Resolved `[auth]` settings (the HMAC secret stays in [`Config::jwt_hmac_secret`]).
@@ -611,6 +621,17 @@ impl Config {
         Ok(())
     }
 
+    /// Which namespaces track presence, for the session and the brokers.
+    pub fn presences(&self) -> fanout_hub::Presences {
+        fanout_hub::Presences::new(self.namespaces.iter().map(|(name, ns)| {
+            let policy = (ns.presence == Some(true)).then(|| fanout_hub::PresencePolicy {
+                ttl: ns.presence_ttl.unwrap_or(Duration::from_secs(60)),
+                join_leave: ns.join_leave.unwrap_or(false),
+            });
+            (name.clone(), policy)
+        }))
+    }
+
     /// Which namespaces keep history, for the hub and the brokers.
     pub fn histories(&self) -> fanout_hub::Histories {
         let mut namespaces: Vec<(String, fanout_hub::HistoryPolicy)> = self
@@ -672,6 +693,15 @@ impl Config {
                     "namespaces.history_ttl",
                     format!("[namespaces.{name:?}]: set without history_size"),
                 ));
+            }
+            if (ns.join_leave.is_some() || ns.presence_ttl.is_some()) && ns.presence != Some(true) {
+                return Err(invalid(
+                    "namespaces.presence",
+                    format!("[namespaces.{name:?}]: join_leave and presence_ttl need presence = true"),
+                ));
+            }
+            if ns.presence_ttl.is_some_and(|t| t < Duration::from_secs(2) || t > Duration::from_secs(86_400)) {
+                return Err(invalid("namespaces.presence_ttl", format!("[namespaces.{name:?}]: between 2s and 1 day")));
             }
             if ns.publish_burst.is_some() && ns.publish_rate.is_none() {
                 return Err(invalid(

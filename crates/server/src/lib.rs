@@ -60,13 +60,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let registry = Arc::new(Registry::new());
     let histories = Arc::new(config.histories());
+    let presences = Arc::new(config.presences());
     let broker: Arc<dyn Broker> = match config.redis_config() {
-        None => Arc::new(EmbeddedBroker::with_history(registry.clone(), histories.clone(), config.history_max_bytes)),
-        Some(redis) => {
-            RedisBroker::start_with_history(redis, registry.clone(), histories.clone(), background.child_token())
-                .map_err(|e| ConfigError::Invalid { key: "redis_url", message: e.to_string() })?
-        }
+        None => Arc::new(
+            EmbeddedBroker::with_history(registry.clone(), histories.clone(), config.history_max_bytes)
+                .with_presence(presences.clone()),
+        ),
+        Some(redis) => RedisBroker::start_with(
+            redis,
+            registry.clone(),
+            histories.clone(),
+            presences.clone(),
+            background.child_token(),
+        )
+        .map_err(|e| ConfigError::Invalid { key: "redis_url", message: e.to_string() })?,
     };
+    let node_id = node_id();
     let hub = Hub::with_history(registry, broker, histories, config.broker_timeout);
     spawn_upkeep(prometheus.clone(), background.clone());
 
@@ -114,6 +123,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         policy: policy::Policy::new(&config.namespaces, config.max_message_size),
         verifier,
+        presences,
+        node_id: node_id.clone().into(),
     });
     let public_handler = Arc::new(public::Public {
         shared: session_shared.clone(),
@@ -128,7 +139,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         trusted_proxies: limit::TrustedProxies::new(config.proxies.clone()),
     });
     // The server API: this node's report, and what to do with a control message.
-    let node_id = node_id();
     tracing::info!(node = %node_id, "node id");
     let started = std::time::Instant::now();
     let (registry, live_for_report, live_for_control) =
@@ -164,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_body: config.max_http_body,
         body_timeout: config.handshake_timeout,
         max_message_size: config.max_message_size,
+        presences: session_shared.presences.clone(),
     });
     let accept = |name, header_timeout| listener::Accept {
         name,

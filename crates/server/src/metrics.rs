@@ -64,6 +64,10 @@ fn describe() {
         "Plain PUBLISHes into a history namespace: delivered without offset, not stored"
     );
     g!("fanout_history_bytes", Unit::Bytes, "History held by the embedded broker");
+    g!("fanout_presence_entries", "Presence entries this node holds and refreshes");
+    c!("fanout_presence_events_total", "Join/leave events received from Redis and sent to local subscribers");
+    c!("fanout_presence_events_dropped_total", "Join/leave events not sent: their channel was over its event rate");
+    c!("fanout_presence_updates_dropped_total", "Presence changes dropped: the node's queue to Redis was full");
     c!("fanout_broker_publications_received_total", "Publications received from the broker");
     c!("fanout_deliveries_total", "Message frames written to client sockets");
     c!("fanout_sent_bytes_total", Unit::Bytes, "Bytes written to client sockets");

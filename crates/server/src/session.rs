@@ -8,8 +8,9 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use bytes::Bytes;
 use fanout_hub::{Control, Hub, LogLimiter, Order, Outbox, Status, Subscription};
 use fanout_protocol::{
-    close_frame, decode_command, encode_history_reply, encode_reply, frame, now_micros, ChannelName, Command,
-    CommandError, Encoding, ErrorCode, OpCode, Publication, Reply,
+    close_frame, decode_command, encode_history_reply, encode_presence_reply, encode_presence_stats_reply,
+    encode_reply, frame, now_micros, ChannelName, Command, CommandError, Encoding, ErrorCode, OpCode, Publication,
+    Reply,
 };
 use tokio::{net::TcpStream, time::Instant};
 
@@ -43,6 +44,10 @@ pub struct SessionContext {
     pub policy: Policy,
     /// None: authentication is off.
     pub verifier: Option<Arc<Verifier>>,
+    /// Which namespaces track presence.
+    pub presences: Arc<fanout_hub::Presences>,
+    /// This node's id: client ids are `NODE-CONNECTION`, unique in the cluster.
+    pub node_id: Arc<str>,
 }
 
 /// Every open session's outbox, so a drain can reach them. Draining goes through the
@@ -234,8 +239,8 @@ impl Drop for Session {
         for (_, replay) in self.replays.drain(..) {
             replay.abort();
         }
-        for channel in self.subscriptions.drain() {
-            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+        for channel in std::mem::take(&mut self.subscriptions) {
+            self.leave_channel(&channel);
         }
         self.shared.live.leave(self.outbox.id(), self.user.as_deref());
         self.outbox.close();
@@ -354,7 +359,7 @@ impl Session {
                 Order::Unsubscribe(channel) => {
                     if self.subscriptions.remove(&channel) {
                         self.stop_replay(&channel);
-                        self.shared.hub.unsubscribe(&channel, self.outbox.id());
+                        self.leave_channel(&channel);
                         let reply = Reply::Unsubscribed { id: None, channel: channel.as_str(), reason: Some("server") };
                         self.reply(&reply);
                     }
@@ -509,6 +514,9 @@ impl Session {
                             let task = tokio::spawn(replay.run());
                             self.replays.push((channel.clone(), task.abort_handle()));
                         }
+                        if self.shared.presences.of(channel.as_str()).is_some() {
+                            hub.presence_join(&channel, &self.client_id(), self.user.as_deref().unwrap_or(""));
+                        }
                         self.subscriptions.insert(channel);
                     }
                     Err(e) => self.broker_error(id, "subscribe", &e),
@@ -517,7 +525,7 @@ impl Session {
             Command::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel) {
                     self.stop_replay(&channel);
-                    self.shared.hub.unsubscribe(&channel, self.outbox.id());
+                    self.leave_channel(&channel);
                 }
                 self.reply(&Reply::Unsubscribed { id, channel: channel.as_str(), reason: None });
             }
@@ -547,6 +555,27 @@ impl Session {
                     Err(e) => self.broker_error(id, "publish", &e),
                 }
             }
+            Command::Presence { id, channel, stats } => {
+                if let Err(denied) = self.shared.policy.check_subscribe(&self.identity, channel.as_str()) {
+                    return self.denied(id, denied);
+                }
+                if self.shared.presences.of(channel.as_str()).is_none() {
+                    return self.error(id, ErrorCode::BadRequest, "this channel's namespace does not track presence");
+                }
+                let frame = if stats {
+                    hub.presence_stats(&channel)
+                        .await
+                        .map(|s| encode_presence_stats_reply(self.format, id, channel.as_str(), s))
+                } else {
+                    hub.presence(&channel).await.map(|l| encode_presence_reply(self.format, id, channel.as_str(), &l))
+                };
+                match frame {
+                    Ok(frame) => {
+                        self.outbox.push_reply(frame);
+                    }
+                    Err(e) => self.broker_error(id, "presence", &e),
+                }
+            }
             Command::History { id, channel, query } => {
                 if let Err(denied) = self.shared.policy.check_subscribe(&self.identity, channel.as_str()) {
                     return self.denied(id, denied);
@@ -573,6 +602,19 @@ impl Session {
             }
             Command::Ping { id } => self.reply(&Reply::Pong { id }),
             Command::Refresh { id, token } => self.refresh(id, &token),
+        }
+    }
+
+    /// This connection's id in the cluster: `NODE-CONNECTION`.
+    fn client_id(&self) -> String {
+        format!("{}-{}", self.shared.node_id, self.outbox.id())
+    }
+
+    /// Leaves `channel` in the registry and, where it tracks presence, in presence.
+    fn leave_channel(&self, channel: &ChannelName) {
+        self.shared.hub.unsubscribe(channel, self.outbox.id());
+        if self.shared.presences.of(channel.as_str()).is_some() {
+            self.shared.hub.presence_leave(channel, &self.client_id());
         }
     }
 
@@ -651,7 +693,7 @@ impl Session {
         for channel in revoked {
             self.subscriptions.remove(&channel);
             self.stop_replay(&channel);
-            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+            self.leave_channel(&channel);
             self.reply(&Reply::Unsubscribed { id: None, channel: channel.as_str(), reason: None });
         }
     }
@@ -661,8 +703,8 @@ impl Session {
         for (_, replay) in self.replays.drain(..) {
             replay.abort();
         }
-        for channel in self.subscriptions.drain() {
-            self.shared.hub.unsubscribe(&channel, self.outbox.id());
+        for channel in std::mem::take(&mut self.subscriptions) {
+            self.leave_channel(&channel);
         }
         let (reason, close) = match end {
             End::ClientClose(code) => {

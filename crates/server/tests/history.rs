@@ -218,7 +218,7 @@ async fn recovery_on_another_node_covers_every_publishing_path() {
     let mut conn = redis.connection().await;
     let version: (u64, String) =
         redis::cmd("FCALL_RO").arg("fanout_version").arg(0).query_async(&mut conn).await.unwrap();
-    assert_eq!(version.0, 1);
+    assert_eq!(version.0, 2);
 
     let mut sub = WsClient::json(&a.ws_url()).await;
     let epoch = subscribe(&mut sub, "h:r", None).await["epoch"].as_str().unwrap().to_owned();

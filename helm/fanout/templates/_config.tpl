@@ -101,6 +101,15 @@ history_size = {{ $ns.historySize | int64 }}
 {{- if hasKey $ns "historyTtl" }}
 history_ttl = {{ $ns.historyTtl | toString | toJson }}
 {{- end }}
+{{- if hasKey $ns "presence" }}
+presence = {{ $ns.presence }}
+{{- end }}
+{{- if hasKey $ns "joinLeave" }}
+join_leave = {{ $ns.joinLeave }}
+{{- end }}
+{{- if hasKey $ns "presenceTtl" }}
+presence_ttl = {{ $ns.presenceTtl | toString | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -222,6 +222,9 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- define "fanout.validateNamespaces" -}}
 {{- $max := .Values.config.maxMessageSize | int64 }}
 {{- range $name, $ns := .Values.namespaces }}
+{{- if and (or (hasKey $ns "joinLeave") (hasKey $ns "presenceTtl")) (not $ns.presence) }}
+{{- fail (printf "fanout: namespaces.%q sets joinLeave or presenceTtl without presence: true" $name) }}
+{{- end }}
 {{- if and (hasKey $ns "historyTtl") (not (gt (int64 (default 0 $ns.historySize)) 0)) }}
 {{- fail (printf "fanout: namespaces.%q sets historyTtl without historySize" $name) }}
 {{- end }}
