@@ -339,6 +339,18 @@ impl Publisher {
         self.server_api(&path, None).await
     }
 
+    /// `POST /api/presence`: `{"clients":[{"client","user"}...]}` (namespaces with presence).
+    pub async fn presence(&self, channel: &str) -> Result<serde_json::Value, PublishError> {
+        check_channel(channel)?;
+        self.server_api("/api/presence", Some(serde_json::json!({ "channel": channel }))).await
+    }
+
+    /// `POST /api/presence_stats`: `{"clients":N,"users":M}`.
+    pub async fn presence_stats(&self, channel: &str) -> Result<serde_json::Value, PublishError> {
+        check_channel(channel)?;
+        self.server_api("/api/presence_stats", Some(serde_json::json!({ "channel": channel }))).await
+    }
+
     /// `GET /api/nodes`: every live node.
     pub async fn nodes(&self) -> Result<serde_json::Value, PublishError> {
         self.server_api("/api/nodes", None).await

@@ -109,6 +109,48 @@ pub struct DisconnectArgs {
     pub api: ApiArgs,
 }
 
+/// `fanout presence CHANNEL [--stats]`.
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    /// The channel (its namespace must track presence).
+    #[arg(value_name = "CHANNEL")]
+    pub channel: String,
+    /// Only the counts: {"clients":N,"users":M}.
+    #[arg(long)]
+    pub stats: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `fanout presence`: one JSON line per present client, or the counts.
+pub async fn presence(args: PresenceArgs) -> ExitCode {
+    let publisher = match api_publisher(&args.api) {
+        Ok(p) => p,
+        Err(e) => return fail(publish_exit(&e), e),
+    };
+    let answer = if args.stats {
+        publisher.presence_stats(&args.channel).await
+    } else {
+        publisher.presence(&args.channel).await
+    };
+    match answer {
+        Ok(v) if args.stats => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            for row in v.get("clients").and_then(serde_json::Value::as_array).into_iter().flatten() {
+                println!("{row}");
+            }
+            if v.get("truncated").is_some_and(|t| t == true) {
+                eprintln!("fanout: more clients are present than listed; --stats counts them all");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(publish_exit(&e), e),
+    }
+}
+
 /// `fanout channels [--namespace NS]`.
 #[derive(Debug, Args)]
 pub struct ChannelsArgs {

@@ -51,6 +51,8 @@ pub enum CliCommand {
     Subscribe(crate::cli::SubscribeArgs),
     /// Read a channel's history through a node's HTTP API (its position, then one JSON line per publication).
     History(crate::cli::HistoryArgs),
+    /// Who is subscribed to a channel (its namespace must track presence), one JSON line each.
+    Presence(crate::cli::PresenceArgs),
     /// Close every connection of a user (a token's sub) on every node with 4009.
     Disconnect(crate::cli::DisconnectArgs),
     /// List the cluster's channels with their subscriber counts, one JSON line each.

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
         CliCommand::Publish(args) => client_runtime(fanout_server::cli::publish(args)),
         CliCommand::Subscribe(args) => client_runtime(fanout_server::cli::subscribe(args)),
         CliCommand::History(args) => client_runtime(fanout_server::cli::history(args)),
+        CliCommand::Presence(args) => client_runtime(fanout_server::cli::presence(args)),
         CliCommand::Disconnect(args) => client_runtime(fanout_server::cli::disconnect(args)),
         CliCommand::Channels(args) => client_runtime(fanout_server::cli::listing(args.api, false, args.namespace)),
         CliCommand::Nodes(args) => client_runtime(fanout_server::cli::listing(args, true, None)),

@@ -148,6 +148,13 @@ async fn presence_on_the_embedded_broker_permissions_and_bad_input() {
     // Not a presence namespace; a channel the token may not subscribe to; bad bodies.
     assert_eq!(ask(&mut x, "presence", "plain:1").await["code"], "bad_request");
     assert_eq!(ask(&mut x, "presence_stats", "secret:1").await["code"], "forbidden");
+    let api = format!("http://{}", node.internal);
+    let out =
+        std::process::Command::new(BIN).args(["presence", "room:e", "--stats", "--api-url", &api]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), json!({"clients":2,"users":2}));
+    let out = std::process::Command::new(BIN).args(["presence", "room:e", "--api-url", &api]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
     let r = http(node.internal, "POST", "/api/presence", &[], br#"{"channel":"room:e"}"#).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["clients"].as_array().unwrap().len(), 2);
