@@ -10,7 +10,9 @@
 # FANOUT_BIN, LOADTEST_BIN (default target/release/...), BUILD=0 to skip cargo build,
 # NODE_ARGS (flags for `fanout serve`; default lifts the per-client rate limits),
 # NOFILE (open-file limit to ask for, default 1048576), HISTORY=N (the generator's
-# namespace keeps N publications per channel; 10000 for the recovery scenario).
+# namespace keeps N publications per channel; 10000 for the recovery scenario),
+# PRESENCE=1 or PRESENCE=join_leave (the namespace tracks presence), HOOK=CMD (run in the
+# background once the nodes are up, with FANOUT_LOADTEST_INTERNAL and the Redis port set).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -86,10 +88,20 @@ redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis-server did not s
 if [[ "$SCENARIO" == recovery && -z "${HISTORY:-}" ]]; then
     HISTORY=10000
 fi
+# PRESENCE=1 (or PRESENCE=join_leave): the namespace tracks presence (and sends events).
+ns_keys=""
 if [[ -n "${HISTORY:-}" && "${HISTORY}" != 0 ]]; then
-    printf '[namespaces.loadtest]\nhistory_size = %s\nhistory_ttl = "10m"\n' "$HISTORY" >"$work/fanout.toml"
+    ns_keys+=$(printf 'history_size = %s\nhistory_ttl = "10m"\n' "$HISTORY")$'\n'
+fi
+if [[ -n "${PRESENCE:-}" && "${PRESENCE}" != 0 ]]; then
+    ns_keys+=$'presence = true\n'
+    [[ "$PRESENCE" == join_leave ]] && ns_keys+=$'join_leave = true\n'
+fi
+if [[ -n "$ns_keys" ]]; then
+    printf '[namespaces.loadtest]\n%s' "$ns_keys" >"$work/fanout.toml"
     NODE_ARGS="$NODE_ARGS --config $work/fanout.toml"
 fi
+export FANOUT_LOADTEST_WORK="$work" FANOUT_LOADTEST_REDIS_PORT="$redis_port"
 
 # Gateway nodes: port 0, addresses read from the `listening public=… internal=…` line.
 urls=()
@@ -126,6 +138,11 @@ args=(run "$SCENARIO" --url "$(IFS=,; echo "${urls[*]}")" "${metrics[@]}"
 for pid in "${gateway_pids[@]}"; do
     args+=(--gateway-pid "$pid")
 done
+
+if [[ -n "${HOOK:-}" ]]; then
+    FANOUT_LOADTEST_INTERNAL="$first_internal" bash -c "$HOOK" &
+    pids+=($!)
+fi
 
 # Not exec: the trap must still tear the cluster down afterwards.
 "${PIN_LOADTEST[@]}" "$LOADTEST_BIN" "${args[@]}" "$@"

@@ -168,7 +168,13 @@ impl Manager {
         let control = crate::cluster::control_channel(&self.shared.config.prefix);
         match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}"))),
+            Ok(Err(e)) if is_connection_error(&e) => {
+                return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}")))
+            }
+            // Refused (an ACL without this channel): the node serves, but server-API
+            // actions from other nodes will not reach its connections.
+            Ok(Err(e)) => tracing::warn!(channel = %control, error = %e,
+                "Redis refused SUBSCRIBE to the control channel: /api/disconnect and /api/unsubscribe will not reach this node"),
             Err(_) => return Err(Stop::Lost("no answer to SUBSCRIBE (control channel) in time".into())),
         }
         self.shared.publisher.install(Some(publish));

@@ -199,11 +199,13 @@ impl RedisServer {
         self.client().get_multiplexed_async_connection().await.unwrap()
     }
 
-    /// `PUBSUB CHANNELS pattern`, sorted.
+    /// `PUBSUB CHANNELS pattern`, sorted, without fanout's own control channel
+    /// (`{prefix}!control`, which every node holds).
     pub async fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
         let mut con = self.connection().await;
         let mut channels: Vec<String> =
             redis::cmd("PUBSUB").arg("CHANNELS").arg(pattern).query_async(&mut con).await.unwrap();
+        channels.retain(|c| !c.ends_with("!control"));
         channels.sort();
         channels
     }
