@@ -75,6 +75,7 @@ need_examples() {
 # clients/js: its pinned dev packages (TypeScript, puppeteer-core) by its lock file, and
 # Debian's chromium for the browser test (puppeteer-core never downloads a browser).
 need_js() {
+  command -v node >/dev/null && command -v npm >/dev/null || { log "installing Node and npm from Debian's packages"; apt_install nodejs npm; }
   [ -x /usr/bin/chromium ] || { log "installing chromium from Debian's packages"; apt_install chromium; }
   local lock
   lock="$(sha256sum clients/js/package-lock.json | cut -d' ' -f1)"

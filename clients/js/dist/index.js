@@ -204,7 +204,10 @@ export class Client extends Emitter {
         const ws = this.ws;
         this.ws = undefined;
         if (ws) {
-            ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+            ws.onclose = ws.onmessage = ws.onopen = null;
+            // A handler, not null: some implementations (the `ws` package) throw an error event
+            // nobody listens to, and closing a socket that is still connecting raises one.
+            ws.onerror = () => { };
             try {
                 ws.close(CloseCode.Normal);
             }

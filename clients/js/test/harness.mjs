@@ -7,8 +7,15 @@ import { mkdtempSync, writeFileSync, existsSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
 
-const REPO = resolve(import.meta.dirname, "../../..");
+import { WebSocket as WsWebSocket } from "ws";
+
+// Node 22 has a global WebSocket; older ones get the `ws` package's (the client takes
+// either), so the tests run on whatever Node the machine has.
+globalThis.WebSocket ??= WsWebSocket;
+
+const REPO = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../..");
 
 /** The fanout binary: FANOUT_BIN, else the workspace's debug build (built if missing). */
 export function fanoutBin() {
