@@ -60,37 +60,38 @@ need_examples() {
     fi
   fi
   export FANOUT_EXAMPLES_PYTHON="$venv/bin/python"
-  local lock
-  lock="$(sha256sum examples/node/package-lock.json | cut -d' ' -f1)"
-  if [ "$(cat examples/node/node_modules/.fanout-lock 2>/dev/null)" != "$lock" ]; then
-    log "installing the Node examples' packages (npm ci in examples/node)"
-    if (cd examples/node && npm ci --no-audit --no-fund --loglevel=error); then
-      echo "$lock" >examples/node/node_modules/.fanout-lock
-    else
-      log "npm ci in examples/node failed (Node 20 and npm are needed)"
-    fi
+  npm_ci examples/node "the Node examples' packages"
+}
+
+# npm ci in DIR when its package-lock.json changed since the last install there.
+npm_ci() {
+  local dir="$1" what="$2" lock
+  lock="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+  [ "$(cat "$dir/node_modules/.fanout-lock" 2>/dev/null)" = "$lock" ] && return 0
+  log "installing $what (npm ci in $dir)"
+  if (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error); then
+    echo "$lock" >"$dir/node_modules/.fanout-lock"
+  else
+    log "npm ci in $dir failed (Node and npm are needed)"
   fi
 }
 
-# clients/js: its pinned dev packages (TypeScript, puppeteer-core) by its lock file, and
-# Debian's chromium for the browser test (puppeteer-core never downloads a browser).
+need_node() {
+  command -v node >/dev/null && command -v npm >/dev/null && return 0
+  log "installing Node and npm from Debian's packages"
+  apt_install nodejs npm
+}
+
+# clients/js: its pinned dev packages (TypeScript, puppeteer-core, ws) by its lock file,
+# and Debian's chromium for the browser test (puppeteer-core never downloads a browser).
 need_js() {
-  command -v node >/dev/null && command -v npm >/dev/null || { log "installing Node and npm from Debian's packages"; apt_install nodejs npm; }
   [ -x /usr/bin/chromium ] || { log "installing chromium from Debian's packages"; apt_install chromium; }
-  local lock
-  lock="$(sha256sum clients/js/package-lock.json | cut -d' ' -f1)"
-  if [ "$(cat clients/js/node_modules/.fanout-lock 2>/dev/null)" != "$lock" ]; then
-    log "installing the JavaScript client's dev packages (npm ci in clients/js)"
-    if (cd clients/js && npm ci --no-audit --no-fund --loglevel=error); then
-      echo "$lock" >clients/js/node_modules/.fanout-lock
-    else
-      log "npm ci in clients/js failed (Node 20 and npm are needed)"
-    fi
-  fi
+  npm_ci clients/js "the JavaScript client's dev packages"
 }
 
 need_redis
 need_tools
+need_node
 need_examples
 need_js
 

@@ -74,15 +74,8 @@ pub struct HistoryArgs {
     /// At most this many publications (oldest first).
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
-    /// A node's internal listener.
-    #[arg(long, env = "FANOUT_API_URL", default_value = "http://127.0.0.1:9090", value_name = "URL")]
-    pub api_url: String,
-    /// API key for the HTTP API.
-    #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true, value_name = "KEY")]
-    pub api_key: Option<String>,
-    /// Per-request timeout.
-    #[arg(long, default_value = "5s", value_name = "DURATION")]
-    pub timeout: humantime::Duration,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// Where the server API commands send their requests.
@@ -207,11 +200,7 @@ pub async fn listing(api: ApiArgs, nodes: bool, namespace: Option<String>) -> Ex
 
 /// `fanout history`: prints the channel's position, then one JSON line per publication.
 pub async fn history(args: HistoryArgs) -> ExitCode {
-    let mut b = Publisher::http(&args.api_url).timeout(Duration::from(args.timeout));
-    if let Some(key) = &args.api_key {
-        b = b.api_key(key);
-    }
-    let publisher = match b.build() {
+    let publisher = match api_publisher(&args.api) {
         Ok(p) => p,
         Err(e) => return fail(publish_exit(&e), e),
     };
