@@ -12,7 +12,8 @@
 # NOFILE (open-file limit to ask for, default 1048576), HISTORY=N (the generator's
 # namespace keeps N publications per channel; 10000 for the recovery scenario),
 # PRESENCE=1 or PRESENCE=join_leave (the namespace tracks presence), HOOK=CMD (run in the
-# background once the nodes are up, with FANOUT_LOADTEST_INTERNAL and the Redis port set).
+# background once the nodes are up, with FANOUT_LOADTEST_INTERNAL, FANOUT_LOADTEST_WS and
+# FANOUT_LOADTEST_REDIS_PORT set).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -140,7 +141,7 @@ for pid in "${gateway_pids[@]}"; do
 done
 
 if [[ -n "${HOOK:-}" ]]; then
-    FANOUT_LOADTEST_INTERNAL="$first_internal" bash -c "$HOOK" &
+    FANOUT_LOADTEST_INTERNAL="$first_internal" FANOUT_LOADTEST_WS="$(IFS=,; echo "${urls[*]}")" bash -c "$HOOK" &
     pids+=($!)
 fi
 
