@@ -21,6 +21,9 @@ use crate::broker::BrokerState;
 /// (the next refresh re-adds a dropped join; a dropped leave expires with its entry).
 pub(crate) const QUEUE: usize = 10_000;
 
+/// Presence changes sent in one pipeline at most.
+const BATCH: usize = 512;
+
 pub(crate) enum PresenceOp {
     Join { channel: ChannelName, client: String, user: String, policy: PresencePolicy },
     Leave { channel: ChannelName, client: String, user: String, policy: PresencePolicy },
@@ -61,7 +64,17 @@ impl BrokerState {
         encode_event_envelope(now_micros(), ev, client, user)
     }
 
-    async fn apply(&self, op: PresenceOp) -> Result<(), BrokerError> {
+    /// Sends `ops` in order as one pipeline: a burst of joins costs one round trip per
+    /// batch, not one per join.
+    async fn apply(&self, ops: Vec<PresenceOp>) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for op in ops {
+            pipe.add_command(self.command(op)).ignore();
+        }
+        self.publisher.run_pipe(self, &pipe, "presence").await
+    }
+
+    fn command(&self, op: PresenceOp) -> redis::Cmd {
         let mut cmd = redis::cmd("FCALL");
         match op {
             PresenceOp::Join { channel, client, user, policy } => {
@@ -75,7 +88,7 @@ impl BrokerState {
                 cmd.arg("fanout_presence_leave").arg(1).arg(self.key(&channel)).arg(&client).arg(event);
             }
         }
-        self.publisher.fcall_cmd::<i64>(self, &cmd, "presence").await.map(drop)
+        cmd
     }
 
     /// Re-adds every local entry with a fresh expiry, one call per channel.
@@ -140,8 +153,16 @@ pub(crate) async fn run(
             _ = shutdown.cancelled() => return,
             op = ops.recv() => match op {
                 Some(op) => {
-                    if let Err(e) = shared.apply(op).await {
-                        tracing::debug!(error = %e, "a presence change did not reach Redis; the next refresh repairs joins");
+                    // Everything queued behind it goes in the same pipeline, in order.
+                    let mut batch = vec![op];
+                    while batch.len() < BATCH {
+                        match ops.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = shared.apply(batch).await {
+                        tracing::debug!(error = %e, "presence changes did not reach Redis; the next refresh repairs joins");
                     }
                 }
                 None => return,
