@@ -50,14 +50,21 @@ impl PresenceEvent {
     }
 }
 
-#[derive(Serialize)]
-struct ListWire<'a> {
+/// What a WebSocket reply has before its body (nothing, in an HTTP answer).
+#[derive(Serialize, Default)]
+struct Head<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     op: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ListWire<'a> {
+    #[serde(flatten)]
+    head: Head<'a>,
     clients: &'a [Present],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     truncated: bool,
@@ -65,12 +72,8 @@ struct ListWire<'a> {
 
 #[derive(Serialize)]
 struct StatsWire<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    op: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    channel: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<u64>,
+    #[serde(flatten)]
+    head: Head<'a>,
     clients: u64,
     users: u64,
 }
@@ -100,39 +103,23 @@ fn framed<T: Serialize>(enc: Encoding, v: &T) -> Bytes {
 
 /// `{"op":"presence","channel":C,"id":I,"clients":[{"client":ID,"user":U},...]}`.
 pub fn encode_presence_reply(enc: Encoding, id: Option<u64>, channel: &str, list: &PresenceList) -> Bytes {
-    framed(
-        enc,
-        &ListWire {
-            op: Some("presence"),
-            channel: Some(channel),
-            id,
-            clients: &list.clients,
-            truncated: list.truncated,
-        },
-    )
+    let head = Head { op: Some("presence"), channel: Some(channel), id };
+    framed(enc, &ListWire { head, clients: &list.clients, truncated: list.truncated })
 }
 
 /// `{"op":"presence_stats","channel":C,"id":I,"clients":N,"users":M}`.
 pub fn encode_presence_stats_reply(enc: Encoding, id: Option<u64>, channel: &str, stats: PresenceStats) -> Bytes {
-    framed(
-        enc,
-        &StatsWire {
-            op: Some("presence_stats"),
-            channel: Some(channel),
-            id,
-            clients: stats.clients,
-            users: stats.users,
-        },
-    )
+    let head = Head { op: Some("presence_stats"), channel: Some(channel), id };
+    framed(enc, &StatsWire { head, clients: stats.clients, users: stats.users })
 }
 
 /// The HTTP answers: `{"clients":[...]}` and `{"clients":N,"users":M}`.
 pub fn encode_api_presence(enc: Encoding, list: &PresenceList) -> Vec<u8> {
-    to_vec(enc, &ListWire { op: None, channel: None, id: None, clients: &list.clients, truncated: list.truncated })
+    to_vec(enc, &ListWire { head: Head::default(), clients: &list.clients, truncated: list.truncated })
 }
 
 pub fn encode_api_presence_stats(enc: Encoding, stats: PresenceStats) -> Vec<u8> {
-    to_vec(enc, &StatsWire { op: None, channel: None, id: None, clients: stats.clients, users: stats.users })
+    to_vec(enc, &StatsWire { head: Head::default(), clients: stats.clients, users: stats.users })
 }
 
 /// `{"op":"join"|"leave","channel":C,"client":ID,"user":U}`.
@@ -196,6 +183,10 @@ mod tests {
             encode_api_presence_stats(Encoding::Json, PresenceStats { clients: 2, users: 1 }),
             br#"{"clients":2,"users":1}"#
         );
+        let mp = encode_presence_stats_reply(Encoding::MsgPack, Some(3), "p:1", PresenceStats { clients: 2, users: 1 });
+        let json: serde_json::Value =
+            serde_json::from_slice(&crate::transcode(Encoding::MsgPack, Encoding::Json, &mp[2..]).unwrap()).unwrap();
+        assert_eq!(json, serde_json::json!({"op":"presence_stats","channel":"p:1","id":3,"clients":2,"users":1}));
         let f = encode_presence_event(Encoding::Json, PresenceEvent::Join, "p:1", "c", "u");
         assert_eq!(&f[2..], br#"{"op":"join","channel":"p:1","client":"c","user":"u"}"#);
     }
