@@ -121,6 +121,16 @@ type SubscriptionEvents = {
     unsubscribed: [{
         reason?: string;
     }];
+    /** A connection subscribed to the channel (namespaces with `join_leave`). */
+    join: [{
+        client: string;
+        user: string;
+    }];
+    /** A connection left the channel. */
+    leave: [{
+        client: string;
+        user: string;
+    }];
     error: [FanoutError];
 };
 /** One channel the client is subscribed to; resubscribed after every reconnect. */
@@ -144,6 +154,8 @@ export declare class Subscription<T = unknown> extends Emitter<SubscriptionEvent
     handleResync(position: Position): void;
     /** @internal */
     handleUnsubscribed(reason?: string): void;
+    /** @internal */
+    handlePresence(op: "join" | "leave", client: string, user: string): void;
     /** @internal */
     handleError(e: FanoutError): void;
 }
@@ -208,11 +220,16 @@ export declare class Client extends Emitter<ClientEvents> {
         since?: Position;
         limit?: number;
     }): Promise<HistoryResult<T>>;
-    /** Who is subscribed to `channel` (needs presence on the channel's namespace). */
+    /** Who is subscribed to `channel` (needs presence on the channel's namespace; at most 1,000 listed). */
     presence(channel: string): Promise<{
         client: string;
         user: string;
     }[]>;
+    /** How many connections and distinct users are subscribed to `channel`. */
+    presenceStats(channel: string): Promise<{
+        clients: number;
+        users: number;
+    }>;
     /** Publishes and reads waiting for a connection. */
     get queued(): number;
     private open;

@@ -142,6 +142,10 @@ export class Subscription extends Emitter {
         this.emit("unsubscribed", { reason });
     }
     /** @internal */
+    handlePresence(op, client, user) {
+        this.emit(op, { client, user });
+    }
+    /** @internal */
     handleError(e) {
         this.emit("error", e);
     }
@@ -264,9 +268,16 @@ export class Client extends Emitter {
             publications: r.publications,
         }));
     }
-    /** Who is subscribed to `channel` (needs presence on the channel's namespace). */
+    /** Who is subscribed to `channel` (needs presence on the channel's namespace; at most 1,000 listed). */
     presence(channel) {
         return this.command({ op: "presence", channel }, true).then((r) => r.clients);
+    }
+    /** How many connections and distinct users are subscribed to `channel`. */
+    presenceStats(channel) {
+        return this.command({ op: "presence_stats", channel }, true).then((r) => ({
+            clients: r.clients,
+            users: r.users,
+        }));
     }
     /** Publishes and reads waiting for a connection. */
     get queued() {
@@ -535,6 +546,14 @@ export class Client extends Emitter {
                 const sub = this.subscriptions.get(m.channel);
                 if (sub && typeof m.offset === "number" && typeof m.epoch === "string") {
                     sub.handleResync({ offset: m.offset, epoch: m.epoch });
+                }
+                return;
+            }
+            case "join":
+            case "leave": {
+                const sub = this.subscriptions.get(m.channel);
+                if (sub && typeof m.client === "string" && typeof m.user === "string") {
+                    sub.handlePresence(m.op, m.client, m.user);
                 }
                 return;
             }

@@ -180,6 +180,10 @@ type SubscriptionEvents = {
   /** Publications may have been lost (the history was lost): reload state; live ones continue after the position. */
   resync: [Position];
   unsubscribed: [{ reason?: string }];
+  /** A connection subscribed to the channel (namespaces with `join_leave`). */
+  join: [{ client: string; user: string }];
+  /** A connection left the channel. */
+  leave: [{ client: string; user: string }];
   error: [FanoutError];
 };
 
@@ -244,6 +248,11 @@ export class Subscription<T = unknown> extends Emitter<SubscriptionEvents> {
   handleUnsubscribed(reason?: string): void {
     this.state = "unsubscribed";
     this.emit("unsubscribed", { reason });
+  }
+
+  /** @internal */
+  handlePresence(op: "join" | "leave", client: string, user: string): void {
+    this.emit(op, { client, user });
   }
 
   /** @internal */
@@ -388,9 +397,17 @@ export class Client extends Emitter<ClientEvents> {
     }));
   }
 
-  /** Who is subscribed to `channel` (needs presence on the channel's namespace). */
+  /** Who is subscribed to `channel` (needs presence on the channel's namespace; at most 1,000 listed). */
   presence(channel: string): Promise<{ client: string; user: string }[]> {
     return this.command({ op: "presence", channel }, true).then((r) => r.clients as { client: string; user: string }[]);
+  }
+
+  /** How many connections and distinct users are subscribed to `channel`. */
+  presenceStats(channel: string): Promise<{ clients: number; users: number }> {
+    return this.command({ op: "presence_stats", channel }, true).then((r) => ({
+      clients: r.clients as number,
+      users: r.users as number,
+    }));
   }
 
   /** Publishes and reads waiting for a connection. */
@@ -648,6 +665,14 @@ export class Client extends Emitter<ClientEvents> {
         const sub = this.subscriptions.get(m.channel as string);
         if (sub && typeof m.offset === "number" && typeof m.epoch === "string") {
           sub.handleResync({ offset: m.offset, epoch: m.epoch });
+        }
+        return;
+      }
+      case "join":
+      case "leave": {
+        const sub = this.subscriptions.get(m.channel as string);
+        if (sub && typeof m.client === "string" && typeof m.user === "string") {
+          sub.handlePresence(m.op, m.client, m.user);
         }
         return;
       }

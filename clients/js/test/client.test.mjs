@@ -8,7 +8,9 @@ import { after, before, describe, test } from "node:test";
 import { backoffDelay, Client, FanoutError, tokenExpiry } from "../dist/index.js";
 import { configFile, eventually, next, Node, Redis, token } from "./harness.mjs";
 
-const HISTORY = configFile('[namespaces.h]\nhistory_size = 1000\nhistory_ttl = "10m"\n');
+const HISTORY = configFile(
+  '[namespaces.h]\nhistory_size = 1000\nhistory_ttl = "10m"\n\n[namespaces.room]\npresence = true\njoin_leave = true\n',
+);
 const fast = { minReconnectDelay: 20, maxReconnectDelay: 200 };
 
 describe("against two nodes sharing a Redis", () => {
@@ -51,6 +53,23 @@ describe("against two nodes sharing a Redis", () => {
     const h = await y.history("h:ack");
     assert.deepEqual(h.publications.map((p) => p.data), [1]);
     await assert.rejects(x.history("chat:1"), (e) => e instanceof FanoutError && e.code === "bad_request");
+  });
+
+  test("presence: who is there, how many, and join/leave events", async () => {
+    const x = client({ url: a.ws });
+    const y = client({ url: b.ws });
+    const joins = [];
+    const sx = x.subscribe("room:js");
+    sx.on("join", (e) => joins.push(e));
+    await next((f) => sx.on("subscribed", f));
+    const sy = y.subscribe("room:js");
+    await next((f) => sy.on("subscribed", f));
+    await eventually("x saw two joins (its own and y's)", () => joins.length >= 2);
+    await eventually("both present", async () => (await x.presenceStats("room:js")).clients === 2);
+    assert.equal((await y.presence("room:js")).length, 2);
+    const left = next((f) => sx.on("leave", f));
+    sy.unsubscribe();
+    assert.equal(typeof (await left).client, "string");
   });
 
   test("a frozen node is detected and the client moves to the other one", async () => {
