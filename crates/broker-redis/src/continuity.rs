@@ -189,11 +189,7 @@ impl BrokerState {
         from: &Position,
         page: fanout_protocol::HistoryPage,
     ) -> Result<(), Option<Position>> {
-        let continues = page.top.epoch == from.epoch
-            && from.offset <= page.top.offset
-            && (from.offset == page.top.offset
-                || page.publications.first().and_then(Publication::offset) == Some(from.offset + 1));
-        if !continues {
+        if !page.continues_from(from) {
             return Err(Some(page.top));
         }
         for p in &page.publications {

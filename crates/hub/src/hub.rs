@@ -154,15 +154,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether `page` (read after `since`) continues exactly from `since`: same epoch, not
-/// ahead of the top, and nothing between `since` and the first publication kept.
-fn recoverable(since: &Position, page: &HistoryPage) -> bool {
-    since.epoch == page.top.epoch
-        && since.offset <= page.top.offset
-        && (since.offset == page.top.offset
-            || page.publications.first().and_then(Publication::offset) == Some(since.offset + 1))
-}
-
 impl Hub {
     pub fn new(registry: Arc<Registry>, broker: Arc<dyn Broker>, subscribe_timeout: Duration) -> Self {
         Self::with_history(registry, broker, Arc::new(Histories::default()), subscribe_timeout)
@@ -241,24 +232,26 @@ impl Hub {
                 return Err(e);
             }
         };
-        let recovered = since.map(|since| recoverable(since, &page));
+        let recovered = since.map(|since| page.continues_from(since));
         match recovered {
             Some(true) => self.metrics.recovered.increment(1),
             Some(false) => self.metrics.not_recovered.increment(1),
             None => {}
         }
         reply(&Subscription { top: Some(page.top.clone()), recovered });
+        // Recovered: the page follows `since`. Otherwise nothing is replayed from the top on.
+        let (cursor, pending) = match since {
+            Some(since) if recovered == Some(true) => (since.clone(), page.publications.into()),
+            _ => (page.top.clone(), Default::default()),
+        };
         let mut replay = Replay {
             hub: self.clone(),
             channel: channel.clone(),
             outbox: outbox.clone(),
-            top: page.top.clone(),
-            cursor: since.cloned().unwrap_or_else(|| page.top.clone()),
-            pending: if recovered == Some(true) { page.publications.into() } else { Default::default() },
+            top: page.top,
+            cursor,
+            pending,
         };
-        if recovered != Some(true) {
-            replay.cursor = page.top;
-        }
         // Whatever fits now goes now; most recoveries end here, in the session's own task.
         if replay.push_fitting() {
             replay.finish();
@@ -267,19 +260,21 @@ impl Hub {
         Ok(Some(replay))
     }
 
+    /// `fut` within `subscribe_timeout` (the broker's own limits may be longer).
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        tokio::time::timeout(self.subscribe_timeout, fut).await.unwrap_or(Err(BrokerError::Timeout))
+    }
+
     async fn ready(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.ready(channel)).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.ready(channel)).await
     }
 
     /// Reads `channel`'s history (the caller checked that it keeps one).
     pub async fn history(&self, channel: &ChannelName, query: &HistoryQuery) -> Result<HistoryPage, BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.history(channel, query)).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.history(channel, query)).await
     }
 
     /// Removes subscriber `id` from `channel`; a no-op when it was not subscribed.
@@ -301,18 +296,12 @@ impl Hub {
 
     /// Tells every node to act on `control` (server API).
     pub async fn control(&self, control: &crate::Control) -> Result<(), BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.control(control)).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.control(control)).await
     }
 
     /// Every live node's report.
     pub async fn nodes(&self) -> Result<Vec<crate::NodeReport>, BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.nodes()).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.nodes()).await
     }
 
     pub fn presence_join(&self, channel: &ChannelName, client: &str, user: &str) {
@@ -324,17 +313,11 @@ impl Hub {
     }
 
     pub async fn presence(&self, channel: &ChannelName) -> Result<fanout_protocol::PresenceList, BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.presence(channel)).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.presence(channel)).await
     }
 
     pub async fn presence_stats(&self, channel: &ChannelName) -> Result<fanout_protocol::PresenceStats, BrokerError> {
-        match tokio::time::timeout(self.subscribe_timeout, self.broker.presence_stats(channel)).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        self.bounded(self.broker.presence_stats(channel)).await
     }
 
     /// Introduces the node to its broker (once, at start).

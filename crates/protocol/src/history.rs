@@ -44,6 +44,17 @@ pub struct HistoryPage {
     pub publications: Vec<Publication>,
 }
 
+impl HistoryPage {
+    /// Whether this page, read after `since`, continues exactly from it: same epoch, not
+    /// behind `since`, and nothing missing between `since` and the first publication kept.
+    pub fn continues_from(&self, since: &Position) -> bool {
+        since.epoch == self.top.epoch
+            && since.offset <= self.top.offset
+            && (since.offset == self.top.offset
+                || self.publications.first().and_then(Publication::offset) == Some(since.offset + 1))
+    }
+}
+
 /// What a `history` read asks for: publications after `since` (all kept without it), at
 /// most `limit` of them (all without it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
