@@ -43,6 +43,8 @@ pub(crate) struct BrokerState {
     pub histories: Arc<Histories>,
     /// The Function library this node loads (its settings baked in).
     pub library: String,
+    /// `{prefix}!control`, built once: the reader compares every message's channel to it.
+    pub control_channel: String,
     /// The last position delivered on each history channel.
     pub positions: Positions,
     pub resync_log: LogLimiter,
@@ -71,16 +73,18 @@ impl BrokerState {
         config: RedisConfig,
         registry: Arc<Registry>,
         histories: Arc<Histories>,
+        presences: Arc<fanout_hub::Presences>,
         endpoints: Vec<Endpoint>,
     ) -> Self {
         Self {
             library: functions::library(&config.prefix, &histories, IDEMPOTENCY_WINDOW.as_secs()),
+            control_channel: crate::cluster::control_channel(&config.prefix),
             histories,
             positions: Positions::default(),
             resync_log: LogLimiter::new(10_000),
             unstored_log: LogLimiter::new(10_000),
             node: std::sync::OnceLock::new(),
-            presences: Arc::default(),
+            presences,
             presence_local: fanout_hub::LocalPresence::default(),
             event_budget: fanout_hub::EventBudget::default(),
             registry,
@@ -172,9 +176,7 @@ impl RedisBroker {
         let refresh = presences
             .min_ttl()
             .map_or(std::time::Duration::from_secs(20), |t| (t / 3).max(std::time::Duration::from_millis(500)));
-        let mut state = BrokerState::new(config, registry, histories, endpoints);
-        state.presences = presences;
-        let shared = Arc::new(state);
+        let shared = Arc::new(BrokerState::new(config, registry, histories, presences, endpoints));
         let (commands, receiver) = mpsc::unbounded_channel();
         let (presence, presence_rx) = mpsc::channel(crate::presence::QUEUE);
         let tasks = TaskTracker::new();
@@ -195,6 +197,24 @@ impl RedisBroker {
     /// Resolves once the broker's tasks have stopped after shutdown.
     pub async fn stopped(&self) {
         self.tasks.wait().await;
+    }
+}
+
+impl RedisBroker {
+    /// Queues a presence change for Redis (bounded: a full queue drops it, counted).
+    fn queue_presence(
+        &self,
+        event: fanout_protocol::PresenceEvent,
+        policy: fanout_hub::PresencePolicy,
+        channel: &ChannelName,
+        client: &str,
+        user: String,
+    ) {
+        let op =
+            crate::presence::PresenceOp { event, channel: channel.clone(), client: client.to_owned(), user, policy };
+        if self.presence.try_send(op).is_err() {
+            self.shared.metrics.presence_ops_dropped.increment(1);
+        }
     }
 }
 
@@ -259,30 +279,14 @@ impl Broker for RedisBroker {
     fn presence_join(&self, channel: &ChannelName, client: &str, user: &str) {
         let Some(policy) = self.shared.presences.of(channel.as_str()) else { return };
         if self.shared.presence_local.join(channel, client, user) {
-            let op = crate::presence::PresenceOp::Join {
-                channel: channel.clone(),
-                client: client.to_owned(),
-                user: user.to_owned(),
-                policy,
-            };
-            if self.presence.try_send(op).is_err() {
-                self.shared.metrics.presence_ops_dropped.increment(1);
-            }
+            self.queue_presence(fanout_protocol::PresenceEvent::Join, policy, channel, client, user.to_owned());
         }
     }
 
     fn presence_leave(&self, channel: &ChannelName, client: &str) {
         let Some(policy) = self.shared.presences.of(channel.as_str()) else { return };
         if let Some(user) = self.shared.presence_local.leave(channel, client) {
-            let op = crate::presence::PresenceOp::Leave {
-                channel: channel.clone(),
-                client: client.to_owned(),
-                user,
-                policy,
-            };
-            if self.presence.try_send(op).is_err() {
-                self.shared.metrics.presence_ops_dropped.increment(1);
-            }
+            self.queue_presence(fanout_protocol::PresenceEvent::Leave, policy, channel, client, user);
         }
     }
 

@@ -91,8 +91,8 @@ impl BrokerState {
     /// Publishes `control` on the control channel.
     pub(crate) async fn send_control(&self, control: &Control) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(control_channel(&self.config.prefix)).arg(encode_control(control));
-        self.publisher.run_cmd::<()>(self, &cmd, "control PUBLISH").await
+        cmd.arg(&self.control_channel).arg(encode_control(control));
+        self.publisher.run::<()>(self, &cmd, "control PUBLISH").await
     }
 
     /// A message on the control channel: this node acts on it.
@@ -129,7 +129,7 @@ impl BrokerState {
         let since = now_ms().saturating_sub(REPORT_TTL.as_millis() as u64);
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(registry_key(prefix)).arg(since).arg("+inf");
-        let ids: Vec<String> = self.publisher.run_cmd(self, &cmd, "node index").await?;
+        let ids: Vec<String> = self.publisher.run(self, &cmd, "node index").await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -137,7 +137,7 @@ impl BrokerState {
         for id in &ids {
             get.arg(report_key(prefix, id));
         }
-        let reports: Vec<Option<Vec<u8>>> = self.publisher.run_cmd(self, &get, "node reports").await?;
+        let reports: Vec<Option<Vec<u8>>> = self.publisher.run(self, &get, "node reports").await?;
         Ok(reports.into_iter().flatten().filter_map(|r| decode_report(&r)).collect())
     }
 }

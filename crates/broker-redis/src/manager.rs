@@ -165,7 +165,7 @@ impl Manager {
         let started = Instant::now();
         self.subscribe_pending(&mut sink).await?;
         // The control channel (server API) on every connection, before the node is up.
-        let control = crate::cluster::control_channel(&self.shared.config.prefix);
+        let control = self.shared.control_channel.clone();
         match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -512,6 +512,7 @@ mod tests {
         let mut i = Interest::new(Arc::new(BrokerState::new(
             config,
             Arc::new(fanout_hub::Registry::new()),
+            Arc::default(),
             Arc::default(),
             Vec::new(),
         )));

@@ -24,9 +24,13 @@ pub(crate) const QUEUE: usize = 10_000;
 /// Presence changes sent in one pipeline at most.
 const BATCH: usize = 512;
 
-pub(crate) enum PresenceOp {
-    Join { channel: ChannelName, client: String, user: String, policy: PresencePolicy },
-    Leave { channel: ChannelName, client: String, user: String, policy: PresencePolicy },
+/// A join or a leave on its way to Redis.
+pub(crate) struct PresenceOp {
+    pub(crate) event: PresenceEvent,
+    pub(crate) channel: ChannelName,
+    pub(crate) client: String,
+    pub(crate) user: String,
+    pub(crate) policy: PresencePolicy,
 }
 
 fn now_ms() -> u64 {
@@ -75,17 +79,17 @@ impl BrokerState {
     }
 
     fn command(&self, op: PresenceOp) -> redis::Cmd {
+        let PresenceOp { event, channel, client, user, policy } = op;
+        let envelope = self.event(&channel, policy, event, &client, &user);
         let mut cmd = redis::cmd("FCALL");
-        match op {
-            PresenceOp::Join { channel, client, user, policy } => {
+        match event {
+            PresenceEvent::Join => {
                 let (expires, keep) = expiry(policy);
-                let event = self.event(&channel, policy, PresenceEvent::Join, &client, &user);
                 cmd.arg("fanout_presence_join").arg(1).arg(self.key(&channel)).arg(&client).arg(&user);
-                cmd.arg(expires).arg(keep).arg(event);
+                cmd.arg(expires).arg(keep).arg(envelope);
             }
-            PresenceOp::Leave { channel, client, user, policy } => {
-                let event = self.event(&channel, policy, PresenceEvent::Leave, &client, &user);
-                cmd.arg("fanout_presence_leave").arg(1).arg(self.key(&channel)).arg(&client).arg(event);
+            PresenceEvent::Leave => {
+                cmd.arg("fanout_presence_leave").arg(1).arg(self.key(&channel)).arg(&client).arg(envelope);
             }
         }
         cmd
@@ -102,7 +106,7 @@ impl BrokerState {
                 for (client, user) in chunk {
                     cmd.arg(client).arg(user);
                 }
-                if let Err(e) = self.publisher.fcall_cmd::<i64>(self, &cmd, "presence refresh").await {
+                if let Err(e) = self.publisher.fcall::<i64>(self, &cmd, "presence refresh").await {
                     tracing::debug!(%channel, error = %e, "presence refresh failed; retried at the next one");
                 }
             }
@@ -113,7 +117,7 @@ impl BrokerState {
     pub(crate) async fn presence_list(&self, channel: &ChannelName) -> Result<PresenceList, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("fanout_presence").arg(1).arg(self.key(channel)).arg(now_ms()).arg(MAX_PRESENCE_LIST);
-        let reply: Value = self.publisher.fcall_cmd(self, &cmd, "presence").await?;
+        let reply: Value = self.publisher.fcall(self, &cmd, "presence").await?;
         let Value::Array(items) = reply else {
             return Err(BrokerError::Unavailable("unexpected presence reply".into()));
         };
@@ -134,7 +138,7 @@ impl BrokerState {
     pub(crate) async fn presence_counts(&self, channel: &ChannelName) -> Result<PresenceStats, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("fanout_presence_stats").arg(1).arg(self.key(channel)).arg(now_ms());
-        let (clients, users): (u64, u64) = self.publisher.fcall_cmd(self, &cmd, "presence stats").await?;
+        let (clients, users): (u64, u64) = self.publisher.fcall(self, &cmd, "presence stats").await?;
         Ok(PresenceStats { clients, users })
     }
 }

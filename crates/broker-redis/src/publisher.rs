@@ -145,13 +145,13 @@ impl PublishConnection {
 
     /// `FCALL` that reloads the library once when Redis lost it (restarted empty, or
     /// `FUNCTION FLUSH`) and tries again.
-    async fn fcall<T: redis::FromRedisValue>(
+    pub(crate) async fn fcall<T: redis::FromRedisValue>(
         &self,
         shared: &BrokerState,
         cmd: &redis::Cmd,
         what: &str,
     ) -> Result<T, BrokerError> {
-        match self.run_raw::<T>(shared, cmd).await {
+        match self.run_raw::<T>(shared, Query::Cmd(cmd)).await {
             Err(Failure::Redis(e)) if functions::is_missing_function(&e) => {
                 let (_, mut connection) = match self.current() {
                     Some(c) => c,
@@ -170,26 +170,6 @@ impl PublishConnection {
         }
     }
 
-    /// [`Self::fcall`] for the rest of the crate (presence).
-    pub(crate) async fn fcall_cmd<T: redis::FromRedisValue>(
-        &self,
-        shared: &BrokerState,
-        cmd: &redis::Cmd,
-        what: &str,
-    ) -> Result<T, BrokerError> {
-        self.fcall(shared, cmd, what).await
-    }
-
-    /// [`Self::run`] for the rest of the crate (control plane, node registry).
-    pub(crate) async fn run_cmd<T: redis::FromRedisValue>(
-        &self,
-        shared: &BrokerState,
-        cmd: &redis::Cmd,
-        what: &str,
-    ) -> Result<T, BrokerError> {
-        self.run(shared, cmd, what).await
-    }
-
     /// A pipeline on the command connection, within `publish_timeout`.
     pub(crate) async fn run_pipe(
         &self,
@@ -197,43 +177,35 @@ impl PublishConnection {
         pipe: &redis::Pipeline,
         what: &str,
     ) -> Result<(), BrokerError> {
-        let (generation, mut connection) = match self.current() {
-            Some(c) => c,
-            None => self.dial(shared).await?,
-        };
-        let result =
-            match tokio::time::timeout(shared.config.publish_timeout, pipe.query_async::<()>(&mut connection)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    if is_connection_error(&e) {
-                        self.discard(generation);
-                    }
-                    Err(Failure::Redis(e))
-                }
-                Err(_) => Err(Failure::Broker(BrokerError::Timeout)),
-            };
+        let result = self.run_raw(shared, Query::Pipe(pipe)).await;
         self.finish(shared, result, what)
     }
 
     /// Runs `cmd` on the command connection, dialing it if needed, within `publish_timeout`.
-    async fn run<T: redis::FromRedisValue>(
+    pub(crate) async fn run<T: redis::FromRedisValue>(
         &self,
         shared: &BrokerState,
         cmd: &redis::Cmd,
         what: &str,
     ) -> Result<T, BrokerError> {
-        let result = self.run_raw(shared, cmd).await;
+        let result = self.run_raw(shared, Query::Cmd(cmd)).await;
         self.finish(shared, result, what)
     }
 
-    async fn run_raw<T: redis::FromRedisValue>(&self, shared: &BrokerState, cmd: &redis::Cmd) -> Result<T, Failure> {
+    async fn run_raw<T: redis::FromRedisValue>(&self, shared: &BrokerState, query: Query<'_>) -> Result<T, Failure> {
         let (generation, mut connection) = match self.current() {
             Some(c) => c,
             None => self.dial(shared).await.map_err(Failure::Broker)?,
         };
+        let answer = async {
+            match query {
+                Query::Cmd(cmd) => cmd.query_async::<T>(&mut connection).await,
+                Query::Pipe(pipe) => pipe.query_async::<T>(&mut connection).await,
+            }
+        };
         // The connection's own response timeout should fire first; this one also bounds the
         // time spent queued behind other requests on the multiplexed connection.
-        match tokio::time::timeout(shared.config.publish_timeout, cmd.query_async::<T>(&mut connection)).await {
+        match tokio::time::timeout(shared.config.publish_timeout, answer).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
@@ -258,6 +230,12 @@ impl PublishConnection {
             }
         }
     }
+}
+
+/// What goes to Redis: one command, or a pipeline.
+enum Query<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
 }
 
 /// Why a command failed: Redis answered with an error (or the connection broke), or the

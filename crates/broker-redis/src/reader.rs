@@ -156,9 +156,7 @@ async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>, subscribed: to
 
 impl BrokerState {
     pub(crate) async fn on_message(&self, redis_channel: &str, payload: &[u8]) {
-        if redis_channel.len() == self.config.prefix.len() + "!control".len()
-            && redis_channel == crate::cluster::control_channel(&self.config.prefix)
-        {
+        if redis_channel == self.control_channel {
             return self.on_control(payload);
         }
         let Some(name) = redis_channel.strip_prefix(self.config.prefix.as_str()) else {

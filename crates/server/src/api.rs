@@ -156,17 +156,13 @@ impl Internal {
                 "Content-Type must be application/json or application/msgpack",
             ));
         };
-        if let Some(key) = &self.api_key {
-            let given =
-                req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-                return Err(api_error(
-                    format,
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    "missing or wrong API key",
-                ));
-            }
+        if !self.authorized(&req) {
+            return Err(api_error(
+                format,
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong API key",
+            ));
         }
         // Bounded in time as well as size: a body that never finishes must not hold the
         // connection (and its slot in the listener's pool) forever.
@@ -216,7 +212,7 @@ impl Internal {
         api_error(format, StatusCode::BAD_REQUEST, code, message)
     }
 
-    /// The API key check of a request without a body (the GET endpoints).
+    /// The API key check, for every endpoint under `/api`.
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         let Some(key) = &self.api_key else { return true };
         let given =
