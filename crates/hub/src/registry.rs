@@ -260,18 +260,35 @@ impl Registry {
         client: &str,
         user: &str,
     ) {
+        self.push_event(
+            channel,
+            |_| true,
+            |format| fanout_protocol::encode_presence_event(format, event, channel.as_str(), client, user),
+        );
+    }
+
+    /// Pushes an event frame (encoded at most once per wire format) to the local
+    /// subscribers of `channel` that `include` accepts; how many took it.
+    fn push_event(
+        &self,
+        channel: &ChannelName,
+        include: impl Fn(&Subscriber) -> bool,
+        encode: impl Fn(Encoding) -> Bytes,
+    ) -> usize {
         let shard = self.shard(channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
-        let Some(subs) = shard.get(channel.as_str()) else { return };
+        let Some(subs) = shard.get(channel.as_str()) else { return 0 };
         let mut frames: [Option<Bytes>; 2] = [None, None];
-        for sub in subs.values() {
+        let mut queued = 0;
+        for sub in subs.values().filter(|s| include(s)) {
             let format = sub.outbox.format();
-            let frame = frames[format.index()].get_or_insert_with(|| {
-                fanout_protocol::encode_presence_event(format, event, channel.as_str(), client, user)
-            });
-            if sub.outbox.push(frame.clone(), 0) == Push::Overflow {
-                self.metrics.dropped_slow.increment(1);
+            let frame = frames[format.index()].get_or_insert_with(|| encode(format));
+            match sub.outbox.push(frame.clone(), 0) {
+                Push::Queued => queued += 1,
+                Push::Overflow => self.metrics.dropped_slow.increment(1),
+                Push::Refused => {}
             }
         }
+        queued
     }
 
     /// Drops the holds of released subscribers that live publications have passed.
@@ -290,21 +307,10 @@ impl Registry {
     /// live delivery continues after `top`. Subscribers still recovering are skipped: the
     /// position they are about to be given is read after this.
     pub fn resync(&self, channel: &ChannelName, top: &Position) -> usize {
-        let shard = self.shard(channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
-        let Some(subs) = shard.get(channel.as_str()) else { return 0 };
-        let mut frames: [Option<Bytes>; 2] = [None, None];
-        let mut told = 0;
-        let live = |s: &&Subscriber| {
+        let live = |s: &Subscriber| {
             s.held.as_ref().is_none_or(|h| h.lock().unwrap_or_else(PoisonError::into_inner).after.is_some())
         };
-        for sub in subs.values().filter(live) {
-            let format = sub.outbox.format();
-            let frame = frames[format.index()].get_or_insert_with(|| encode_resync(format, channel.as_str(), top));
-            if sub.outbox.push(frame.clone(), 0) == Push::Queued {
-                told += 1;
-            }
-        }
-        told
+        self.push_event(channel, live, |format| encode_resync(format, channel.as_str(), top))
     }
 
     /// Ends a recovering subscriber's hold: the publications held for it that come after
