@@ -56,6 +56,24 @@ pub(crate) struct BrokerState {
     /// This node's own presence entries, refreshed in Redis.
     pub presence_local: fanout_hub::LocalPresence,
     pub event_budget: fanout_hub::EventBudget,
+    /// Which Redis of several this is, and whether it carries the control plane.
+    pub shard: Shard,
+}
+
+/// One Redis connection's place among the node's Redis servers.
+#[derive(Clone, Debug)]
+pub(crate) struct Shard {
+    /// Its `shard` metric label: `"0"`, `"1"`, ...
+    pub label: String,
+    /// Whether this Redis carries the control channel and the node registry (the first
+    /// shard does; the others carry channels only).
+    pub control: bool,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { label: "0".into(), control: true }
+    }
 }
 
 impl BrokerState {
@@ -75,8 +93,11 @@ impl BrokerState {
         histories: Arc<Histories>,
         presences: Arc<fanout_hub::Presences>,
         endpoints: Vec<Endpoint>,
+        shard: Shard,
     ) -> Self {
         Self {
+            metrics: BrokerMetrics::new(&shard.label),
+            shard,
             library: functions::library(&config.prefix, &histories, IDEMPOTENCY_WINDOW.as_secs()),
             control_channel: crate::cluster::control_channel(&config.prefix),
             histories,
@@ -95,7 +116,6 @@ impl BrokerState {
             up: AtomicBool::new(false),
             status: watch::Sender::new(false),
             active: RwLock::new(HashSet::new()),
-            metrics: BrokerMetrics::new(),
             drop_log: LogLimiter::new(10_000),
         }
     }
@@ -170,19 +190,33 @@ impl RedisBroker {
         presences: Arc<fanout_hub::Presences>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, RedisBrokerError> {
+        Self::start_shard(config, registry, histories, presences, Shard::default(), shutdown)
+    }
+
+    /// Starts the broker of one Redis among several (see [`crate::ShardedBroker`]).
+    pub(crate) fn start_shard(
+        config: RedisConfig,
+        registry: Arc<Registry>,
+        histories: Arc<Histories>,
+        presences: Arc<fanout_hub::Presences>,
+        shard: Shard,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, RedisBrokerError> {
         let endpoints = config.endpoints()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RedisBrokerError::NoRuntime)?;
         // Entries expire after presence_ttl without a refresh: refresh three times as often.
         let refresh = presences
             .min_ttl()
             .map_or(std::time::Duration::from_secs(20), |t| (t / 3).max(std::time::Duration::from_millis(500)));
-        let shared = Arc::new(BrokerState::new(config, registry, histories, presences, endpoints));
+        let shared = Arc::new(BrokerState::new(config, registry, histories, presences, endpoints, shard));
         let (commands, receiver) = mpsc::unbounded_channel();
         let (presence, presence_rx) = mpsc::channel(crate::presence::QUEUE);
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown.clone(), tasks.clone());
         tasks.spawn_on(manager.run(), &runtime);
-        tasks.spawn_on(report(shared.clone(), shutdown.clone()), &runtime);
+        if shared.shard.control {
+            tasks.spawn_on(report(shared.clone(), shutdown.clone()), &runtime);
+        }
         tasks.spawn_on(crate::presence::run(shared.clone(), presence_rx, refresh, shutdown), &runtime);
         tasks.close();
         Ok(Arc::new(Self { shared, commands, presence, tasks }))

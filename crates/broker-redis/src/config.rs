@@ -6,13 +6,27 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use crate::error::RedisBrokerError;
 
+/// What the URLs of a [`RedisConfig`] are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// One Redis: several URLs are interchangeable endpoints of it (a failover list),
+    /// tried in order.
+    #[default]
+    Single,
+    /// Independent Redis servers, one per URL, in this order on every node: each channel
+    /// lives on shard [`fanout_protocol::shard_of`]`(redis channel, number of URLs)`.
+    Shards,
+    /// The seed nodes of a Redis Cluster: channels ride sharded pub/sub
+    /// (`SSUBSCRIBE` / `SPUBLISH`) to the master that owns their slot.
+    Cluster,
+}
+
 /// How to reach Redis and how patiently.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` or `redis+unix://` URLs. One URL, or several: the nodes of
-    /// a Redis Cluster (or interchangeable endpoints), tried in order, moving on to the
-    /// next when one fails.
+    /// `redis://`, `rediss://` or `redis+unix://` URLs; what they are is [`Self::topology`].
     pub urls: Vec<String>,
+    pub topology: Topology,
     /// Sets the password of every URL, replacing any password the URL carries.
     pub password: Option<String>,
     /// Prepended to every channel name to form the Redis channel.
@@ -46,6 +60,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             urls: vec!["redis://127.0.0.1:6379".into()],
+            topology: Topology::Single,
             password: None,
             prefix: "fanout:".into(),
             connect_timeout: Duration::from_secs(2),
@@ -65,6 +80,7 @@ impl std::fmt::Debug for RedisConfig {
         let urls: Vec<String> = self.urls.iter().map(|u| redact(u)).collect();
         f.debug_struct("RedisConfig")
             .field("urls", &urls)
+            .field("topology", &self.topology)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)

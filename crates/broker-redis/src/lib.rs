@@ -69,7 +69,24 @@ mod metrics;
 mod presence;
 mod publisher;
 mod reader;
+mod sharded;
 
 pub use broker::RedisBroker;
-pub use config::RedisConfig;
+pub use config::{RedisConfig, Topology};
 pub use error::RedisBrokerError;
+pub use sharded::ShardedBroker;
+
+/// Starts the broker `config.topology` asks for: [`RedisBroker`] for one Redis,
+/// [`ShardedBroker`] for independent shards.
+pub fn start(
+    config: RedisConfig,
+    registry: std::sync::Arc<fanout_hub::Registry>,
+    histories: std::sync::Arc<fanout_hub::Histories>,
+    presences: std::sync::Arc<fanout_hub::Presences>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<std::sync::Arc<dyn fanout_hub::Broker>, RedisBrokerError> {
+    Ok(match config.topology {
+        Topology::Shards => ShardedBroker::start(config, registry, histories, presences, shutdown)?,
+        Topology::Single | Topology::Cluster => RedisBroker::start_with(config, registry, histories, presences, shutdown)?,
+    })
+}

@@ -164,18 +164,9 @@ impl Manager {
 
         let started = Instant::now();
         self.subscribe_pending(&mut sink).await?;
-        // The control channel (server API) on every connection, before the node is up.
-        let control = self.shared.control_channel.clone();
-        match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if is_connection_error(&e) => {
-                return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}")))
-            }
-            // Refused (an ACL without this channel): the node serves, but server-API
-            // actions from other nodes will not reach its connections.
-            Ok(Err(e)) => tracing::warn!(channel = %control, error = %e,
-                "Redis refused SUBSCRIBE to the control channel: /api/disconnect and /api/unsubscribe will not reach this node"),
-            Err(_) => return Err(Stop::Lost("no answer to SUBSCRIBE (control channel) in time".into())),
+        // The control channel (server API), before the node is up, on the Redis that carries it.
+        if self.shared.shard.control {
+            self.subscribe_control(&mut sink).await?;
         }
         self.shared.publisher.install(Some(publish));
         // Every wanted channel is subscribed again: what was published while it was not
@@ -225,6 +216,22 @@ impl Manager {
                 _ = tokio::time::sleep_until(next_linger.unwrap_or(started)), if next_linger.is_some() => {}
             }
         }
+    }
+
+    async fn subscribe_control(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+        let control = self.shared.control_channel.clone();
+        match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_connection_error(&e) => {
+                return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}")))
+            }
+            // Refused (an ACL without this channel): the node serves, but server-API
+            // actions from other nodes will not reach its connections.
+            Ok(Err(e)) => tracing::warn!(channel = %control, error = %e,
+                "Redis refused SUBSCRIBE to the control channel: /api/disconnect and /api/unsubscribe will not reach this node"),
+            Err(_) => return Err(Stop::Lost("no answer to SUBSCRIBE (control channel) in time".into())),
+        }
+        Ok(())
     }
 
     async fn subscribe_pending(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
@@ -515,6 +522,7 @@ mod tests {
             Arc::default(),
             Arc::default(),
             Vec::new(),
+            crate::broker::Shard::default(),
         )));
         i.up = true;
         i

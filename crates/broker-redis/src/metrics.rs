@@ -44,18 +44,20 @@ pub(crate) struct Errors {
 }
 
 impl BrokerMetrics {
-    pub(crate) fn new() -> Self {
-        let errors = |op: &'static str| counter!("fanout_broker_errors_total", "op" => op);
+    /// `shard` labels the series of one Redis connection: `"0"` with a single Redis, the
+    /// shard's index with `redis_shards`. Bounded: one value per configured shard.
+    pub(crate) fn new(shard: &str) -> Self {
+        let errors = |op: &'static str| counter!("fanout_broker_errors_total", "op" => op, "shard" => shard.to_owned());
         let m = Self {
-            up: gauge!("fanout_broker_up"),
-            channels: gauge!("fanout_broker_channels"),
-            reconnects: counter!("fanout_broker_reconnects_total"),
-            resubscribe_seconds: histogram!("fanout_broker_resubscribe_duration_seconds"),
-            received: counter!("fanout_broker_publications_received_total"),
+            up: gauge!("fanout_broker_up", "shard" => shard.to_owned()),
+            channels: gauge!("fanout_broker_channels", "shard" => shard.to_owned()),
+            reconnects: counter!("fanout_broker_reconnects_total", "shard" => shard.to_owned()),
+            resubscribe_seconds: histogram!("fanout_broker_resubscribe_duration_seconds", "shard" => shard.to_owned()),
+            received: counter!("fanout_broker_publications_received_total", "shard" => shard.to_owned()),
             invalid_envelope: counter!("fanout_publications_dropped_total", "reason" => "invalid_envelope"),
             dropped_too_large: counter!("fanout_publications_dropped_total", "reason" => "too_large"),
             dropped_backlog: counter!("fanout_publications_dropped_total", "reason" => "broker_backlog"),
-            backlog_bytes: gauge!("fanout_broker_backlog_bytes"),
+            backlog_bytes: gauge!("fanout_broker_backlog_bytes", "shard" => shard.to_owned()),
             duplicates_dropped: counter!("fanout_broker_history_duplicates_dropped_total"),
             gaps: counter!("fanout_broker_history_gaps_total"),
             resyncs: counter!("fanout_resyncs_total"),

@@ -86,12 +86,18 @@ impl Node {
     }
 
     /// The value of one series in the Prometheus rendering (0 if absent).
+    /// `name` or `name{labels}`: the sum over the series of that name whose labels
+    /// include `labels` (every broker series also carries `shard="0"`).
     fn metric(&self, series: &str) -> f64 {
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let labels = labels.trim_end_matches('}');
         self.metrics
             .render()
             .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(s, _)| s.split('{').next() == Some(name) && s.contains(labels))
+            .map(|(_, v)| v.parse::<f64>().unwrap())
+            .sum()
     }
 }
 

@@ -9,6 +9,7 @@ mod error;
 mod history;
 mod message;
 mod presence;
+mod shard;
 mod ws;
 
 pub use api::{
@@ -23,6 +24,7 @@ pub use history::{
     encode_api_history, encode_history_reply, encode_resync, Epoch, HistoryPage, HistoryQuery, Position, MAX_EPOCH_LEN,
     MAX_HISTORY_LIMIT,
 };
+pub use shard::{key_slot, shard_of, SLOTS};
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
 pub use presence::{
     decode_event_envelope, encode_api_presence, encode_api_presence_stats, encode_event_envelope,

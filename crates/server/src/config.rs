@@ -103,6 +103,18 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 
+    /// `redis_url` lists the seed nodes of a Redis Cluster: channels ride sharded pub/sub
+    /// (SSUBSCRIBE / SPUBLISH) to the master that owns their slot.
+    #[arg(long, env = "FANOUT_REDIS_CLUSTER")]
+    #[serde(default)]
+    pub redis_cluster: bool,
+
+    /// Independent Redis servers, comma-separated, used instead of redis_url: each channel
+    /// lives on shard key_slot(prefix + channel) % count. Same list, same order, on every node.
+    #[arg(long, env = "FANOUT_REDIS_SHARDS", value_name = "URLS", value_delimiter = ',')]
+    #[serde(default)]
+    pub redis_shards: Vec<String>,
+
     /// Redis password (overrides one in the URL).
     #[arg(long, env = "FANOUT_REDIS_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -346,8 +358,9 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub settings: Settings,
-    /// `redis_url` split into its URLs; empty: the embedded broker.
+    /// `redis_url` split into its URLs, or `redis_shards`; empty: the embedded broker.
     pub redis_urls: Vec<String>,
+    pub redis_topology: fanout_broker_redis::Topology,
     /// `max_publication_size`, or its default for this outbound queue.
     pub publication_limit: usize,
     /// `trusted_proxies`, parsed.
@@ -443,12 +456,31 @@ impl Config {
             }
         }
         let auth = resolve_auth(tables.auth.unwrap_or_default(), settings.jwt_hmac_secret.as_deref())?;
+        let shards: Vec<String> =
+            settings.redis_shards.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).map(String::from).collect();
+        if !shards.is_empty() && (settings.redis_url.is_some() || settings.redis_cluster) {
+            return Err(invalid("redis_shards", "is used instead of redis_url and redis_cluster: set one of them"));
+        }
+        if settings.redis_cluster && settings.redis_url.is_none() {
+            return Err(invalid("redis_cluster", "needs the cluster's seed nodes in redis_url"));
+        }
         let config = Config {
-            redis_urls: settings
-                .redis_url
-                .as_deref()
-                .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
-                .unwrap_or_default(),
+            redis_topology: if !shards.is_empty() {
+                fanout_broker_redis::Topology::Shards
+            } else if settings.redis_cluster {
+                fanout_broker_redis::Topology::Cluster
+            } else {
+                fanout_broker_redis::Topology::Single
+            },
+            redis_urls: if shards.is_empty() {
+                settings
+                    .redis_url
+                    .as_deref()
+                    .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+                    .unwrap_or_default()
+            } else {
+                shards
+            },
             // Unset, it follows a smaller outbound queue down, so a small queue alone is valid.
             publication_limit: settings
                 .max_publication_size
@@ -474,6 +506,7 @@ impl Config {
         }
         Some(fanout_broker_redis::RedisConfig {
             urls: self.redis_urls.clone(),
+            topology: self.redis_topology,
             password: self.redis_password.clone(),
             prefix: self.redis_prefix.clone(),
             // The heartbeat and subscribe commands stay short whatever broker_timeout is, so
@@ -487,14 +520,16 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let urls_key =
+            if self.redis_topology == fanout_broker_redis::Topology::Shards { "redis_shards" } else { "redis_url" };
         for url in &self.redis_urls {
             if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| url.starts_with(s)) {
-                return Err(invalid("redis_url", format!("{url:?} is not a redis://, rediss:// or redis+unix:// URL")));
+                return Err(invalid(urls_key, format!("{url:?} is not a redis://, rediss:// or redis+unix:// URL")));
             }
         }
         // Everything the broker would refuse at start, refused here, before any port is bound.
         if let Some(redis) = self.redis_config() {
-            redis.validate().map_err(|e| invalid("redis_url", e.to_string()))?;
+            redis.validate().map_err(|e| invalid(urls_key, e.to_string()))?;
         }
         if self.redis_urls.is_empty() && self.redis_password.is_some() {
             return Err(invalid("redis_password", "set without redis_url"));
@@ -809,6 +844,25 @@ mod tests {
         // Lists and secrets merge the same way.
         let c = Config::from_args(&["--trusted-proxies", "10.0.0.0/8,127.0.0.1"], Some("api_key = \"\"")).unwrap();
         assert_eq!((c.proxies.len(), c.api_key.as_deref()), (2, None));
+    }
+
+    #[test]
+    fn picks_the_redis_topology() {
+        use fanout_broker_redis::Topology;
+        let c = file("redis_shards = [\"redis://a:1\", \"redis://b:2\"]").unwrap();
+        assert_eq!((c.redis_topology, c.redis_urls.len()), (Topology::Shards, 2));
+        let c = Config::from_args(&["--redis-shards", "redis://a:1,redis://b:2,redis://c:3"], None).unwrap();
+        assert_eq!((c.redis_topology, c.redis_urls.len()), (Topology::Shards, 3));
+        let c = Config::from_args(&["--redis-cluster", "--redis-url", "redis://a:1,redis://b:2"], None).unwrap();
+        assert_eq!((c.redis_topology, c.redis_urls.len()), (Topology::Cluster, 2));
+        assert_eq!(file("redis_url = \"redis://a:1\"").unwrap().redis_topology, Topology::Single);
+        for (f, key) in [
+            ("redis_cluster = true", "redis_cluster"),
+            ("redis_shards = [\"redis://a:1\"]\nredis_url = \"redis://b:1\"", "redis_shards"),
+            ("redis_shards = [\"http://a:1\"]", "redis_shards"),
+        ] {
+            assert!(matches!(file(f), Err(ConfigError::Invalid { key: k, .. }) if k == key), "{f}");
+        }
     }
 
     #[test]

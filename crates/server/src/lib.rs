@@ -25,7 +25,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fanout_broker_redis::RedisBroker;
 use fanout_hub::{Broker, EmbeddedBroker, Hub, Registry};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -66,7 +65,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             EmbeddedBroker::with_history(registry.clone(), histories.clone(), config.history_max_bytes)
                 .with_presence(presences.clone()),
         ),
-        Some(redis) => RedisBroker::start_with(
+        Some(redis) => fanout_broker_redis::start(
             redis,
             registry.clone(),
             histories.clone(),

@@ -28,7 +28,7 @@ async fn metrics_follow_real_traffic() {
     let node = Node::start(BIN, &["--redis-url", &redis.url()]);
     let before = scrape(&node).await;
     assert_eq!(get(&before, "fanout_connections"), 0.0);
-    assert_eq!(get(&before, "fanout_broker_up"), 1.0);
+    assert_eq!(get(&before, "fanout_broker_up{shard=\"0\"}"), 1.0);
     assert_eq!(get(&before, "fanout_ready"), 1.0);
     assert_eq!(get(&before, r#"fanout_build_info{version="0.1.0"}"#), 1.0);
     for name in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
@@ -43,7 +43,7 @@ async fn metrics_follow_real_traffic() {
     let m = scrape(&node).await;
     assert_eq!(get(&m, "fanout_connections"), 3.0);
     assert_eq!(get(&m, "fanout_subscriptions"), 2.0);
-    assert_eq!(get(&m, "fanout_broker_channels"), 1.0);
+    assert_eq!(get(&m, "fanout_broker_channels{shard=\"0\"}"), 1.0);
 
     for i in 0..N {
         p.publish("m:1", json!(i)).await;
@@ -63,7 +63,7 @@ async fn metrics_follow_real_traffic() {
     let after = scrape(&node).await;
     assert_eq!(get(&after, "fanout_deliveries_total") - get(&before, "fanout_deliveries_total"), 2.0 * N as f64);
     assert_eq!(get(&after, r#"fanout_publications_total{source="ws"}"#), N as f64);
-    assert_eq!(get(&after, "fanout_broker_publications_received_total"), N as f64);
+    assert_eq!(get(&after, "fanout_broker_publications_received_total{shard=\"0\"}"), N as f64);
     assert!(get(&after, "fanout_sent_bytes_total") > 0.0);
     let latency_count = get(&after, "fanout_delivery_latency_seconds_count");
     assert!(latency_count >= 1.0 && latency_count <= 2.0 * N as f64, "{latency_count}");
@@ -95,7 +95,7 @@ async fn broker_outage_shows_in_metrics() {
     let mut down = false;
     for _ in 0..200 {
         let m = scrape(&node).await;
-        if get(&m, "fanout_broker_up") == 0.0 && get(&m, "fanout_ready") == 0.0 {
+        if get(&m, "fanout_broker_up{shard=\"0\"}") == 0.0 && get(&m, "fanout_ready") == 0.0 {
             down = true;
             break;
         }
@@ -106,7 +106,7 @@ async fn broker_outage_shows_in_metrics() {
     let mut reconnected = false;
     for _ in 0..200 {
         let m = scrape(&node).await;
-        if get(&m, "fanout_broker_up") == 1.0 && get(&m, "fanout_broker_reconnects_total") >= 1.0 {
+        if get(&m, "fanout_broker_up{shard=\"0\"}") == 1.0 && get(&m, "fanout_broker_reconnects_total{shard=\"0\"}") >= 1.0 {
             reconnected = true;
             break;
         }

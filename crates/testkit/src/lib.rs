@@ -4,12 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
 
+mod cluster;
 mod http;
 mod node;
 mod raw;
 mod redis;
 mod ws;
 
+pub use cluster::RedisCluster;
 pub use http::{http, try_http, HttpResponse};
 pub use node::{parse_metrics, Node};
 pub use raw::{client_frame, RawFrame, RawWs};

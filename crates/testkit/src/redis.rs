@@ -15,6 +15,8 @@ pub struct RedisServer {
     password: Option<String>,
     /// TLS-only server: the directory with its self-signed certificate and its log file.
     tls: Option<PathBuf>,
+    /// More `redis-server` arguments (a cluster node's, say).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -28,7 +30,7 @@ impl RedisServer {
         // A port that was free a moment ago can be taken by the time redis-server binds it
         // (by another test process): then try another.
         for _ in 0..5 {
-            let mut server = Self { port: free_port(), password: password.map(str::to_owned), tls: None, child: None };
+            let mut server = Self { port: free_port(), password: password.map(str::to_owned), tls: None, extra: Vec::new(), child: None };
             if server.try_spawn() {
                 return server;
             }
@@ -41,9 +43,22 @@ impl RedisServer {
         free_port()
     }
 
+    /// A server started with more arguments, `{port}` in them replaced by its port.
+    pub fn start_args(args: &[&str]) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let extra = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
+            let mut server = Self { port, password: None, tls: None, extra, child: None };
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server could not bind a free port five times");
+    }
+
     /// Starts a server on `port`, e.g. one a broker is already trying to reach.
     pub fn start_on(port: u16) -> Self {
-        let mut server = Self { port, password: None, tls: None, child: None };
+        let mut server = Self { port, password: None, tls: None, extra: Vec::new(), child: None };
         server.spawn();
         server
     }
@@ -68,7 +83,7 @@ impl RedisServer {
             made.is_ok_and(|s| s.success()),
             "openssl is needed to make the test certificate (apt-get install openssl)"
         );
-        let mut server = Self { port, password: None, tls: Some(dir), child: None };
+        let mut server = Self { port, password: None, tls: Some(dir), extra: Vec::new(), child: None };
         server.spawn();
         server
     }
@@ -128,6 +143,7 @@ impl RedisServer {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(&self.extra);
         let child = cmd.spawn().expect("redis-server must be installed (apt-get install -y redis-server)");
         self.child = Some(child);
         let tls = self.tls.is_some();
@@ -169,6 +185,10 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn port(&self) -> u16 {

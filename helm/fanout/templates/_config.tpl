@@ -14,6 +14,10 @@ internal_addr = {{ include "fanout.tomlHostPort" (dict "host" $c.listenHost "por
 {{- with include "fanout.redisUrl" . }}
 redis_url = {{ . | toJson }}
 {{- end }}
+redis_cluster = {{ .Values.redis.cluster }}
+{{- with .Values.redis.shards }}
+redis_shards = {{ . | toJson }}
+{{- end }}
 redis_prefix = {{ $c.redisPrefix | toJson }}
 log_level = {{ $c.logLevel | toJson }}
 log_format = {{ $c.logFormat | toJson }}

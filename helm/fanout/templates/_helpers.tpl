@@ -129,7 +129,8 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 
 {{/* fanout.redisUrl: the broker the gateway uses; empty = embedded single-node broker. */}}
 {{- define "fanout.redisUrl" -}}
-{{- if .Values.redis.url }}
+{{- if .Values.redis.shards }}
+{{- else if .Values.redis.url }}
 {{- .Values.redis.url }}
 {{- else if .Values.redis.enabled }}
 {{- printf "redis://%s:6379" (include "fanout.redisName" .) }}
@@ -140,6 +141,12 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- define "fanout.validate" -}}
 {{- if and .Values.redis.enabled .Values.redis.url }}
 {{- fail "fanout: set either redis.enabled (bundled Redis) or redis.url (existing Redis), not both" }}
+{{- end }}
+{{- if and .Values.redis.shards (or .Values.redis.enabled .Values.redis.url .Values.redis.cluster) }}
+{{- fail "fanout: redis.shards replaces redis.url, redis.cluster and the bundled Redis: set redis.enabled=false and leave the others unset" }}
+{{- end }}
+{{- if and .Values.redis.cluster (not .Values.redis.url) }}
+{{- fail "fanout: redis.cluster needs the cluster's seed nodes in redis.url" }}
 {{- end }}
 {{- if and (not (include "fanout.redisUrl" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "fanout: more than one replica needs a shared Redis: set redis.url, or redis.enabled=true to try it out" }}
@@ -253,6 +260,8 @@ credentials (they belong in the Secret).
   "public_addr" "config.listenHost and containerPorts.public"
   "internal_addr" "config.listenHost and containerPorts.internal"
   "redis_url" "redis.url"
+  "redis_cluster" "redis.cluster"
+  "redis_shards" "redis.shards"
   "redis_prefix" "config.redisPrefix"
   "log_level" "config.logLevel"
   "log_format" "config.logFormat"
