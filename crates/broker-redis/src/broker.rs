@@ -58,6 +58,8 @@ pub(crate) struct BrokerState {
     pub event_budget: fanout_hub::EventBudget,
     /// Which Redis of several this is, and whether it carries the control plane.
     pub shard: Shard,
+    /// The manager's queue, for the reader to hand back a channel Redis unsubscribed.
+    pub interest: std::sync::OnceLock<mpsc::UnboundedSender<InterestChange>>,
 }
 
 /// One Redis connection's place among the node's Redis servers.
@@ -98,7 +100,13 @@ impl BrokerState {
         Self {
             metrics: BrokerMetrics::new(&shard.label),
             shard,
-            library: functions::library(&config.prefix, &histories, IDEMPOTENCY_WINDOW.as_secs()),
+            interest: std::sync::OnceLock::new(),
+            library: functions::library(
+                &config.prefix,
+                &histories,
+                IDEMPOTENCY_WINDOW.as_secs(),
+                if config.topology == crate::config::Topology::Cluster { "SPUBLISH" } else { "PUBLISH" },
+            ),
             control_channel: crate::cluster::control_channel(&config.prefix),
             histories,
             positions: Positions::default(),
@@ -123,6 +131,36 @@ impl BrokerState {
     /// Whether `channel` is subscribed on the live pub/sub connection.
     pub(crate) fn is_active(&self, channel: &ChannelName) -> bool {
         self.active.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(channel)
+    }
+
+    /// A cluster ended the subscription to `channel` on its own (its slot moved): the
+    /// manager subscribes it again, which reaches the slot's new master.
+    pub(crate) fn unsubscribed_by_redis(&self, channel: ChannelName) {
+        if let Some(interest) = self.interest.get() {
+            let _ = interest.send(InterestChange::Lost(channel));
+        }
+    }
+
+    /// A cluster lost a node connection: the manager subscribes everything again once the
+    /// cluster answers everywhere.
+    pub(crate) fn disrupted(&self) {
+        if let Some(interest) = self.interest.get() {
+            let _ = interest.send(InterestChange::Disrupted);
+        }
+    }
+
+    /// Whether channels ride sharded pub/sub (a Redis Cluster).
+    pub(crate) fn sharded_pubsub(&self) -> bool {
+        self.config.topology == crate::config::Topology::Cluster
+    }
+
+    /// `SPUBLISH` on a cluster (to the channel's shard only), `PUBLISH` otherwise.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded_pubsub() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     pub(crate) fn endpoint(&self) -> (usize, &Endpoint) {
@@ -210,6 +248,7 @@ impl RedisBroker {
             .map_or(std::time::Duration::from_secs(20), |t| (t / 3).max(std::time::Duration::from_millis(500)));
         let shared = Arc::new(BrokerState::new(config, registry, histories, presences, endpoints, shard));
         let (commands, receiver) = mpsc::unbounded_channel();
+        let _ = shared.interest.set(commands.clone());
         let (presence, presence_rx) = mpsc::channel(crate::presence::QUEUE);
         let tasks = TaskTracker::new();
         let manager = Manager::new(shared.clone(), receiver, shutdown.clone(), tasks.clone());

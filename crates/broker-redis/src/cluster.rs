@@ -90,7 +90,7 @@ fn now_ms() -> u64 {
 impl BrokerState {
     /// Publishes `control` on the control channel.
     pub(crate) async fn send_control(&self, control: &Control) -> Result<(), BrokerError> {
-        let mut cmd = redis::cmd("PUBLISH");
+        let mut cmd = redis::cmd(self.publish_command());
         cmd.arg(&self.control_channel).arg(encode_control(control));
         self.publisher.run::<()>(self, &cmd, "control PUBLISH").await
     }

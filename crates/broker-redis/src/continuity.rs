@@ -118,6 +118,12 @@ impl Positions {
         self.lock().retain(|c, _| keep(c));
     }
 
+    /// [`Self::expected`] of these channels only (those the node tracks).
+    fn expected_of(&self, channels: &[ChannelName]) -> Vec<(ChannelName, Position)> {
+        let tracks = self.lock();
+        channels.iter().filter_map(|c| tracks.get(c)?.expected().map(|p| (c.clone(), p.clone()))).collect()
+    }
+
     fn expected(&self) -> Vec<(ChannelName, Position)> {
         self.lock().iter().filter_map(|(c, t)| t.expected().map(|p| (c.clone(), p.clone()))).collect()
     }
@@ -206,15 +212,20 @@ impl BrokerState {
     /// After a pub/sub reconnect (every wanted channel subscribed again): for every history
     /// channel with local subscribers, delivers what was published since the node's last
     /// position, or tells its subscribers to resync when that is gone.
-    pub(crate) async fn catch_up(&self) {
-        let channels: Vec<(ChannelName, Position, HistoryPolicy)> = self
-            .positions
-            .expected()
+    /// `only`: just these channels (a cluster resubscribed them after losing their master).
+    /// Returns the channels whose history could not be read.
+    pub(crate) async fn catch_up(&self, only: Option<&[ChannelName]>) -> Vec<ChannelName> {
+        let tracked = match only {
+            None => self.positions.expected(),
+            Some(only) => self.positions.expected_of(only),
+        };
+        let mut failed = Vec::new();
+        let channels: Vec<(ChannelName, Position, HistoryPolicy)> = tracked
             .into_iter()
             .filter_map(|(c, p)| self.histories.of(c.as_str()).map(|policy| (c, p, policy)))
             .collect();
         if channels.is_empty() {
-            return;
+            return failed;
         }
         let started = std::time::Instant::now();
         let count = channels.len();
@@ -234,12 +245,16 @@ impl BrokerState {
                     }
                 }
                 // The next live publication finds the gap and fills it.
-                Err(e) => tracing::warn!(%channel, error = %e, "could not catch a history channel up"),
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "could not catch a history channel up");
+                    failed.push(channel);
+                }
             }
         }
         self.metrics.catch_ups.increment(1);
         self.metrics.catch_up_seconds.record(started.elapsed().as_secs_f64());
         tracing::info!(channels = count, elapsed = ?started.elapsed(), "caught history channels up after reconnecting");
+        failed
     }
 }
 

@@ -29,7 +29,6 @@
 use std::fmt::Write as _;
 
 use fanout_hub::Histories;
-use redis::aio::MultiplexedConnection;
 
 /// Bumped whenever the library's code changes. A node loads its library when Redis has
 /// none or an older one, never over a newer one: a newer library keeps every function
@@ -40,6 +39,8 @@ const LIBRARY: &str = r#"
 local VERSION = __VERSION__
 local DIGEST = '__DIGEST__'
 local PREFIX = __PREFIX__
+-- PUBLISH, or SPUBLISH on a Redis Cluster.
+local PUBLISH = __PUBLISH__
 local IDEMPOTENCY_WINDOW = __WINDOW__
 -- namespace -> {history_size, history_ttl_seconds}; OFF: listed with history off.
 local HISTORY = {__HISTORY__}
@@ -129,7 +130,7 @@ local function publish(key, envelope, size, ttl, idem, window)
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', meta, ttl)
   end
-  redis.call('PUBLISH', key, envelope)
+  redis.call(PUBLISH, key, envelope)
   if idem_key then
     redis.call('SET', idem_key, string.format('%d:%s', offset, epoch), 'EX', window)
   end
@@ -214,14 +215,14 @@ redis.register_function('fanout_presence_join', function(keys, args)
   local z, u, c = presence_keys(keys[1])
   local added = presence_add(z, u, c, args[1], args[2], args[3])
   presence_keep(keys[1], args[4])
-  if added == 1 and args[5] ~= '' then redis.call('PUBLISH', keys[1], args[5]) end
+  if added == 1 and args[5] ~= '' then redis.call(PUBLISH, keys[1], args[5]) end
   return added
 end)
 
 -- fanout_presence_leave 1 K CLIENT EVENT
 redis.register_function('fanout_presence_leave', function(keys, args)
   local user = presence_remove(keys[1], args[1])
-  if user and args[2] ~= '' then redis.call('PUBLISH', keys[1], args[2]) end
+  if user and args[2] ~= '' then redis.call(PUBLISH, keys[1], args[2]) end
   if user then return 1 end
   return 0
 end)
@@ -281,7 +282,10 @@ fn lua_string(s: &str) -> String {
 }
 
 /// The library's source for this node: its code version, prefix and history settings.
-pub(crate) fn library(prefix: &str, histories: &Histories, window_s: u64) -> String {
+/// `publish` is the command the library publishes with: `SPUBLISH` on a cluster, so a
+/// publication goes only to the shard that owns the channel's slot (the channel is the
+/// call's key, so it is always local to the script).
+pub(crate) fn library(prefix: &str, histories: &Histories, window_s: u64, publish: &str) -> String {
     let mut history = String::new();
     let mut fallback = "nil".to_string();
     for (ns, p) in histories.entries() {
@@ -293,12 +297,13 @@ pub(crate) fn library(prefix: &str, histories: &Histories, window_s: u64) -> Str
         }
     }
     let off: String = histories.off().iter().map(|ns| format!("[{}] = true, ", lua_string(ns))).collect();
-    let settings = format!("{prefix}\n{history}\n{off}\n{fallback}\n{window_s}");
+    let settings = format!("{prefix}\n{history}\n{off}\n{fallback}\n{window_s}\n{publish}");
     let digest = format!("{:016x}", fnv1a(settings.as_bytes()));
     format!("#!lua name=fanout\n-- fanout Redis Function library (see the fanout-broker-redis crate)\n{}", LIBRARY)
         .replace("__VERSION__", &VERSION.to_string())
         .replace("__DIGEST__", &digest)
         .replace("__PREFIX__", &lua_string(prefix))
+        .replace("__PUBLISH__", &lua_string(publish))
         .replace("__WINDOW__", &window_s.to_string())
         .replace("__HISTORY__", &history)
         .replace("__OFF__", &off)
@@ -332,9 +337,20 @@ pub(crate) enum Loaded {
 /// Between reading the version and loading, a newer node could load its own, which this
 /// would then replace; every node checks again whenever it reconnects and when a call
 /// finds a function missing, so a newer library is restored by its own nodes.
-pub(crate) async fn ensure_loaded(conn: &mut MultiplexedConnection, library: &str) -> redis::RedisResult<Loaded> {
-    let current: redis::RedisResult<(u64, String)> =
-        redis::cmd("FCALL_RO").arg("fanout_version").arg(0).query_async(conn).await;
+///
+/// `force` loads it without asking: on a cluster the version check reaches one master,
+/// and a master that lost the library (while another still has it) must get it anyway.
+/// `FUNCTION LOAD` itself goes to every master.
+pub(crate) async fn ensure_loaded<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    library: &str,
+    force: bool,
+) -> redis::RedisResult<Loaded> {
+    let current: redis::RedisResult<(u64, String)> = if force {
+        Ok((0, String::new()))
+    } else {
+        redis::cmd("FCALL_RO").arg("fanout_version").arg(0).query_async(conn).await
+    };
     match current {
         Ok((v, _)) if v > VERSION => return Ok(Loaded::Newer(v)),
         Ok((v, digest)) if v == VERSION && Some(digest.as_str()) == digest_of(library) => return Ok(Loaded::Present),
@@ -367,12 +383,12 @@ mod tests {
             ("h".to_string(), HistoryPolicy { size: 100, ttl: Duration::from_secs(600) }),
             ("x'y".to_string(), HistoryPolicy { size: 0, ttl: Duration::ZERO }),
         ]);
-        let lib = library("fanout:", &h, 300);
+        let lib = library("fanout:", &h, 300, "PUBLISH");
         assert!(lib.starts_with("#!lua name=fanout\n"));
         assert!(lib.contains("local HISTORY = {['h'] = {100, 600}, }"), "{lib}");
         assert!(lib.contains(r"['x\39y'] = true"), "quotes are escaped");
         assert!(!lib.contains("__"), "every placeholder is filled");
-        let other = library("fanout:", &Histories::default(), 300);
+        let other = library("fanout:", &Histories::default(), 300, "PUBLISH");
         assert_ne!(digest_of(&lib), digest_of(&other));
         assert_eq!(digest_of(&lib).map(str::len), Some(16));
     }

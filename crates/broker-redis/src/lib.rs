@@ -61,9 +61,11 @@ mod backoff;
 mod broker;
 mod cluster;
 mod config;
+mod conn;
 mod continuity;
 mod error;
 mod functions;
+mod link;
 mod manager;
 mod metrics;
 mod presence;
@@ -87,6 +89,8 @@ pub fn start(
 ) -> Result<std::sync::Arc<dyn fanout_hub::Broker>, RedisBrokerError> {
     Ok(match config.topology {
         Topology::Shards => ShardedBroker::start(config, registry, histories, presences, shutdown)?,
-        Topology::Single | Topology::Cluster => RedisBroker::start_with(config, registry, histories, presences, shutdown)?,
+        Topology::Single | Topology::Cluster => {
+            RedisBroker::start_with(config, registry, histories, presences, shutdown)?
+        }
     })
 }

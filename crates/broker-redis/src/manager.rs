@@ -11,7 +11,6 @@ use std::{
 
 use fanout_hub::BrokerError;
 use fanout_protocol::ChannelName;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
@@ -22,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     backoff::Backoff,
     broker::BrokerState,
-    functions::{self, Loaded},
+    link::{self, Link, Ping, PubSub},
     publisher::is_connection_error,
     reader,
 };
@@ -42,20 +41,16 @@ pub(crate) enum InterestChange {
     Add(ChannelName),
     Remove(ChannelName),
     Ready(ChannelName, Waiter),
+    /// Redis ended the subscription by itself (a cluster slot moved).
+    Lost(ChannelName),
+    /// A cluster's connection to one of its nodes dropped.
+    Disrupted,
 }
 
 /// Why a connection's life ended.
 enum Stop {
     Shutdown,
     Lost(String),
-}
-
-/// A freshly dialed, answering server.
-struct Link {
-    sink: PubSubSink,
-    stream: PubSubStream,
-    publish: MultiplexedConnection,
-    addr: String,
 }
 
 /// The reader task, stopped whenever its connection is given up.
@@ -77,6 +72,8 @@ pub(crate) struct Manager {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     interest: Interest,
+    /// Cluster only: part of the cluster was unreachable since the last full resubscribe.
+    disrupted: bool,
 }
 
 impl Manager {
@@ -87,7 +84,7 @@ impl Manager {
         tasks: TaskTracker,
     ) -> Self {
         let interest = Interest::new(shared.clone());
-        Self { shared, commands, shutdown, tasks, interest }
+        Self { shared, commands, shutdown, tasks, interest, disrupted: false }
     }
 
     pub(crate) async fn run(mut self) {
@@ -108,6 +105,13 @@ impl Manager {
         tracing::debug!("Redis broker stopped");
     }
 
+    fn apply(&mut self, cmd: InterestChange) {
+        match cmd {
+            InterestChange::Disrupted => self.disrupted = true,
+            cmd => self.interest.apply(cmd),
+        }
+    }
+
     /// Runs `fut` to completion while still answering commands, so interest changes are
     /// recorded and `ready` fails at once while there is no connection. `None`: shut down.
     async fn with_commands<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
@@ -117,7 +121,7 @@ impl Manager {
                 biased;
                 _ = self.shutdown.cancelled() => return None,
                 out = &mut fut => return Some(out),
-                cmd = self.commands.recv() => self.interest.apply(cmd?),
+                cmd = self.commands.recv() => self.apply(cmd?),
             }
         }
     }
@@ -131,7 +135,15 @@ impl Manager {
             }
             let (index, endpoint) = self.shared.endpoint();
             let addr = endpoint.addr.clone();
-            match self.with_commands(dial(self.shared.clone(), index)).await? {
+            let shared = self.shared.clone();
+            let dialing = async move {
+                if shared.sharded_pubsub() {
+                    link::dial_cluster(shared).await
+                } else {
+                    link::dial(shared, index).await
+                }
+            };
+            match self.with_commands(dialing).await? {
                 Ok(link) => return Some(link),
                 Err(error) => {
                     self.shared.metrics.errors.connect.increment(1);
@@ -158,7 +170,7 @@ impl Manager {
     }
 
     async fn serve_inner(&mut self, link: Link, reconnect: bool) -> Result<Infallible, Stop> {
-        let Link { mut sink, stream, publish, addr } = link;
+        let Link { pubsub: mut sink, source: stream, publish, addr } = link;
         let (subscribed, subscribed_rx) = oneshot::channel();
         let mut reader = Reader(self.tasks.spawn(reader::run(self.shared.clone(), stream, subscribed_rx)));
 
@@ -195,8 +207,40 @@ impl Manager {
                 biased;
                 _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
                 _ = &mut reader.0 => return Err(Stop::Lost("the pub/sub connection closed".into())),
-                _ = heartbeat.tick() => match timeout(command_timeout, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
+                _ = heartbeat.tick() => match timeout(command_timeout, sink.ping()).await {
+                    Ok(Ok(Ping::Alive)) => {}
+                    Ok(Ok(Ping::Cluster { subscriptions })) => {
+                        // Every master answers. The cluster connection resubscribes by
+                        // itself after it reconnects, but not reliably: it sends a node's
+                        // channels of every slot in one SSUBSCRIBE, which Redis refuses, and
+                        // it replaces connections without saying so. So after a disruption,
+                        // or when the masters hold fewer of our subscriptions than we count,
+                        // everything wanted is subscribed again (SSUBSCRIBE to a subscribed
+                        // channel changes nothing).
+                        let expected = self.interest.subscribed.len() + usize::from(self.shared.shard.control);
+                        let lost = subscriptions < expected as u64;
+                        if lost {
+                            self.shared.metrics.errors.subscribe.increment(1);
+                            if let Some(suppressed) = self.shared.drop_log.check() {
+                                tracing::warn!(expected, subscriptions, suppressed, "Redis Cluster masters lost subscriptions; subscribing again");
+                            }
+                        }
+                        if std::mem::take(&mut self.disrupted) || lost {
+                            self.interest.resubscribe_all();
+                            if self.shared.shard.control {
+                                self.subscribe_control(&mut sink).await?;
+                            }
+                        }
+                    }
+                    // Part of a cluster does not answer: counted; the cluster connection
+                    // reconnects to it and follows its failover.
+                    Ok(Ok(Ping::Partial)) => {
+                        self.disrupted = true;
+                        self.shared.metrics.errors.ping.increment(1);
+                        if let Some(suppressed) = self.shared.drop_log.check() {
+                            tracing::warn!(suppressed, "a Redis Cluster master does not answer PING; its channels wait for it or its replica");
+                        }
+                    }
                     Ok(Err(e)) => {
                         self.shared.metrics.errors.ping.increment(1);
                         return Err(Stop::Lost(format!("PING failed: {e}")));
@@ -207,10 +251,10 @@ impl Manager {
                     }
                 },
                 cmd = self.commands.recv() => {
-                    self.interest.apply(cmd.ok_or(Stop::Shutdown)?);
+                    self.apply(cmd.ok_or(Stop::Shutdown)?);
                     // Everything queued behind it joins the same batch.
                     while let Ok(cmd) = self.commands.try_recv() {
-                        self.interest.apply(cmd);
+                        self.apply(cmd);
                     }
                 }
                 _ = tokio::time::sleep_until(next_linger.unwrap_or(started)), if next_linger.is_some() => {}
@@ -218,9 +262,9 @@ impl Manager {
         }
     }
 
-    async fn subscribe_control(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+    async fn subscribe_control(&mut self, sink: &mut PubSub) -> Result<(), Stop> {
         let control = self.shared.control_channel.clone();
-        match timeout(self.shared.config.command_timeout, sink.subscribe(&control)).await {
+        match timeout(self.shared.config.command_timeout, sink.subscribe(std::slice::from_ref(&control))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) if is_connection_error(&e) => {
                 return Err(Stop::Lost(format!("SUBSCRIBE to the control channel failed: {e}")))
@@ -234,7 +278,7 @@ impl Manager {
         Ok(())
     }
 
-    async fn subscribe_pending(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+    async fn subscribe_pending(&mut self, sink: &mut PubSub) -> Result<(), Stop> {
         if self.interest.pending.is_empty() {
             return Ok(());
         }
@@ -256,9 +300,13 @@ impl Manager {
     /// and the channels stay unsubscribed until they are asked for again.
     async fn subscribe(
         &mut self,
-        sink: &mut PubSubSink,
+        sink: &mut PubSub,
         channels: &[ChannelName],
     ) -> Result<Result<(), redis::RedisError>, Stop> {
+        if let Some(cluster) = sink.cluster() {
+            self.subscribe_cluster(cluster.clone(), channels).await;
+            return Ok(Ok(()));
+        }
         let keys = self.keys(channels);
         match timeout(self.shared.config.command_timeout, sink.subscribe(&keys)).await {
             Ok(Ok(())) => {
@@ -283,7 +331,46 @@ impl Manager {
         }
     }
 
-    async fn unsubscribe_due(&mut self, sink: &mut PubSubSink) -> Result<(), Stop> {
+    /// `SSUBSCRIBE`s, one per slot, all in flight together. A slot whose master does not
+    /// answer (it is failing over) does not end the cluster connection: its channels are
+    /// deferred and subscribed again once every master answers the heartbeat.
+    async fn subscribe_cluster(&mut self, cluster: redis::cluster_async::ClusterConnection, channels: &[ChannelName]) {
+        let limit = self.shared.config.command_timeout;
+        let prefix = self.shared.config.prefix.as_str();
+        let groups =
+            link::by_slot(channels.iter().map(|c| (fanout_protocol::redis_channel(prefix, c.as_str()), c.clone())));
+        let each = groups.into_values().map(|group| {
+            let mut conn = cluster.clone();
+            async move {
+                let keys: Vec<&String> = group.iter().map(|(k, _)| k).collect();
+                let result = match timeout(limit, conn.ssubscribe(&keys)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer to SSUBSCRIBE in time"))),
+                };
+                (group.into_iter().map(|(_, c)| c).collect::<Vec<_>>(), result)
+            }
+        });
+        for (group, result) in futures_util::future::join_all(each).await {
+            match result {
+                Ok(()) => self.interest.confirmed(&group),
+                Err(e) => {
+                    self.shared.metrics.errors.subscribe.increment(1);
+                    if is_connection_error(&e) || e.is_timeout() || e.kind() == redis::ErrorKind::Io {
+                        if let Some(suppressed) = self.shared.drop_log.check() {
+                            tracing::warn!(error = %e, channels = group.len(), suppressed, "SSUBSCRIBE failed; retrying once the cluster answers");
+                        }
+                        self.interest.deferred.extend(group);
+                        self.disrupted = true;
+                    } else {
+                        tracing::warn!(channel = %group[0], error = %e, "Redis refused SSUBSCRIBE");
+                        self.interest.refused(&group, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn unsubscribe_due(&mut self, sink: &mut PubSub) -> Result<(), Stop> {
         let due = self.interest.take_due(Instant::now());
         for chunk in due.chunks(MAX_BATCH) {
             let keys = self.keys(chunk);
@@ -312,42 +399,6 @@ impl Manager {
     }
 }
 
-/// Opens the pub/sub and the publish connection to one endpoint and checks it answers.
-async fn dial(shared: Arc<BrokerState>, index: usize) -> Result<Link, String> {
-    let endpoint = &shared.endpoints[index];
-    let config = &shared.config;
-    let pubsub = match timeout(config.connect_timeout, endpoint.client.get_async_pubsub()).await {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("not connected within {:?}", config.connect_timeout)),
-    };
-    let (mut sink, stream) = pubsub.split();
-    // A stopped server still completes the TCP handshake: only an answer proves it is alive.
-    match timeout(config.command_timeout, sink.ping::<redis::Value>()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no answer to PING within {:?}", config.command_timeout)),
-    }
-    let connect = endpoint.client.get_multiplexed_async_connection_with_config(shared.publisher.connection_config());
-    let mut publish = match timeout(config.connect_timeout, connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("publish connection not made within {:?}", config.connect_timeout)),
-    };
-    // On every connection: a Redis that restarted empty has lost the library.
-    match timeout(config.command_timeout, functions::ensure_loaded(&mut publish, &shared.library)).await {
-        Ok(Ok(Loaded::Newer(version))) => {
-            tracing::info!(version, ours = functions::VERSION, "a newer fanout Function library is loaded; using it")
-        }
-        Ok(Ok(loaded)) => tracing::debug!(?loaded, "fanout Function library"),
-        // Plain publishing works without it; history and idempotency keys do not.
-        Ok(Err(e)) => tracing::warn!(redis = %endpoint.addr, error = %e,
-            "cannot load the fanout Function library (Redis 7 or later is needed): history and idempotency keys will fail"),
-        Err(_) => return Err(format!("no answer to FUNCTION LOAD within {:?}", config.command_timeout)),
-    }
-    Ok(Link { sink, stream, publish, addr: endpoint.addr.clone() })
-}
-
 /// What the node wants subscribed and what Redis has confirmed, on the current connection.
 struct Interest {
     shared: Arc<BrokerState>,
@@ -359,6 +410,8 @@ struct Interest {
     subscribed: HashSet<ChannelName>,
     /// Wanted, not yet sent.
     pending: HashSet<ChannelName>,
+    /// Cluster only: wanted, their SSUBSCRIBE failed; sent again with [`Self::resubscribe_all`].
+    deferred: HashSet<ChannelName>,
     /// Subscribed, no longer wanted: when to unsubscribe.
     lingering: HashMap<ChannelName, Instant>,
     /// The same deadlines in order; an entry whose deadline no longer matches `lingering`
@@ -378,6 +431,7 @@ impl Interest {
             wanted: HashSet::new(),
             subscribed: HashSet::new(),
             pending: HashSet::new(),
+            deferred: HashSet::new(),
             lingering: HashMap::new(),
             linger_queue: VecDeque::new(),
             waiters: HashMap::new(),
@@ -400,6 +454,7 @@ impl Interest {
                     return;
                 }
                 self.pending.remove(&channel);
+                self.deferred.remove(&channel);
                 self.refused.remove(&channel);
                 self.fail_waiters(&channel, || BrokerError::Unavailable("interest withdrawn".into()));
                 if self.subscribed.contains(&channel) {
@@ -407,6 +462,17 @@ impl Interest {
                     self.lingering.insert(channel.clone(), deadline);
                     self.linger_queue.push_back((deadline, channel));
                 }
+            }
+            // Handled by the manager.
+            InterestChange::Disrupted => {}
+            InterestChange::Lost(channel) => {
+                // Ours (an UNSUBSCRIBE we sent, or one already being redone): nothing to do.
+                if !self.wanted.contains(&channel) || !self.subscribed.remove(&channel) {
+                    return;
+                }
+                tracing::debug!(%channel, "Redis ended a subscription (slot moved); subscribing again");
+                self.shared.metrics.channels.set(self.subscribed.len() as f64);
+                self.pending.insert(channel);
             }
             InterestChange::Ready(channel, waiter) => {
                 let answer = if !self.up {
@@ -424,6 +490,12 @@ impl Interest {
                 let _ = waiter.send(answer);
             }
         }
+    }
+
+    /// Every wanted channel goes out again (deferred ones included).
+    fn resubscribe_all(&mut self) {
+        self.deferred.clear();
+        self.pending.extend(self.wanted.iter().cloned());
     }
 
     fn confirmed(&mut self, channels: &[ChannelName]) {
@@ -491,6 +563,7 @@ impl Interest {
         self.lingering.clear();
         self.linger_queue.clear();
         self.refused.clear();
+        self.deferred.clear();
         self.pending = self.wanted.clone();
         // Positions of wanted channels are what the next connection catches up from.
         self.shared.positions.retain(|c| self.wanted.contains(c));

@@ -8,9 +8,9 @@ use fanout_hub::{BrokerError, HistoryPolicy, Published};
 use fanout_protocol::{
     decode_envelope, encode_envelope, ChannelName, HistoryPage, HistoryQuery, Position, Publication, IDEMPOTENCY_WINDOW,
 };
-use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError, Value};
+use redis::{AsyncConnectionConfig, RedisError, Value};
 
-use crate::{broker::BrokerState, config::RedisConfig, functions};
+use crate::{broker::BrokerState, config::RedisConfig, conn::Conn, functions};
 
 /// The live command connection. The manager installs a fresh one with every pub/sub
 /// connection; a publish that finds the connection broken drops it and the next publish
@@ -18,7 +18,7 @@ use crate::{broker::BrokerState, config::RedisConfig, functions};
 /// for the heartbeat.
 pub(crate) struct PublishConnection {
     /// With a generation, so a failed publish only discards the connection it failed on.
-    slot: Mutex<Option<(u64, MultiplexedConnection)>>,
+    slot: Mutex<Option<(u64, Conn)>>,
     generation: std::sync::atomic::AtomicU64,
     /// One dial at a time when the connection is missing, not one per waiting publisher.
     dialing: tokio::sync::Mutex<()>,
@@ -41,12 +41,12 @@ impl PublishConnection {
         &self.config
     }
 
-    pub(crate) fn install(&self, connection: Option<MultiplexedConnection>) {
+    pub(crate) fn install(&self, connection: Option<Conn>) {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = connection.map(|c| (generation, c));
     }
 
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn current(&self) -> Option<(u64, Conn)> {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -57,10 +57,14 @@ impl PublishConnection {
         }
     }
 
-    async fn dial(&self, shared: &BrokerState) -> Result<(u64, MultiplexedConnection), BrokerError> {
+    async fn dial(&self, shared: &BrokerState) -> Result<(u64, Conn), BrokerError> {
         let _dialing = self.dialing.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
+        }
+        // A cluster connection is made (and mended) by the manager alone.
+        if shared.sharded_pubsub() {
+            return Err(BrokerError::Unavailable("Redis Cluster is not connected".into()));
         }
         let (_, endpoint) = shared.endpoint();
         let connect = endpoint.client.get_multiplexed_async_connection_with_config(&self.config);
@@ -75,7 +79,7 @@ impl PublishConnection {
                 return Err(BrokerError::Timeout);
             }
         };
-        self.install(Some(connection));
+        self.install(Some(Conn::Single(connection)));
         self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 
@@ -92,9 +96,9 @@ impl PublishConnection {
         let envelope = encode_envelope(p.ts, p.enc, &p.data);
         let policy = shared.histories.of(p.channel.as_str());
         if policy.is_none() && key.is_none() {
-            let mut cmd = redis::cmd("PUBLISH");
+            let mut cmd = redis::cmd(shared.publish_command());
             cmd.arg(&channel).arg(envelope);
-            self.run::<()>(shared, &cmd, "PUBLISH").await?;
+            self.run::<()>(shared, &cmd, shared.publish_command()).await?;
             return Ok(Published::default());
         }
         let policy = policy.unwrap_or(HistoryPolicy { size: 0, ttl: std::time::Duration::ZERO });
@@ -157,7 +161,8 @@ impl PublishConnection {
                     Some(c) => c,
                     None => self.dial(shared).await?,
                 };
-                match functions::ensure_loaded(&mut connection, &shared.library).await {
+                let force = connection.is_cluster();
+                match functions::ensure_loaded(&mut connection, &shared.library, force).await {
                     Ok(loaded) => tracing::info!(?loaded, "the fanout Function library was missing; loaded it"),
                     Err(e) => {
                         shared.metrics.errors.publish.increment(1);
@@ -170,15 +175,24 @@ impl PublishConnection {
         }
     }
 
-    /// A pipeline on the command connection, within `publish_timeout`.
+    /// A pipeline on the command connection, within `publish_timeout`. On a cluster its
+    /// commands may belong to different slots (masters), so they go out one by one, all
+    /// in flight together, rather than as one pipeline.
     pub(crate) async fn run_pipe(
         &self,
         shared: &BrokerState,
         pipe: &redis::Pipeline,
         what: &str,
     ) -> Result<(), BrokerError> {
-        let result = self.run_raw(shared, Query::Pipe(pipe)).await;
-        self.finish(shared, result, what)
+        if !shared.sharded_pubsub() {
+            let result = self.run_raw(shared, Query::Pipe(pipe)).await;
+            return self.finish(shared, result, what);
+        }
+        let each = pipe.cmd_iter().map(|cmd| async move {
+            let result = self.run_raw::<Value>(shared, Query::Cmd(cmd)).await;
+            self.finish(shared, result, what).map(drop)
+        });
+        futures_util::future::join_all(each).await.into_iter().collect()
     }
 
     /// Runs `cmd` on the command connection, dialing it if needed, within `publish_timeout`.
@@ -208,7 +222,8 @@ impl PublishConnection {
         match tokio::time::timeout(shared.config.publish_timeout, answer).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                if is_connection_error(&e) {
+                // A cluster connection mends itself; a single one is dialed again.
+                if is_connection_error(&e) && !connection.is_cluster() {
                     self.discard(generation);
                 }
                 Err(Failure::Redis(e))

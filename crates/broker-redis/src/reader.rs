@@ -3,6 +3,13 @@
 //! anything that is not a valid publication, or is larger than allowed, is dropped and
 //! counted.
 //!
+//! On a Redis Cluster the reader also sees subscription changes, in order with the
+//! messages: a channel confirmed again after the connection to its master was lost (the
+//! cluster connection resubscribes on its own after a reconnect or failover) is caught up
+//! from history before the messages behind it; a channel Redis unsubscribed on its own
+//! (its slot moved to another master) is handed back to the manager to subscribe again,
+//! where it now lives.
+//!
 //! Why a backlog: redis-rs moves pub/sub messages from the socket into an unbounded
 //! channel of its own, so a reader that fans out inline and falls behind makes that channel
 //! grow without limit (and Redis's output-buffer limit never fires, because the socket is
@@ -11,7 +18,7 @@
 //! backlog is full, new messages are dropped and counted rather than held.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     fmt::Display,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -19,10 +26,10 @@ use std::{
 use bytes::Bytes;
 use fanout_protocol::{decode_envelope, ChannelName, Position, Publication};
 use futures_util::StreamExt;
-use redis::aio::PubSubStream;
+use redis::{PushInfo, PushKind};
 use tokio::sync::Notify;
 
-use crate::broker::BrokerState;
+use crate::{broker::BrokerState, link::Source};
 
 /// Room an envelope takes around its `data` (keys, version, ts, encoding), with margin; a
 /// payload larger than `max_publication_size` plus this is dropped without decoding it.
@@ -35,16 +42,31 @@ struct Backlog {
     limit: usize,
 }
 
+/// What the reader passes on, in the order Redis sent it.
+enum Item {
+    Message(redis::Msg),
+    /// A cluster confirmed a subscription to this Redis channel.
+    Subscribed(String),
+    /// A cluster ended a subscription to this Redis channel (we asked, or its slot moved).
+    Unsubscribed(String),
+    /// A cluster lost its connection to one of its nodes (which, the push does not say).
+    Disconnected,
+}
+
 #[derive(Default)]
 struct Queue {
-    messages: VecDeque<redis::Msg>,
+    messages: VecDeque<Item>,
     bytes: usize,
     /// The connection ended: deliver what is queued, then stop.
     closed: bool,
 }
 
-fn size_of(msg: &redis::Msg) -> usize {
-    msg.get_payload_bytes().len() + msg.get_channel_name().len()
+fn size_of(item: &Item) -> usize {
+    match item {
+        Item::Message(msg) => msg.get_payload_bytes().len() + msg.get_channel_name().len(),
+        Item::Subscribed(c) | Item::Unsubscribed(c) => c.len(),
+        Item::Disconnected => 0,
+    }
 }
 
 impl Backlog {
@@ -54,10 +76,12 @@ impl Backlog {
 
     /// Queues `msg` unless that would exceed the bound: the bytes now queued, or `None`
     /// when it was dropped.
-    fn push(&self, msg: redis::Msg) -> Option<usize> {
+    fn push(&self, msg: Item) -> Option<usize> {
         let size = size_of(&msg);
         let mut q = self.lock();
-        if q.bytes + size > self.limit && !q.messages.is_empty() {
+        // Subscription changes are never dropped: they are tiny and few, and losing one
+        // would lose a channel.
+        if q.bytes + size > self.limit && !q.messages.is_empty() && matches!(msg, Item::Message(_)) {
             return None;
         }
         q.bytes += size;
@@ -77,7 +101,7 @@ impl Backlog {
     }
 
     /// Everything queued, once there is something; `None` when closed and empty.
-    async fn take(&self, into: &mut VecDeque<redis::Msg>) -> Option<()> {
+    async fn take(&self, into: &mut VecDeque<Item>) -> Option<()> {
         loop {
             {
                 let mut q = self.lock();
@@ -116,20 +140,28 @@ impl Drop for AbortOnDrop {
 /// Reads until the connection closes, then lets the delivery task finish what was read.
 /// `subscribed` fires once the manager has subscribed every wanted channel on this
 /// connection: the delivery task then catches history channels up before anything live.
-pub(crate) async fn run(
-    shared: Arc<BrokerState>,
-    mut stream: PubSubStream,
-    subscribed: tokio::sync::oneshot::Receiver<()>,
-) {
+pub(crate) async fn run(shared: Arc<BrokerState>, source: Source, subscribed: tokio::sync::oneshot::Receiver<()>) {
     let backlog =
         Arc::new(Backlog { state: Mutex::default(), wake: Notify::new(), limit: shared.config.backlog_bytes });
     let mut delivery = AbortOnDrop(tokio::spawn(deliver(shared.clone(), backlog.clone(), subscribed)));
-    while let Some(msg) = stream.next().await {
-        match backlog.push(msg) {
-            Some(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
-            None => {
-                shared.metrics.dropped_backlog.increment(1);
-                shared.warn(None, &"the node is behind on fan-out: backlog full, publication dropped");
+    let queue = |item: Item| match backlog.push(item) {
+        Some(bytes) => shared.metrics.backlog_bytes.set(bytes as f64),
+        None => {
+            shared.metrics.dropped_backlog.increment(1);
+            shared.warn(None, &"the node is behind on fan-out: backlog full, publication dropped");
+        }
+    };
+    match source {
+        Source::Stream(mut stream) => {
+            while let Some(msg) = stream.next().await {
+                queue(Item::Message(msg));
+            }
+        }
+        Source::Pushes(mut pushes) => {
+            while let Some(push) = pushes.recv().await {
+                if let Some(item) = item_of(push) {
+                    queue(item);
+                }
             }
         }
     }
@@ -137,17 +169,75 @@ pub(crate) async fn run(
     let _ = (&mut delivery.0).await;
 }
 
+/// A cluster push as an item: messages, and confirmations of shard-channel subscriptions.
+fn item_of(push: PushInfo) -> Option<Item> {
+    let channel = |push: &PushInfo| match push.data.first() {
+        Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+        _ => None,
+    };
+    match push.kind {
+        PushKind::SMessage | PushKind::Message => redis::Msg::from_push_info(push).map(Item::Message),
+        PushKind::SSubscribe => channel(&push).map(Item::Subscribed),
+        PushKind::SUnsubscribe => channel(&push).map(Item::Unsubscribed),
+        // The cluster connection reconnects and resubscribes by itself; the
+        // confirmations that follow say which channels to catch up.
+        PushKind::Disconnection => Some(Item::Disconnected),
+        _ => None,
+    }
+}
+
 /// Fans out what the reader queued, oldest first, after catching history channels up.
+///
+/// On a cluster, channels that may have missed publications (every subscribed channel
+/// when a node connection dropped, since the push does not say whose; a channel whose
+/// slot moved) are *suspects*: each is caught up from history when its subscription is
+/// confirmed again, before the messages behind that confirmation, and stays a suspect
+/// until a catch-up succeeds. Confirmations of channels that are no suspects (the cluster
+/// connection resubscribes everything whenever it refreshes its slot map) cost nothing.
 async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>, subscribed: tokio::sync::oneshot::Receiver<()>) {
     if subscribed.await.is_ok() {
-        shared.catch_up().await;
+        shared.catch_up(None).await;
     }
     let mut batch = VecDeque::new();
+    let mut suspects: HashSet<ChannelName> = HashSet::new();
+    // Suspects confirmed again, caught up together before the next message.
+    let mut resubscribed = Vec::new();
     while backlog.take(&mut batch).await.is_some() {
-        while let Some(msg) = batch.pop_front() {
-            shared.on_message(msg.get_channel_name(), msg.get_payload_bytes()).await;
-            let left = backlog.done(size_of(&msg));
+        while let Some(item) = batch.pop_front() {
+            let size = size_of(&item);
+            match item {
+                Item::Message(msg) => {
+                    if !resubscribed.is_empty() {
+                        shared.catch_up_suspects(&mut resubscribed, &mut suspects).await;
+                    }
+                    shared.on_message(msg.get_channel_name(), msg.get_payload_bytes()).await;
+                }
+                Item::Subscribed(channel) => {
+                    if let Some(c) = shared.channel_of(&channel).filter(|c| suspects.contains(c)) {
+                        resubscribed.push(c);
+                    }
+                }
+                Item::Unsubscribed(channel) => {
+                    if let Some(c) = shared.channel_of(&channel) {
+                        suspects.insert(c.clone());
+                        shared.unsubscribed_by_redis(c);
+                    }
+                }
+                Item::Disconnected => {
+                    suspects.extend(shared.active.read().unwrap_or_else(PoisonError::into_inner).iter().cloned());
+                    shared.disrupted();
+                }
+            }
+            let left = backlog.done(size);
             shared.metrics.backlog_bytes.set(left as f64);
+        }
+        if !resubscribed.is_empty() {
+            shared.catch_up_suspects(&mut resubscribed, &mut suspects).await;
+        }
+        // Suspects no longer subscribed are nobody's concern.
+        if suspects.len() > 1024 {
+            let active = shared.active.read().unwrap_or_else(PoisonError::into_inner);
+            suspects.retain(|c| active.contains(c));
         }
         // A long batch must not keep other tasks on this worker waiting.
         tokio::task::yield_now().await;
@@ -155,6 +245,17 @@ async fn deliver(shared: Arc<BrokerState>, backlog: Arc<Backlog>, subscribed: to
 }
 
 impl BrokerState {
+    /// Catches `resubscribed` up; those that were caught up are suspects no more.
+    async fn catch_up_suspects(&self, resubscribed: &mut Vec<ChannelName>, suspects: &mut HashSet<ChannelName>) {
+        let channels = std::mem::take(resubscribed);
+        let failed = self.catch_up(Some(&channels)).await;
+        for c in channels {
+            if !failed.contains(&c) {
+                suspects.remove(&c);
+            }
+        }
+    }
+
     pub(crate) async fn on_message(&self, redis_channel: &str, payload: &[u8]) {
         if redis_channel == self.control_channel {
             return self.on_control(payload);
@@ -216,6 +317,12 @@ impl BrokerState {
                 self.registry.deliver(&p);
             }
         }
+    }
+
+    /// The channel a Redis channel carries, when it is one of ours.
+    fn channel_of(&self, redis_channel: &str) -> Option<ChannelName> {
+        let name = redis_channel.strip_prefix(self.config.prefix.as_str())?;
+        self.known_channel(name).or_else(|| ChannelName::new(name).ok())
     }
 
     /// The subscribed channel's name, shared rather than copied.

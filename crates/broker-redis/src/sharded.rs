@@ -10,7 +10,9 @@
 
 use std::sync::Arc;
 
-use fanout_hub::{BoxFuture, Broker, BrokerError, Control, Histories, NodeReport, NodeSelf, Presences, Published, Registry};
+use fanout_hub::{
+    BoxFuture, Broker, BrokerError, Control, Histories, NodeReport, NodeSelf, Presences, Published, Registry,
+};
 use fanout_protocol::{ChannelName, HistoryPage, HistoryQuery, PresenceList, PresenceStats, Publication};
 use tokio_util::sync::CancellationToken;
 
@@ -38,13 +40,20 @@ impl ShardedBroker {
     ) -> Result<Arc<Self>, RedisBrokerError> {
         // Every URL checked before any shard starts connecting.
         config.validate()?;
-        let urls: Vec<String> = config.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).map(String::from).collect();
+        let urls: Vec<String> =
+            config.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).map(String::from).collect();
         let mut shards = Vec::with_capacity(urls.len());
         for (index, url) in urls.into_iter().enumerate() {
             let shard = Shard { label: index.to_string(), control: index == 0 };
             let config = RedisConfig { urls: vec![url], ..config.clone() };
-            let broker =
-                RedisBroker::start_shard(config, registry.clone(), histories.clone(), presences.clone(), shard, shutdown.clone())?;
+            let broker = RedisBroker::start_shard(
+                config,
+                registry.clone(),
+                histories.clone(),
+                presences.clone(),
+                shard,
+                shutdown.clone(),
+            )?;
             shards.push(broker);
         }
         Ok(Arc::new(Self { shards, prefix: config.prefix }))

@@ -24,13 +24,13 @@ pub use history::{
     encode_api_history, encode_history_reply, encode_resync, Epoch, HistoryPage, HistoryQuery, Position, MAX_EPOCH_LEN,
     MAX_HISTORY_LIMIT,
 };
-pub use shard::{key_slot, shard_of, SLOTS};
 pub use message::{encode_message, encode_reply, transcode, validate_data, DataError, Encoding, Publication, Reply};
 pub use presence::{
     decode_event_envelope, encode_api_presence, encode_api_presence_stats, encode_event_envelope,
     encode_presence_event, encode_presence_reply, encode_presence_stats_reply, PresenceEvent, PresenceList,
     PresenceStats, Present, MAX_PRESENCE_LIST,
 };
+pub use shard::{key_slot, shard_of, SLOTS};
 pub use ws::{
     close_frame, frame, frame_header, parse_server_frame, write_client_frame, OpCode, ServerFrame, ServerFrameError,
     MAX_FRAME_HEADER,

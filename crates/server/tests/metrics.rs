@@ -106,7 +106,9 @@ async fn broker_outage_shows_in_metrics() {
     let mut reconnected = false;
     for _ in 0..200 {
         let m = scrape(&node).await;
-        if get(&m, "fanout_broker_up{shard=\"0\"}") == 1.0 && get(&m, "fanout_broker_reconnects_total{shard=\"0\"}") >= 1.0 {
+        if get(&m, "fanout_broker_up{shard=\"0\"}") == 1.0
+            && get(&m, "fanout_broker_reconnects_total{shard=\"0\"}") >= 1.0
+        {
             reconnected = true;
             break;
         }

@@ -11,17 +11,36 @@ use crate::redis::RedisServer;
 
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// Names this cluster's node configuration files (`fanout-cluster-TAG-PORT.conf`).
+    tag: String,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+            for ext in ["conf", "rdb"] {
+                let file = format!("fanout-cluster-{}-{}.{ext}", self.tag, node.port());
+                let _ = std::fs::remove_file(std::env::temp_dir().join(file));
+            }
+        }
+    }
 }
 
 impl RedisCluster {
     /// `masters` masters with `replicas` replicas each, every slot assigned, state ok
     /// everywhere. A short node timeout so a killed master fails over in about a second.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tag = format!("{}-{nanos}", std::process::id());
         let args = [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
-            &format!("fanout-cluster-{}-{{port}}.conf", std::process::id()),
+            &format!("fanout-cluster-{tag}-{{port}}.conf"),
+            // Never a dump another server left in the shared directory.
+            "--dbfilename",
+            &format!("fanout-cluster-{tag}-{{port}}.rdb"),
             "--cluster-node-timeout",
             "1000",
             // A replica of a dead master takes over at once, however stale it thinks it is.
@@ -37,7 +56,7 @@ impl RedisCluster {
             .output()
             .expect("redis-cli not found");
         assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, tag };
         cluster.wait_until("every node sees the cluster ok", |c| c.all_ok());
         cluster
     }
@@ -84,10 +103,28 @@ impl RedisCluster {
     /// Whether every running node reports `cluster_state:ok` and agrees on one master per
     /// slot range.
     pub fn all_ok(&self) -> bool {
-        self.nodes
-            .iter()
-            .filter(|n| n.is_running())
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        self.nodes.iter().filter(|n| n.is_running()).all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    }
+
+    /// Waits until every replica has everything its master wrote (replication is
+    /// asynchronous: a master killed before that loses its last writes, which is Redis's
+    /// behaviour, not the gateway's).
+    pub fn wait_replicated(&self) {
+        self.wait_until("replicas caught up", |c| {
+            c.masters().into_iter().all(|m| {
+                let info = c.nodes[m].cli(&["INFO", "replication"]);
+                let field = |line: &str, key: &str| -> Option<u64> {
+                    line.split([',', ':']).find_map(|kv| kv.trim().strip_prefix(key)?.parse().ok())
+                };
+                let Some(top) = info.lines().find_map(|l| {
+                    field(l, "master_repl_offset=")
+                        .or_else(|| l.strip_prefix("master_repl_offset:")?.trim().parse().ok())
+                }) else {
+                    return false;
+                };
+                info.lines().filter(|l| l.starts_with("slave")).all(|l| field(l, "offset=") == Some(top))
+            })
+        });
     }
 
     /// Polls `check` every 50 ms for up to 30 s (a blocking wait: setup, not the test).
@@ -99,15 +136,28 @@ impl RedisCluster {
         }
     }
 
-    /// Moves one slot, the lowest master `from` serves, to master `to` with
+    /// The lowest slot master `i` serves: the one [`Self::reshard_one`] moves next.
+    pub fn lowest_slot(&self, i: usize) -> u16 {
+        self.owned_slots(i, &self.node_id(i)).iter().map(|r| r.0).min().expect("the node serves no slot")
+    }
+
+    /// Moves one slot, [`Self::lowest_slot`] of master `from`, to master `to` with
     /// `redis-cli --cluster reshard` (which takes a source's slots from the lowest up),
     /// and returns it once every running node agrees on its new owner.
     pub fn reshard_one(&self, from: usize, to: usize) -> u16 {
         let from_id = self.node_id(from);
-        let slot = self.owned_slots(from, &from_id).iter().map(|r| r.0).min().expect("the source serves no slot");
+        let slot = self.lowest_slot(from);
         let out = Command::new("redis-cli")
             .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.nodes[from].port())])
-            .args(["--cluster-from", &from_id, "--cluster-to", &self.node_id(to), "--cluster-slots", "1", "--cluster-yes"])
+            .args([
+                "--cluster-from",
+                &from_id,
+                "--cluster-to",
+                &self.node_id(to),
+                "--cluster-slots",
+                "1",
+                "--cluster-yes",
+            ])
             .output()
             .expect("redis-cli not found");
         assert!(out.status.success(), "reshard failed: {}", String::from_utf8_lossy(&out.stdout));

@@ -45,7 +45,9 @@ impl Node {
     /// `listening public=… internal=…` line.
     pub fn start_unready(bin: impl AsRef<Path>, args: &[&str]) -> Self {
         let mut child = Command::new(bin.as_ref())
-            .args(["serve", "--public-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--log-level", "info"])
+            .args(["serve", "--public-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--log-level"])
+            // FANOUT_TEST_LOG: a filter for looking into a failing test, `info` otherwise.
+            .arg(std::env::var("FANOUT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .args(args)
             .env_remove("FANOUT_CONFIG")
             .stdout(Stdio::null())

@@ -30,7 +30,13 @@ impl RedisServer {
         // A port that was free a moment ago can be taken by the time redis-server binds it
         // (by another test process): then try another.
         for _ in 0..5 {
-            let mut server = Self { port: free_port(), password: password.map(str::to_owned), tls: None, extra: Vec::new(), child: None };
+            let mut server = Self {
+                port: free_port(),
+                password: password.map(str::to_owned),
+                tls: None,
+                extra: Vec::new(),
+                child: None,
+            };
             if server.try_spawn() {
                 return server;
             }
