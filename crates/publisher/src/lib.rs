@@ -122,7 +122,7 @@ pub struct Http {
 
 /// Redis-transport settings of a [`Builder`].
 pub struct Redis {
-    url: String,
+    topology: redis_transport::Topology,
     prefix: String,
 }
 
@@ -179,7 +179,7 @@ impl Builder<Redis> {
 
     /// Validates the URL without connecting; the connection opens on the first publish.
     pub fn build(self) -> Result<Publisher, PublishError> {
-        let transport = RedisTransport::new(&self.transport.url, self.transport.prefix, self.timeout)?;
+        let transport = RedisTransport::new(self.transport.topology, self.transport.prefix, self.timeout)?;
         Ok(Publisher::from_parts(Transport::Redis(transport), self.encoding, self.retry))
     }
 
@@ -187,7 +187,7 @@ impl Builder<Redis> {
     pub async fn connect(self) -> Result<Publisher, PublishError> {
         let publisher = self.build()?;
         if let Transport::Redis(r) = &publisher.inner.transport {
-            r.connection().await?;
+            r.connect().await?;
         }
         Ok(publisher)
     }
@@ -201,7 +201,22 @@ impl Publisher {
 
     /// A publisher that writes to Redis directly, e.g. `redis://127.0.0.1:6379`.
     pub fn redis(url: impl Into<String>) -> RedisBuilder {
-        Builder::new(Redis { url: url.into(), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
+        Self::redis_shards([url.into()])
+    }
+
+    /// A publisher for gateways on independent Redis shards (their `redis_shards`, same
+    /// URLs in the same order): each channel goes to shard `key_slot(prefix + channel) %
+    /// count`, where the gateways read it.
+    pub fn redis_shards(urls: impl IntoIterator<Item = String>) -> RedisBuilder {
+        let urls = urls.into_iter().collect();
+        Builder::new(Redis { topology: redis_transport::Topology::Shards(urls), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
+    }
+
+    /// A publisher for gateways on a Redis Cluster (their `redis_cluster`): `SPUBLISH` to
+    /// the master that owns each channel's slot. `seeds`: some of the cluster's nodes.
+    pub fn redis_cluster(seeds: impl IntoIterator<Item = String>) -> RedisBuilder {
+        let seeds = seeds.into_iter().collect();
+        Builder::new(Redis { topology: redis_transport::Topology::Cluster(seeds), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
     }
 
     fn from_parts(transport: Transport, encoding: Encoding, retry: RetryPolicy) -> Self {

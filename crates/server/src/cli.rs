@@ -45,7 +45,13 @@ pub struct PublishArgs {
     /// Publish straight into Redis instead of through the HTTP API (--api-key is then unused).
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
-    /// Redis channel prefix (with --redis-url).
+    /// With --redis-url: it lists Redis Cluster seed nodes (comma-separated); publish with SPUBLISH.
+    #[arg(long, requires = "redis_url")]
+    pub redis_cluster: bool,
+    /// Publish straight into independent Redis shards: the gateways' redis_shards, same order.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with = "redis_url")]
+    pub redis_shards: Vec<String>,
+    /// Redis channel prefix (with --redis-url or --redis-shards).
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:", value_name = "PREFIX")]
     pub redis_prefix: String,
     /// Send the data as MessagePack instead of JSON.
@@ -269,8 +275,16 @@ fn encode(text: &str, msgpack: bool) -> Result<Bytes, String> {
 pub async fn publish(args: PublishArgs) -> ExitCode {
     let enc = if args.msgpack { Encoding::MsgPack } else { Encoding::Json };
     let timeout = Duration::from(args.timeout);
-    let publisher = match &args.redis_url {
-        Some(url) => Publisher::redis(url).prefix(&args.redis_prefix).encoding(enc).timeout(timeout).connect().await,
+    let redis = match &args.redis_url {
+        _ if !args.redis_shards.is_empty() => Some(Publisher::redis_shards(args.redis_shards.clone())),
+        Some(seeds) if args.redis_cluster => {
+            Some(Publisher::redis_cluster(seeds.split(',').map(|s| s.trim().to_owned())))
+        }
+        Some(url) => Some(Publisher::redis(url)),
+        None => None,
+    };
+    let publisher = match redis {
+        Some(b) => b.prefix(&args.redis_prefix).encoding(enc).timeout(timeout).connect().await,
         None => {
             let mut b = Publisher::http(&args.api_url).encoding(enc).timeout(timeout);
             if let Some(key) = &args.api_key {

@@ -105,8 +105,8 @@ pub struct Settings {
 
     /// `redis_url` lists the seed nodes of a Redis Cluster: channels ride sharded pub/sub
     /// (SSUBSCRIBE / SPUBLISH) to the master that owns their slot.
-    #[arg(long, env = "FANOUT_REDIS_CLUSTER")]
-    #[serde(default)]
+    #[arg(long, env = "FANOUT_REDIS_CLUSTER", value_name = "BOOL", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub redis_cluster: bool,
 
     /// Independent Redis servers, comma-separated, used instead of redis_url: each channel

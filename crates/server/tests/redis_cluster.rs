@@ -105,6 +105,18 @@ async fn channels_ride_sharded_pubsub_on_every_master() {
         redis::cmd("SPUBLISH").arg(format!("fanout:{c}")).arg(payload).query_async(&mut conn).await.unwrap();
     assert_eq!(receivers, 2);
     assert_eq!(receive(&mut on_b, 1).await, [(c.clone(), json!({"via":"spublish"}).to_string())]);
+    // `fanout publish --redis-cluster` (the Rust publisher) reaches every master.
+    let spread: Vec<&String> = masters.iter().map(|&m| channels.iter().find(|c| cluster.master_of(slot(c)) == m).unwrap()).collect();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["publish", "--redis-cluster", "--redis-url", &cluster.seeds(), "--data", r#"{"via":"cli"}"#]);
+    for c in &spread {
+        cmd.args(["--channel", c]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut want: Vec<_> = spread.iter().map(|c| (c.to_string(), json!({"via":"cli"}).to_string())).collect();
+    want.sort();
+    assert_eq!(receive(&mut on_b, 3).await, want);
     // Redis drops every pub/sub connection: the node notices and subscribes again.
     let killed: i64 =
         masters.iter().map(|&m| count(&cluster.nodes[m].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]))[0]).sum();

@@ -88,6 +88,21 @@ async fn every_channel_lives_on_exactly_its_shard() {
     };
     assert_eq!(shards[shard(c, 3)].publish_raw(&format!("fanout:{c}"), &envelope).await, 1);
     assert_eq!(receive(&mut on_b, 1).await, [(c.clone(), json!({"via":"redis"}).to_string())]);
+    // `fanout publish --redis-shards` (the Rust publisher) picks the same shards: one
+    // broadcast over channels of every shard arrives on each.
+    let spread: Vec<&String> = (0..3).map(|i| channels.iter().find(|c| shard(c, 3) == i).unwrap()).collect();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"));
+    cmd.args(["publish", "--redis-shards", &shards_arg(&shards), "--data", r#"{"via":"cli"}"#]);
+    for c in &spread {
+        cmd.args(["--channel", c]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut want: Vec<_> = spread.iter().map(|c| (c.to_string(), json!({"via":"cli"}).to_string())).collect();
+    want.sort();
+    let mut got = receive(&mut on_b, 3).await;
+    got.sort();
+    assert_eq!(got, want);
     // The control plane rides the first shard: /api/nodes sees both nodes.
     eventually("both nodes in /api/nodes", Duration::from_secs(10), async || {
         let r = http(a.internal, "GET", "/api/nodes", &[], b"").await;
