@@ -4,8 +4,13 @@
 //
 // Environment: FANOUT_REDIS_URL (default redis://127.0.0.1:6379), FANOUT_REDIS_PREFIX
 // (default fanout:, must match the gateway's), FANOUT_CHANNEL (default examples:demo; an
-// argument wins). Only for a cluster whose nodes run with --redis-url: nodes on the
-// embedded broker never see Redis.
+// argument wins), FANOUT_REDIS_SHARDS (comma-separated URLs: the gateways' redis_shards,
+// same order; used instead of FANOUT_REDIS_URL). Only for a cluster whose nodes run with
+// Redis: nodes on the embedded broker never see Redis.
+//
+// With shards, each channel lives on shard keySlot(prefix + channel) % shards.length,
+// where keySlot is Redis Cluster's slot function (CRC16/XMODEM of the key, or of its
+// {hash tag}, modulo 16384); `shardUrl` below is the whole of it.
 //
 // Prints one JSON line per publication with the `ts` it carries and how many Redis
 // subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
@@ -24,6 +29,32 @@ const REDIS_URL = process.env.FANOUT_REDIS_URL ?? "redis://127.0.0.1:6379";
 const PREFIX = process.env.FANOUT_REDIS_PREFIX ?? "fanout:";
 const CHANNEL = process.argv[2] ?? process.env.FANOUT_CHANNEL ?? "examples:demo";
 const STORED = process.env.FANOUT_STORED === "1";
+const SHARDS = (process.env.FANOUT_REDIS_SHARDS ?? "")
+  .split(",")
+  .map((u) => u.trim())
+  .filter((u) => u);
+
+// Redis Cluster's HASH_SLOT: CRC16/XMODEM (polynomial 0x1021, initial 0) of the key, or
+// of the text between its first { and the next } when that is not empty.
+function keySlot(key) {
+  let bytes = Buffer.from(key, "utf8");
+  const open = bytes.indexOf("{");
+  if (open >= 0) {
+    const close = bytes.indexOf("}", open + 1);
+    if (close > open + 1) bytes = bytes.subarray(open + 1, close);
+  }
+  let crc = 0;
+  for (const b of bytes) {
+    crc ^= b << 8;
+    for (let i = 0; i < 8; i++) crc = crc & 0x8000 ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
+  }
+  return crc % 16384;
+}
+
+// The Redis that carries `channel`: its shard with redis_shards, else FANOUT_REDIS_URL.
+function shardUrl(channel) {
+  return SHARDS.length ? SHARDS[keySlot(PREFIX + channel) % SHARDS.length] : REDIS_URL;
+}
 
 const PUBLICATIONS = [
   "héllo wörld ☃ 日本",
@@ -71,7 +102,7 @@ const items = PUBLICATIONS.map((p) => ["json", Buffer.from(JSON.stringify(p), "u
 items.push(["msgpack", encode(MSGPACK_PUBLICATION)]);
 
 // No reconnect loop: a one-shot publisher should fail fast and say so.
-const client = createClient({ url: REDIS_URL, socket: { connectTimeout: 5000, reconnectStrategy: false } });
+const client = createClient({ url: shardUrl(CHANNEL), socket: { connectTimeout: 5000, reconnectStrategy: false } });
 client.on("error", () => {}); // reported by the command that fails
 try {
   await client.connect();

@@ -5,8 +5,13 @@
 
 Environment: FANOUT_REDIS_URL (default redis://127.0.0.1:6379), FANOUT_REDIS_PREFIX
 (default fanout:, must match the gateway's), FANOUT_CHANNEL (default examples:demo; an
-argument wins). Only for a cluster whose nodes run with --redis-url: nodes on the
-embedded broker never see Redis.
+argument wins), FANOUT_REDIS_SHARDS (comma-separated URLs: the gateways' redis_shards,
+same order; used instead of FANOUT_REDIS_URL). Only for a cluster whose nodes run with
+Redis: nodes on the embedded broker never see Redis.
+
+With shards, each channel lives on shard key_slot(prefix + channel) % len(shards), where
+key_slot is Redis Cluster's slot function (CRC16/XMODEM of the key, or of its {hash tag},
+modulo 16384); `shard_url` below is the whole of it.
 
 Prints one JSON line per publication with the `ts` it carries and how many Redis
 subscribers (gateway nodes with a subscriber on the channel) received it. Exits 1 when
@@ -27,7 +32,10 @@ import time
 import msgpack
 import redis
 
+import binascii
+
 REDIS_URL = os.environ.get("FANOUT_REDIS_URL", "redis://127.0.0.1:6379")
+SHARDS = [u.strip() for u in os.environ.get("FANOUT_REDIS_SHARDS", "").split(",") if u.strip()]
 PREFIX = os.environ.get("FANOUT_REDIS_PREFIX", "fanout:")
 CHANNEL = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FANOUT_CHANNEL", "examples:demo")
 STORED = os.environ.get("FANOUT_STORED") == "1"
@@ -73,8 +81,26 @@ def envelope(ts, enc, data):
     )
 
 
+def key_slot(key):
+    """Redis Cluster's HASH_SLOT: CRC16/XMODEM (binascii.crc_hqx) of the key, or of the
+    text between its first { and the next } when that is not empty."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % 16384
+
+
+def shard_url(channel):
+    """The Redis that carries `channel`: its shard with redis_shards, else FANOUT_REDIS_URL."""
+    if not SHARDS:
+        return REDIS_URL
+    return SHARDS[key_slot((PREFIX + channel).encode("utf-8")) % len(SHARDS)]
+
+
 def main():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(shard_url(CHANNEL), socket_timeout=5, socket_connect_timeout=5)
     items = [("json", json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) for p in PUBLICATIONS]
     items.append(("msgpack", msgpack.packb(MSGPACK_PUBLICATION, use_bin_type=True)))
     try:

@@ -209,14 +209,20 @@ impl Publisher {
     /// count`, where the gateways read it.
     pub fn redis_shards(urls: impl IntoIterator<Item = String>) -> RedisBuilder {
         let urls = urls.into_iter().collect();
-        Builder::new(Redis { topology: redis_transport::Topology::Shards(urls), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
+        Builder::new(Redis {
+            topology: redis_transport::Topology::Shards(urls),
+            prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+        })
     }
 
     /// A publisher for gateways on a Redis Cluster (their `redis_cluster`): `SPUBLISH` to
     /// the master that owns each channel's slot. `seeds`: some of the cluster's nodes.
     pub fn redis_cluster(seeds: impl IntoIterator<Item = String>) -> RedisBuilder {
         let seeds = seeds.into_iter().collect();
-        Builder::new(Redis { topology: redis_transport::Topology::Cluster(seeds), prefix: DEFAULT_REDIS_PREFIX.to_owned() })
+        Builder::new(Redis {
+            topology: redis_transport::Topology::Cluster(seeds),
+            prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+        })
     }
 
     fn from_parts(transport: Transport, encoding: Encoding, retry: RetryPolicy) -> Self {

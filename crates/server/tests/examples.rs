@@ -140,6 +140,8 @@ fn node(needs_packages: bool) -> Option<PathBuf> {
 /// Two nodes on one Redis, a JSON subscriber on `a` and a MessagePack subscriber on `b`, both on `channel`.
 struct Cluster {
     redis: RedisServer,
+    /// With [`Cluster::start_sharded`]: the nodes' `redis_shards` (`redis` is the first).
+    shards: Vec<RedisServer>,
     a: Node,
     b: Node,
     subscribers: [WsClient; 2],
@@ -168,6 +170,31 @@ impl Cluster {
         Self::start_with(channel, false).await
     }
 
+    /// Nodes on three independent Redis shards; `channel` must live on a shard other
+    /// than the first, so an example that ignores the shards fails.
+    async fn start_sharded(channel: &str) -> Self {
+        let mut shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+        assert_ne!(fanout_protocol::shard_of(&format!("fanout:{channel}"), 3), 0, "pick another channel name");
+        let list = shards.iter().map(RedisServer::url).collect::<Vec<_>>().join(",");
+        let a = Node::start(BIN, &["--redis-shards", &list, "--api-key", KEY]);
+        let b = Node::start(BIN, &["--redis-shards", &list, "--api-key", KEY]);
+        let mut json = WsClient::json(&a.ws_url()).await;
+        json.subscribe(channel).await;
+        let mut msgpack = WsClient::msgpack(&b.ws_url()).await;
+        msgpack.subscribe(channel).await;
+        let redis = shards.remove(0);
+        Self { redis, shards, a, b, subscribers: [json, msgpack], channel: channel.to_owned(), stored: false }
+    }
+
+    /// Every shard's `PUBLISH` count, first shard first.
+    async fn shard_publishes(&self) -> Vec<u64> {
+        let mut counts = vec![self.redis.command_calls("publish").await];
+        for s in &self.shards {
+            counts.push(s.command_calls("publish").await);
+        }
+        counts
+    }
+
     /// With `stored`, the nodes keep history in namespace `stored`.
     async fn start_with(channel: &str, stored: bool) -> Self {
         let redis = RedisServer::start();
@@ -186,7 +213,7 @@ impl Cluster {
         json.subscribe(channel).await;
         let mut msgpack = WsClient::msgpack(&b.ws_url()).await;
         msgpack.subscribe(channel).await;
-        Self { redis, a, b, subscribers: [json, msgpack], channel: channel.to_owned(), stored }
+        Self { redis, shards: Vec::new(), a, b, subscribers: [json, msgpack], channel: channel.to_owned(), stored }
     }
 
     /// The settings every example reads, pointed at this cluster and changed by `overrides`.
@@ -198,6 +225,10 @@ impl Cluster {
             ("FANOUT_REDIS_PREFIX".to_owned(), "fanout:".to_owned()),
             ("FANOUT_CHANNEL".to_owned(), self.channel.clone()),
         ];
+        if !self.shards.is_empty() {
+            let all = std::iter::once(&self.redis).chain(&self.shards).map(RedisServer::url);
+            env.push(("FANOUT_REDIS_SHARDS".to_owned(), all.collect::<Vec<_>>().join(",")));
+        }
         for (k, v) in overrides {
             env.retain(|(key, _)| key != k);
             env.push(((*k).to_owned(), (*v).to_owned()));
@@ -383,6 +414,28 @@ async fn python_redis() {
     let mut c = Cluster::start("examples:python-redis").await;
     let lines = c.run(&python, &["publish_redis.py"], &repo().join("examples/python")).await;
     c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
+}
+
+#[tokio::test]
+async fn python_redis_shards() {
+    let Some(python) = python() else { return };
+    let mut c = Cluster::start_sharded("examples:python-shards").await;
+    let lines = c.run(&python, &["publish_redis.py"], &repo().join("examples/python")).await;
+    c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
+    let counts = c.shard_publishes().await;
+    let shard = fanout_protocol::shard_of(&format!("fanout:{}", c.channel), 3);
+    assert_eq!(counts.iter().sum::<u64>(), counts[shard], "only the channel's shard carried it: {counts:?}");
+}
+
+#[tokio::test]
+async fn node_redis_shards() {
+    let Some(node) = node(true) else { return };
+    let mut c = Cluster::start_sharded("examples:node-shards").await;
+    let lines = c.run(&node, &["publish_redis.mjs"], &repo().join("examples/node")).await;
+    c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
+    let counts = c.shard_publishes().await;
+    let shard = fanout_protocol::shard_of(&format!("fanout:{}", c.channel), 3);
+    assert_eq!(counts.iter().sum::<u64>(), counts[shard], "only the channel's shard carried it: {counts:?}");
 }
 
 #[tokio::test]

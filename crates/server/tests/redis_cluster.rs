@@ -106,7 +106,8 @@ async fn channels_ride_sharded_pubsub_on_every_master() {
     assert_eq!(receivers, 2);
     assert_eq!(receive(&mut on_b, 1).await, [(c.clone(), json!({"via":"spublish"}).to_string())]);
     // `fanout publish --redis-cluster` (the Rust publisher) reaches every master.
-    let spread: Vec<&String> = masters.iter().map(|&m| channels.iter().find(|c| cluster.master_of(slot(c)) == m).unwrap()).collect();
+    let spread: Vec<&String> =
+        masters.iter().map(|&m| channels.iter().find(|c| cluster.master_of(slot(c)) == m).unwrap()).collect();
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(["publish", "--redis-cluster", "--redis-url", &cluster.seeds(), "--data", r#"{"via":"cli"}"#]);
     for c in &spread {
