@@ -2,7 +2,7 @@
 //!
 //! # How a node uses Redis
 //!
-//! Each node keeps exactly two connections to Redis:
+//! With one Redis, each node keeps exactly two connections to it:
 //!
 //! * one **pub/sub connection**, on which the node `SUBSCRIBE`s `{prefix}{channel}` for
 //!   every channel that has at least one local subscriber. The hub already reference-counts
@@ -32,15 +32,22 @@
 //! itself up again. Clients stay connected throughout; they miss what was published while
 //! Redis was unreachable (delivery is at most once).
 //!
-//! # Several URLs: Redis Cluster and failover lists
+//! # Several URLs: failover lists, independent shards, Redis Cluster
 //!
-//! With more than one URL the broker connects to the first that answers and, when that one
-//! fails, moves on to the next. This is meant for the node list of a **Redis Cluster**:
-//! classic (non-sharded) `PUBLISH` is broadcast over the cluster bus to every node, so a
-//! `SUBSCRIBE` on any one node sees every publication made on any node, and a `PUBLISH`
-//! may go to any node. It also works as a plain failover list of interchangeable
-//! endpoints, as long as every publisher can reach the endpoint the nodes are on (two
-//! independent Redis servers do not share pub/sub).
+//! What several URLs mean is [`RedisConfig::topology`]:
+//!
+//! * [`Topology::Single`]: interchangeable endpoints of one Redis. The broker connects to
+//!   the first that answers and, when that one fails, moves on to the next.
+//! * [`Topology::Shards`]: independent Redis servers. [`ShardedBroker`] runs one broker
+//!   per server and routes each channel to shard
+//!   [`fanout_protocol::shard_of`]`({prefix}{channel}, count)`; the first shard also carries
+//!   the control plane.
+//! * [`Topology::Cluster`]: the seed nodes of a Redis Cluster. Channels ride sharded
+//!   pub/sub: `SSUBSCRIBE` (one command per slot) and `SPUBLISH` reach only the master
+//!   that owns the channel's slot, so adding masters adds capacity (classic `PUBLISH` on
+//!   a cluster is broadcast to every node). One cluster connection (RESP3, one
+//!   connection per master) carries subscriptions and commands; slot moves, failovers
+//!   and lost subscriptions are followed as `link.rs` and `reader.rs` describe.
 //!
 //! # TLS and passwords
 //!
@@ -50,6 +57,7 @@
 //!
 //! # Metrics
 //!
+//! Per Redis connection, labelled `shard` (`"0"` with one Redis, the index with shards):
 //! `fanout_broker_up`, `fanout_broker_channels` (channels subscribed in Redis),
 //! `fanout_broker_reconnects_total`, `fanout_broker_resubscribe_duration_seconds`,
 //! `fanout_broker_publications_received_total`,
