@@ -6,7 +6,8 @@
 #
 #   loadtest/redis-cost.sh [REQUESTS]        (default 200000)
 #
-# Environment: FANOUT_BIN (default target/release/fanout), HISTORY_SIZE (default 1000).
+# Environment: FANOUT_BIN (default target/release/fanout), HISTORY_SIZE (default 1000),
+# SUBSCRIBERS (subscriber connections per channel, default 2: nodes subscribed to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-200000}
@@ -36,9 +37,9 @@ for _ in $(seq 200); do
     sleep 0.05
 done
 
-# Two subscribers per channel, like two gateway nodes.
+# Two subscribers per channel, like two gateway nodes (SUBSCRIBERS to change it).
 for ch in fanout:cost:plain fanout:cost:stored; do
-    for _ in 1 2; do
+    for _ in $(seq 1 "${SUBSCRIBERS:-2}"); do
         redis-cli -p "$port" SUBSCRIBE "$ch" >/dev/null &
         pids+=($!)
     done

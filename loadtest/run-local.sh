@@ -13,7 +13,9 @@
 # namespace keeps N publications per channel; 10000 for the recovery scenario),
 # PRESENCE=1 or PRESENCE=join_leave (the namespace tracks presence), HOOK=CMD (run in the
 # background once the nodes are up, with FANOUT_LOADTEST_INTERNAL, FANOUT_LOADTEST_WS and
-# FANOUT_LOADTEST_REDIS_PORT set).
+# FANOUT_LOADTEST_REDIS_PORT set), SHARDS=N (N independent redis-servers as the nodes'
+# redis_shards instead of one; the generator's --redis-url is the first). At the end it
+# prints each Redis's CPU time and PUBLISH count over the run, and the CPU per publication.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -74,15 +76,32 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Redis.
-redis_port=$(free_port)
-"${PIN_GATEWAY[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-    redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break
-    sleep 0.05
+# Redis: one server, or SHARDS independent ones.
+redis_ports=()
+for s in $(seq 1 "${SHARDS:-1}"); do
+    port=$(free_port)
+    "${PIN_GATEWAY[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis$s.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do
+        redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
+        sleep 0.05
+    done
+    redis-cli -p "$port" ping | grep -q PONG || { echo "redis-server did not start" >&2; exit 1; }
+    redis_ports+=("$port")
 done
-redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis-server did not start" >&2; exit 1; }
+redis_port=${redis_ports[0]}
+if [[ ${#redis_ports[@]} -gt 1 ]]; then
+    redis_flag=(--redis-shards "$(printf 'redis://127.0.0.1:%s,' "${redis_ports[@]}" | sed 's/,$//')")
+else
+    redis_flag=(--redis-url "redis://127.0.0.1:$redis_port")
+fi
+# CPU seconds (user + system) and PUBLISH calls (SPUBLISH and Function calls included) of a Redis.
+redis_usage() {
+    redis-cli -p "$1" INFO all | tr -d '\r' | awk -F'[:=,]' '
+        /^used_cpu_(user|sys):/ {cpu += $2}
+        /^cmdstat_publish:/ {pub = $3}
+        END {printf "%.6f %d", cpu, pub}'
+}
 
 # History (HISTORY=N, and always for the recovery scenario): the generator's namespace
 # `loadtest` keeps the last N publications of each channel.
@@ -112,7 +131,7 @@ first_internal=""
 for i in $(seq 1 "$NODES"); do
     log="$work/node$i.log"
     # shellcheck disable=SC2086
-    "${PIN_GATEWAY[@]}" "$FANOUT_BIN" serve --redis-url "redis://127.0.0.1:$redis_port" \
+    "${PIN_GATEWAY[@]}" "$FANOUT_BIN" serve "${redis_flag[@]}" \
         --public-addr 127.0.0.1:0 --internal-addr 127.0.0.1:0 $NODE_ARGS >"$log" 2>&1 &
     pid=$!
     pids+=("$pid")
@@ -145,5 +164,17 @@ if [[ -n "${HOOK:-}" ]]; then
     pids+=($!)
 fi
 
+before=()
+for port in "${redis_ports[@]}"; do before+=("$(redis_usage "$port")"); done
 # Not exec: the trap must still tear the cluster down afterwards.
-"${PIN_LOADTEST[@]}" "$LOADTEST_BIN" "${args[@]}" "$@"
+status=0
+"${PIN_LOADTEST[@]}" "$LOADTEST_BIN" "${args[@]}" "$@" || status=$?
+for i in "${!redis_ports[@]}"; do
+    read -r cpu0 pub0 <<<"${before[$i]}"
+    read -r cpu1 pub1 <<<"$(redis_usage "${redis_ports[$i]}")"
+    python3 -c "
+cpu, pubs = $cpu1 - $cpu0, $pub1 - $pub0
+per = f'{cpu * 1e6 / pubs:.2f} µs per publication' if pubs else 'no publications'
+print(f'redis shard $i: {cpu:.2f} s CPU, {pubs} PUBLISH, {per}')" >&2
+done
+exit "$status"
