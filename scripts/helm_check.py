@@ -78,6 +78,7 @@ SCENARIOS = {
     "all-features": ["ci/all-features-values.yaml"],
     "external-redis": ["ci/external-redis-values.yaml"],
     "single-node": ["ci/single-node-values.yaml"],
+    "redis-shards": ["ci/redis-shards-values.yaml"],
 }
 
 # Value combinations the chart must refuse (helm template must fail, with this text in the error).
@@ -90,6 +91,15 @@ MUST_FAIL = [
      ["--set", "extraEnv[0].name=FANOUT_DRAIN_TIMEOUT", "--set", "extraEnv[0].value=5m"], "drainTimeout"),
     ("bundled Redis and redis.url together",
      ["--set", "redis.url=redis://elsewhere:6379"], "not both"),
+    ("redis.shards next to the bundled Redis",
+     ["--set", "redis.shards[0]=redis://a:6379"], "redis.shards replaces"),
+    ("redis.shards next to redis.url",
+     ["--set", "redis.enabled=false", "--set", "redis.url=redis://a:6379", "--set", "redis.shards[0]=redis://b:6379"],
+     "redis.shards replaces"),
+    ("redis.cluster without seed nodes",
+     ["--set", "redis.enabled=false", "--set", "redis.cluster=true", "--set", "replicaCount=1"], "seed nodes"),
+    ("a shard that is not a Redis URL (schema)",
+     ["--set", "redis.enabled=false", "--set", "redis.shards[0]=http://a"], "shards"),
     ("several replicas without Redis",
      ["--set", "redis.enabled=false"], "shared Redis"),
     ("unreadable drain timeout (schema)",
@@ -549,10 +559,15 @@ def chart_assertions(c, scenario, docs, values):
     def broker():
         cfg = tomllib.loads(rendered_toml(docs)[1])
         redis_deps = [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
+        assert cfg.get("redis_cluster") == bool(redis.get("cluster")), "redis_cluster %r" % cfg.get("redis_cluster")
+        if redis.get("shards"):
+            assert cfg.get("redis_shards") == redis["shards"], "redis_shards %r" % cfg.get("redis_shards")
+            assert "redis_url" not in cfg and not redis_deps, "redis_url or the bundled Redis next to redis.shards"
+            return "%d shards" % len(cfg["redis_shards"])
         if redis.get("url"):
             assert cfg.get("redis_url") == redis["url"], "redis_url %r" % cfg.get("redis_url")
             assert not redis_deps, "bundled Redis rendered although redis.url is set"
-            return "external " + cfg["redis_url"]
+            return "external " + cfg["redis_url"] + (" (cluster)" if cfg["redis_cluster"] else "")
         if bundled:
             assert len(redis_deps) == 1, "bundled Redis missing"
             svc = one(docs, "Service", lambda d: d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis")

@@ -137,6 +137,11 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- end }}
 {{- end }}
 
+{{/* fanout.usesRedis: "true" when the gateway uses Redis (a URL, or redis.shards). */}}
+{{- define "fanout.usesRedis" -}}
+{{- if or (include "fanout.redisUrl" .) .Values.redis.shards }}true{{ end }}
+{{- end }}
+
 {{/* fanout.validate: value combinations the schema cannot express. */}}
 {{- define "fanout.validate" -}}
 {{- if and .Values.redis.enabled .Values.redis.url }}
@@ -148,7 +153,7 @@ otherwise the kubelet SIGKILLs connections the node is still draining.
 {{- if and .Values.redis.cluster (not .Values.redis.url) }}
 {{- fail "fanout: redis.cluster needs the cluster's seed nodes in redis.url" }}
 {{- end }}
-{{- if and (not (include "fanout.redisUrl" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- if and (not (include "fanout.usesRedis" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "fanout: more than one replica needs a shared Redis: set redis.url, or redis.enabled=true to try it out" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connections.enabled) }}
@@ -328,7 +333,7 @@ ones appear.
 {{- $field := index . 1 }}
 {{- $wanted := or $root.Values.secrets.existingSecret (index $root.Values.secrets $field) }}
 {{- /* the gateway refuses a Redis password without a Redis URL */}}
-{{- if and (eq $field "redisPassword") (not (include "fanout.redisUrl" $root)) }}{{ $wanted = false }}{{ end }}
+{{- if and (eq $field "redisPassword") (not (include "fanout.usesRedis" $root)) }}{{ $wanted = false }}{{ end }}
 {{- if $wanted }}
 - name: {{ $env }}
   valueFrom:
