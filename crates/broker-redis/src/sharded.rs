@@ -146,4 +146,8 @@ impl Broker for ShardedBroker {
     fn is_up(&self) -> bool {
         self.shards.iter().any(|s| Broker::is_up(s.as_ref()))
     }
+
+    fn shards_down(&self) -> Vec<usize> {
+        self.shards_up().iter().enumerate().filter(|(_, up)| !**up).map(|(i, _)| i).collect()
+    }
 }

@@ -137,4 +137,10 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can currently deliver (drives `/readyz`).
     fn is_up(&self) -> bool;
+
+    /// Of several Redis shards, the indexes of those that are down while the broker as a
+    /// whole is up (their channels alone are unavailable); `/readyz` names them.
+    fn shards_down(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }

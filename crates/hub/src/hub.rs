@@ -294,6 +294,11 @@ impl Hub {
         self.broker.is_up()
     }
 
+    /// See [`Broker::shards_down`].
+    pub fn shards_down(&self) -> Vec<usize> {
+        self.broker.shards_down()
+    }
+
     /// Tells every node to act on `control` (server API).
     pub async fn control(&self, control: &crate::Control) -> Result<(), BrokerError> {
         self.bounded(self.broker.control(control)).await

@@ -59,7 +59,8 @@ struct Inner {
 }
 
 enum Transport {
-    Http(HttpTransport),
+    // Boxed: the HTTP client is several hundred bytes.
+    Http(Box<HttpTransport>),
     Redis(RedisTransport),
 }
 
@@ -166,7 +167,7 @@ impl Builder<Http> {
     pub fn build(self) -> Result<Publisher, PublishError> {
         let Http { base_url, api_key } = &self.transport;
         let transport = HttpTransport::new(base_url, api_key.as_deref(), self.timeout)?;
-        Ok(Publisher::from_parts(Transport::Http(transport), self.encoding, self.retry))
+        Ok(Publisher::from_parts(Transport::Http(Box::new(transport)), self.encoding, self.retry))
     }
 }
 

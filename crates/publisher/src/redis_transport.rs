@@ -83,7 +83,8 @@ impl ConnectionLike for AnyConn {
 
 enum Targets {
     Shards(Vec<(redis::Client, Lazy<MultiplexedConnection>)>),
-    Cluster(ClusterClient, Lazy<ClusterConnection>),
+    // Boxed: a cluster client is large, and there is one per publisher.
+    Cluster(Box<(ClusterClient, Lazy<ClusterConnection>)>),
 }
 
 pub(crate) struct RedisTransport {
@@ -102,14 +103,14 @@ impl RedisTransport {
                     .map(|u| Ok((redis::Client::open(u.as_str()).map_err(invalid)?, Lazy::new())))
                     .collect::<Result<_, PublishError>>()?,
             ),
-            Topology::Cluster(seeds) => Targets::Cluster(
+            Topology::Cluster(seeds) => Targets::Cluster(Box::new((
                 ClusterClient::builder(seeds)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .build()
                     .map_err(invalid)?,
                 Lazy::new(),
-            ),
+            ))),
         };
         Ok(Self { targets, prefix, timeout })
     }
@@ -138,7 +139,8 @@ impl RedisTransport {
     }
 
     async fn cluster(&self) -> Result<ClusterConnection, PublishError> {
-        let Targets::Cluster(client, lazy) = &self.targets else { unreachable!("only called on a cluster") };
+        let Targets::Cluster(cluster) = &self.targets else { unreachable!("only called on a cluster") };
+        let (client, lazy) = &**cluster;
         lazy.get(client.get_async_connection()).await.map_err(|e| self.fail(e))
     }
 

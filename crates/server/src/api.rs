@@ -51,7 +51,15 @@ impl Handler for Internal {
                 let ready = self.is_ready();
                 self.metrics.ready.set(if ready { 1.0 } else { 0.0 });
                 if ready {
-                    text(StatusCode::OK, "ready\n")
+                    match &self.hub.shards_down()[..] {
+                        [] => text(StatusCode::OK, "ready\n"),
+                        // Ready: the other shards' channels are served. Said, for whoever looks.
+                        down => {
+                            let list: Vec<String> = down.iter().map(usize::to_string).collect();
+                            let body = format!("ready; Redis shards down: {}\n", list.join(", "));
+                            crate::listener::respond(StatusCode::OK, "text/plain; charset=utf-8", Bytes::from(body))
+                        }
+                    }
                 } else if self.draining.load(Ordering::Relaxed) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
                 } else {

@@ -242,7 +242,7 @@ async fn subscribers_keep_their_channels_through_failover_and_reshard() {
             }
         }
         // Shown only if the test fails (the harness keeps a passing test's output).
-        if round % 25 == 0 {
+        if round.is_multiple_of(25) {
             for c in &channels {
                 eprintln!(
                     "round {round}: {c} accepted {:?}, got {:?}",

@@ -128,8 +128,9 @@ async fn a_shard_that_is_down_stops_only_its_channels() {
         a.metric_with("fanout_broker_up", "shard=\"1\"").await == 0.0
     })
     .await;
-    // The node stays ready: the other shards' channels are served.
-    assert!(a.ready_blocking(), "one shard down must not take the node out of service");
+    // The node stays ready: the other shards' channels are served; /readyz says which is down.
+    let r = http(a.internal, "GET", "/readyz", &[], b"").await;
+    assert_eq!((r.status, r.text()), (200, "ready; Redis shards down: 1\n".to_owned()));
     assert_eq!(a.metric_with("fanout_broker_up", "shard=\"0\"").await, 1.0);
     for c in &down {
         assert_eq!(publish(&a, c, json!(1)).await, 503, "{c} lives on the shard that is down");
@@ -154,6 +155,7 @@ async fn a_shard_that_is_down_stops_only_its_channels() {
             && b.metric_with("fanout_broker_up", "shard=\"1\"").await == 1.0
     })
     .await;
+    assert_eq!(http(a.internal, "GET", "/readyz", &[], b"").await.text(), "ready\n");
     for c in &down {
         assert_eq!(publish(&a, c, json!({"back": c})).await, 200);
     }
