@@ -416,26 +416,27 @@ async fn python_redis() {
     c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
 }
 
+/// Runs a Redis example against nodes on three shards: everything arrives, through the
+/// channel's shard alone.
+async fn redis_shards_example(runner: &Path, script: &str, dir: &str, channel: &str) {
+    let mut c = Cluster::start_sharded(channel).await;
+    let lines = c.run(runner, &[script], &repo().join(dir)).await;
+    c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
+    let counts = c.shard_publishes().await;
+    let shard = fanout_protocol::shard_of(&format!("fanout:{channel}"), 3);
+    assert_eq!(counts.iter().sum::<u64>(), counts[shard], "only the channel's shard carried it: {counts:?}");
+}
+
 #[tokio::test]
 async fn python_redis_shards() {
     let Some(python) = python() else { return };
-    let mut c = Cluster::start_sharded("examples:python-shards").await;
-    let lines = c.run(&python, &["publish_redis.py"], &repo().join("examples/python")).await;
-    c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
-    let counts = c.shard_publishes().await;
-    let shard = fanout_protocol::shard_of(&format!("fanout:{}", c.channel), 3);
-    assert_eq!(counts.iter().sum::<u64>(), counts[shard], "only the channel's shard carried it: {counts:?}");
+    redis_shards_example(&python, "publish_redis.py", "examples/python", "examples:python-shards").await;
 }
 
 #[tokio::test]
 async fn node_redis_shards() {
     let Some(node) = node(true) else { return };
-    let mut c = Cluster::start_sharded("examples:node-shards").await;
-    let lines = c.run(&node, &["publish_redis.mjs"], &repo().join("examples/node")).await;
-    c.expect(&redis_publications(), redis_example_stamps(&lines)).await;
-    let counts = c.shard_publishes().await;
-    let shard = fanout_protocol::shard_of(&format!("fanout:{}", c.channel), 3);
-    assert_eq!(counts.iter().sum::<u64>(), counts[shard], "only the channel's shard carried it: {counts:?}");
+    redis_shards_example(&node, "publish_redis.mjs", "examples/node", "examples:node-shards").await;
 }
 
 #[tokio::test]

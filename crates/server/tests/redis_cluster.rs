@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fanout_protocol::key_slot;
-use fanout_testkit::{config_file, eventually, http, Event, Node, RedisCluster, WsClient};
+use fanout_testkit::{config_file, eventually, http, publish_cli, Event, Node, RedisCluster, WsClient};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fanout");
@@ -106,15 +106,9 @@ async fn channels_ride_sharded_pubsub_on_every_master() {
     assert_eq!(receivers, 2);
     assert_eq!(receive(&mut on_b, 1).await, [(c.clone(), json!({"via":"spublish"}).to_string())]);
     // `fanout publish --redis-cluster` (the Rust publisher) reaches every master.
-    let spread: Vec<&String> =
-        masters.iter().map(|&m| channels.iter().find(|c| cluster.master_of(slot(c)) == m).unwrap()).collect();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["publish", "--redis-cluster", "--redis-url", &cluster.seeds(), "--data", r#"{"via":"cli"}"#]);
-    for c in &spread {
-        cmd.args(["--channel", c]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spread: Vec<&str> =
+        masters.iter().map(|&m| channels.iter().find(|c| cluster.master_of(slot(c)) == m).unwrap().as_str()).collect();
+    publish_cli(BIN, &["--redis-cluster", "--redis-url", &cluster.seeds(), "--data", r#"{"via":"cli"}"#], &spread);
     let mut want: Vec<_> = spread.iter().map(|c| (c.to_string(), json!({"via":"cli"}).to_string())).collect();
     want.sort();
     assert_eq!(receive(&mut on_b, 3).await, want);

@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use fanout_protocol::shard_of;
-use fanout_testkit::{eventually, http, Node, RedisServer, WsClient};
+use fanout_testkit::{eventually, http, publish_cli, Node, RedisServer, WsClient};
 use serde_json::json;
 
 const CHANNELS: usize = 48;
@@ -31,7 +31,8 @@ async fn publish(node: &Node, channel: &str, data: serde_json::Value) -> u16 {
     http(node.internal, "POST", "/api/publish", &[], body.as_bytes()).await.status
 }
 
-/// The messages `client` receives until `n` have arrived, as (channel, data as JSON text).
+/// The messages `client` receives until `n` have arrived, as (channel, data as JSON
+/// text), sorted.
 async fn receive(client: &mut WsClient, n: usize) -> Vec<(String, String)> {
     let mut got = Vec::new();
     while got.len() < n {
@@ -39,7 +40,15 @@ async fn receive(client: &mut WsClient, n: usize) -> Vec<(String, String)> {
         assert_eq!(m["op"], "message", "{m}");
         got.push((m["channel"].as_str().unwrap().to_owned(), m["data"].to_string()));
     }
+    got.sort();
     got
+}
+
+/// What [`receive`] should return for `channels`, each carrying `data(channel)`.
+fn expected<S: AsRef<str>>(channels: &[S], data: impl Fn(&str) -> serde_json::Value) -> Vec<(String, String)> {
+    let mut want: Vec<_> = channels.iter().map(|c| (c.as_ref().to_owned(), data(c.as_ref()).to_string())).collect();
+    want.sort();
+    want
 }
 
 #[tokio::test]
@@ -62,11 +71,11 @@ async fn every_channel_lives_on_exactly_its_shard() {
     for c in &channels {
         assert_eq!(publish(&a, c, json!({"c": c})).await, 200);
     }
-    let mut got = receive(&mut on_b, CHANNELS).await;
-    got.sort();
-    let mut want: Vec<_> = channels.iter().map(|c| (c.clone(), json!({"c": c}).to_string())).collect();
-    want.sort();
-    assert_eq!(got, want, "every publication arrives once");
+    assert_eq!(
+        receive(&mut on_b, CHANNELS).await,
+        expected(&channels, |c| json!({"c": c})),
+        "every publication arrives once"
+    );
     on_b.expect_silence(Duration::from_millis(50)).await;
     // Each publication went to its shard only: the shard's PUBLISH count is its channels'.
     for (i, server) in shards.iter().enumerate() {
@@ -90,19 +99,10 @@ async fn every_channel_lives_on_exactly_its_shard() {
     assert_eq!(receive(&mut on_b, 1).await, [(c.clone(), json!({"via":"redis"}).to_string())]);
     // `fanout publish --redis-shards` (the Rust publisher) picks the same shards: one
     // broadcast over channels of every shard arrives on each.
-    let spread: Vec<&String> = (0..3).map(|i| channels.iter().find(|c| shard(c, 3) == i).unwrap()).collect();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"));
-    cmd.args(["publish", "--redis-shards", &shards_arg(&shards), "--data", r#"{"via":"cli"}"#]);
-    for c in &spread {
-        cmd.args(["--channel", c]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut want: Vec<_> = spread.iter().map(|c| (c.to_string(), json!({"via":"cli"}).to_string())).collect();
-    want.sort();
-    let mut got = receive(&mut on_b, 3).await;
-    got.sort();
-    assert_eq!(got, want);
+    let spread: Vec<&str> = (0..3).map(|i| channels.iter().find(|c| shard(c, 3) == i).unwrap().as_str()).collect();
+    let args = ["--redis-shards", &shards_arg(&shards), "--data", r#"{"via":"cli"}"#];
+    publish_cli(env!("CARGO_BIN_EXE_fanout"), &args, &spread);
+    assert_eq!(receive(&mut on_b, 3).await, expected(&spread, |_| json!({"via":"cli"})));
     // The control plane rides the first shard: /api/nodes sees both nodes.
     eventually("both nodes in /api/nodes", Duration::from_secs(10), async || {
         let r = http(a.internal, "GET", "/api/nodes", &[], b"").await;
@@ -138,11 +138,7 @@ async fn a_shard_that_is_down_stops_only_its_channels() {
     for c in &up {
         assert_eq!(publish(&a, c, json!({"c": c})).await, 200);
     }
-    let mut got = receive(&mut on_b, up.len()).await;
-    got.sort();
-    let mut want: Vec<_> = up.iter().map(|c| (c.to_string(), json!({"c": c}).to_string())).collect();
-    want.sort();
-    assert_eq!(got, want);
+    assert_eq!(receive(&mut on_b, up.len()).await, expected(&up, |c| json!({"c": c})));
     // A new subscription to a channel of the dead shard is refused, not left hanging.
     let mut late = WsClient::json(&b.ws_url()).await;
     late.send(json!({"op":"subscribe","channel":down[0],"id":9})).await;
@@ -159,9 +155,9 @@ async fn a_shard_that_is_down_stops_only_its_channels() {
     for c in &down {
         assert_eq!(publish(&a, c, json!({"back": c})).await, 200);
     }
-    let mut got = receive(&mut on_b, down.len()).await;
-    got.sort();
-    let mut want: Vec<_> = down.iter().map(|c| (c.to_string(), json!({"back": c}).to_string())).collect();
-    want.sort();
-    assert_eq!(got, want, "the subscribers of the returning shard's channels get its traffic again");
+    assert_eq!(
+        receive(&mut on_b, down.len()).await,
+        expected(&down, |c| json!({"back": c})),
+        "the subscribers of the returning shard's channels get its traffic again"
+    );
 }

@@ -44,6 +44,18 @@ pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
     path
 }
 
+/// Runs `bin publish ARGS --channel C ...` (one broadcast over `channels`) and asserts
+/// it succeeded, showing its standard error when not.
+pub fn publish_cli(bin: &str, args: &[&str], channels: &[&str]) {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("publish").args(args);
+    for c in channels {
+        cmd.args(["--channel", c]);
+    }
+    let out = cmd.output().expect("cannot run fanout publish");
+    assert!(out.status.success(), "fanout publish failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Sends a signal to a process by pid (`TERM`, `KILL`, `STOP`, `CONT`).
 pub fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
