@@ -137,6 +137,10 @@ struct RunArgs {
     /// Concurrent HTTP publish requests (each channel always uses the same lane).
     #[arg(long, default_value_t = 32)]
     http_concurrency: usize,
+    /// HTTP transport: each lane sends everything that queued up behind its request in
+    /// flight as one POST /api/publish_batch (up to 1,000 publications).
+    #[arg(long)]
+    http_batch: bool,
     /// The publishing clock wakes at most once per window and sends everything due by then
     /// together (0: wake for every publication). Lag up to the window shows in the schedule
     /// lag and, since latency counts from the intended time, in the latency figures.
@@ -265,6 +269,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         drain: args.drain,
         ws_publishers: args.ws_publishers,
         http_concurrency: args.http_concurrency,
+        http_batch: args.http_batch,
         batch_window: args.batch_window,
         metrics_urls: args.metrics_urls,
         gateway_pids: args.gateway_pids,

@@ -46,6 +46,8 @@ pub(crate) struct PubConfig {
     pub http_url: Option<String>,
     pub api_key: Option<String>,
     pub http_concurrency: usize,
+    /// HTTP lanes send everything queued behind a request as one `POST /api/publish_batch`.
+    pub http_batch: bool,
     /// The clock wakes at most once per window and hands off everything due by then.
     pub batch_window: Duration,
     pub redis_url: Option<String>,
@@ -207,12 +209,12 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
             for _ in 0..lanes {
                 let (tx, rx) = unbounded_channel();
                 senders.push(tx);
-                tasks.push(tokio::task::spawn_local(http_lane(
-                    publisher.clone(),
-                    rx,
-                    cfg.channel_names.clone(),
-                    stats.clone(),
-                )));
+                let (publisher, names, stats) = (publisher.clone(), cfg.channel_names.clone(), stats.clone());
+                tasks.push(if cfg.http_batch {
+                    tokio::task::spawn_local(batch_lane(publisher, rx, names, stats))
+                } else {
+                    tokio::task::spawn_local(http_lane(publisher, rx, names, stats))
+                });
             }
         }
         Transport::Redis => {
@@ -226,7 +228,7 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
                 .context("connecting to Redis")?;
             let (tx, rx) = unbounded_channel();
             senders.push(tx);
-            tasks.push(tokio::task::spawn_local(redis_lane(publisher, rx, cfg.channel_names.clone(), stats.clone())));
+            tasks.push(tokio::task::spawn_local(batch_lane(publisher, rx, cfg.channel_names.clone(), stats.clone())));
         }
     }
 
@@ -449,7 +451,9 @@ async fn http_lane(
     }
 }
 
-async fn redis_lane(
+/// Publishes everything that queued up while the previous batch was in flight as one
+/// batch (one pipeline to Redis, one `POST /api/publish_batch` over HTTP).
+async fn batch_lane(
     publisher: Publisher,
     mut rx: UnboundedReceiver<Vec<Item>>,
     names: Arc<Vec<String>>,

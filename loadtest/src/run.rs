@@ -43,6 +43,7 @@ pub(crate) struct RunConfig {
     pub drain: Duration,
     pub ws_publishers: usize,
     pub http_concurrency: usize,
+    pub http_batch: bool,
     pub batch_window: Duration,
     pub metrics_urls: Vec<String>,
     pub gateway_pids: Vec<u32>,
@@ -282,6 +283,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
                 http_url: cfg.http_url.clone(),
                 api_key: cfg.api_key.clone(),
                 http_concurrency: cfg.http_concurrency,
+                http_batch: cfg.http_batch,
                 batch_window: cfg.batch_window,
                 redis_url: cfg.redis_url.clone(),
                 redis_prefix: cfg.redis_prefix.clone(),
@@ -378,7 +380,13 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
             rate: s.rate,
             duration_s: s.duration.as_secs_f64(),
             payload_bytes: s.payload,
-            transport: format!("{:?}", s.transport).to_lowercase(),
+            transport: match s.transport {
+                crate::scenario::Transport::Http if cfg.http_batch => {
+                    format!("http ({} lanes, batched)", cfg.http_concurrency)
+                }
+                crate::scenario::Transport::Http => format!("http ({} lanes)", cfg.http_concurrency),
+                t => format!("{t:?}").to_lowercase(),
+            },
             urls: cfg.urls.clone(),
             threads,
             source_addrs: cfg.source_addrs.iter().map(|a| a.to_string()).collect(),

@@ -305,6 +305,18 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn publish_batch<'a>(
+        &'a self,
+        batch: &'a [(Publication, Option<String>)],
+    ) -> BoxFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(async move {
+            if !self.shared.is_up() {
+                return batch.iter().map(|_| Err(down())).collect();
+            }
+            self.shared.publisher.publish_batch(&self.shared, batch).await
+        })
+    }
+
     fn history<'a>(
         &'a self,
         channel: &'a ChannelName,

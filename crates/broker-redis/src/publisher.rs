@@ -83,23 +83,18 @@ impl PublishConnection {
         self.current().ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 
-    /// A plain `PUBLISH` outside history namespaces without an idempotency key (the fast
-    /// path, one command); otherwise `fanout_node_publish`, which checks the key, stores
-    /// the publication in its channel's history and publishes it in one atomic step.
-    pub(crate) async fn publish(
-        &self,
-        shared: &BrokerState,
-        p: &Publication,
-        key: Option<&str>,
-    ) -> Result<Published, BrokerError> {
+    /// The command that publishes `p`: a plain `PUBLISH` (`SPUBLISH` on a cluster) outside
+    /// history namespaces without an idempotency key (the fast path); otherwise
+    /// `fanout_node_publish`, which checks the key, stores the publication in its channel's
+    /// history and publishes it in one atomic step.
+    fn publish_cmd(shared: &BrokerState, p: &Publication, key: Option<&str>) -> (redis::Cmd, bool) {
         let channel = fanout_protocol::redis_channel(&shared.config.prefix, p.channel.as_str());
         let envelope = encode_envelope(p.ts, p.enc, &p.data);
         let policy = shared.histories.of(p.channel.as_str());
         if policy.is_none() && key.is_none() {
             let mut cmd = redis::cmd(shared.publish_command());
             cmd.arg(&channel).arg(envelope);
-            self.run::<()>(shared, &cmd, shared.publish_command()).await?;
-            return Ok(Published::default());
+            return (cmd, false);
         }
         let policy = policy.unwrap_or(HistoryPolicy { size: 0, ttl: std::time::Duration::ZERO });
         let mut cmd = redis::cmd("FCALL");
@@ -111,9 +106,103 @@ impl PublishConnection {
             .arg(policy.ttl.as_secs().max(1))
             .arg(key.unwrap_or(""))
             .arg(IDEMPOTENCY_WINDOW.as_secs());
-        let (offset, epoch, duplicate) = self.fcall::<(u64, String, i64)>(shared, &cmd, "fanout_node_publish").await?;
-        let position = (offset > 0).then(|| Position::new(offset, &epoch));
-        Ok(Published { duplicate: duplicate == 1, position })
+        (cmd, true)
+    }
+
+    /// What `fanout_node_publish` answered: `[offset, epoch, duplicate]`.
+    fn stored(answer: (u64, String, i64)) -> Published {
+        let (offset, epoch, duplicate) = answer;
+        Published { duplicate: duplicate == 1, position: (offset > 0).then(|| Position::new(offset, &epoch)) }
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        shared: &BrokerState,
+        p: &Publication,
+        key: Option<&str>,
+    ) -> Result<Published, BrokerError> {
+        let (cmd, function) = Self::publish_cmd(shared, p, key);
+        if !function {
+            self.run::<()>(shared, &cmd, shared.publish_command()).await?;
+            return Ok(Published::default());
+        }
+        Ok(Self::stored(self.fcall::<(u64, String, i64)>(shared, &cmd, "fanout_node_publish").await?))
+    }
+
+    /// Many publications as one pipeline, in order, so a channel's keep their order and the
+    /// whole batch costs one round trip. On a cluster a pipeline must stay within one slot:
+    /// one per slot, all in flight together (a channel's publications share its slot).
+    pub(crate) async fn publish_batch(
+        &self,
+        shared: &BrokerState,
+        batch: &[(Publication, Option<String>)],
+    ) -> Vec<Result<Published, BrokerError>> {
+        let groups: Vec<Vec<usize>> = if shared.sharded_pubsub() {
+            let prefix = shared.config.prefix.as_str();
+            let keyed = batch
+                .iter()
+                .enumerate()
+                .map(|(i, (p, _))| (fanout_protocol::redis_channel(prefix, p.channel.as_str()), i));
+            crate::link::by_slot(keyed).into_values().map(|g| g.into_iter().map(|(_, i)| i).collect()).collect()
+        } else {
+            vec![(0..batch.len()).collect()]
+        };
+        let each = groups.iter().map(|group| self.publish_group(shared, batch, group));
+        let answers = futures_util::future::join_all(each).await;
+        in_batch_order(batch.len(), &groups, answers)
+    }
+
+    /// One pipeline of `batch[i]` for every `i` in `group`, in that order.
+    async fn publish_group(
+        &self,
+        shared: &BrokerState,
+        batch: &[(Publication, Option<String>)],
+        group: &[usize],
+    ) -> Vec<Result<Published, BrokerError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut functions = Vec::with_capacity(group.len());
+        for &i in group {
+            let (p, key) = &batch[i];
+            let (cmd, function) = Self::publish_cmd(shared, p, key.as_deref());
+            pipe.add_command(cmd);
+            functions.push(function);
+        }
+        let answers = match self.run_raw::<Vec<redis::RedisResult<Value>>>(shared, Query::Pipe(&pipe)).await {
+            Ok(answers) if answers.len() == group.len() => answers,
+            Ok(_) => {
+                let e = self.finish::<()>(
+                    shared,
+                    Err(Failure::Broker(BrokerError::Unavailable("a pipeline answered short".into()))),
+                    "publish pipeline",
+                );
+                return group.iter().map(|_| e.clone().map(|()| Published::default())).collect();
+            }
+            Err(failure) => {
+                let e = self.finish::<()>(shared, Err(failure), "publish pipeline");
+                return group.iter().map(|_| e.clone().map(|()| Published::default())).collect();
+            }
+        };
+        let mut out = Vec::with_capacity(group.len());
+        for ((&i, function), answer) in group.iter().zip(functions).zip(answers) {
+            out.push(match answer {
+                Ok(_) if !function => Ok(Published::default()),
+                Ok(value) => redis::from_redis_value::<(u64, String, i64)>(value).map(Self::stored).map_err(|e| {
+                    shared.metrics.errors.publish.increment(1);
+                    BrokerError::Unavailable(format!("fanout_node_publish answered: {e}"))
+                }),
+                // The library was lost (Redis restarted empty): reloaded and called again by
+                // itself. Only keyed publications on a plain channel could then land after
+                // unkeyed ones of the same batch; a history channel's all go this way.
+                Err(e) if functions::is_missing_function(&e) => {
+                    let (p, key) = &batch[i];
+                    let (cmd, _) = Self::publish_cmd(shared, p, key.as_deref());
+                    self.fcall::<(u64, String, i64)>(shared, &cmd, "fanout_node_publish").await.map(Self::stored)
+                }
+                Err(e) => self.finish(shared, Err(Failure::Redis(e)), "publish"),
+            });
+        }
+        out
     }
 
     /// Reads a channel's history through `fanout_history`.
@@ -245,6 +334,22 @@ impl PublishConnection {
             }
         }
     }
+}
+
+/// The answers of `groups` (lists of indexes into a batch of `n`), answered group by
+/// group, put back in batch order.
+pub(crate) fn in_batch_order(
+    n: usize,
+    groups: &[Vec<usize>],
+    answers: Vec<Vec<Result<Published, BrokerError>>>,
+) -> Vec<Result<Published, BrokerError>> {
+    let mut results: Vec<Option<Result<Published, BrokerError>>> = (0..n).map(|_| None).collect();
+    for (group, answer) in groups.iter().zip(answers) {
+        for (&i, r) in group.iter().zip(answer) {
+            results[i] = Some(r);
+        }
+    }
+    results.into_iter().map(|r| r.unwrap_or_else(|| Err(BrokerError::Unavailable("not published".into())))).collect()
 }
 
 /// What goes to Redis: one command, or a pipeline.

@@ -61,8 +61,12 @@ impl ShardedBroker {
 
     /// The shard that carries `channel`.
     fn of(&self, channel: &ChannelName) -> &RedisBroker {
+        &self.shards[self.index_of(channel)]
+    }
+
+    fn index_of(&self, channel: &ChannelName) -> usize {
         let name = fanout_protocol::redis_channel(&self.prefix, channel.as_str());
-        &self.shards[fanout_protocol::shard_of(&name, self.shards.len())]
+        fanout_protocol::shard_of(&name, self.shards.len())
     }
 
     /// The shard with the control plane.
@@ -90,6 +94,25 @@ impl Broker for ShardedBroker {
         key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Published, BrokerError>> {
         self.of(&publication.channel).publish(publication, key)
+    }
+
+    /// Split by shard (each shard's in batch order), one pipeline per shard, all in flight
+    /// together; results put back in batch order.
+    fn publish_batch<'a>(
+        &'a self,
+        batch: &'a [(Publication, Option<String>)],
+    ) -> BoxFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(async move {
+            let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+            for (i, (p, _)) in batch.iter().enumerate() {
+                groups[self.index_of(&p.channel)].push(i);
+            }
+            let items: Vec<Vec<(Publication, Option<String>)>> =
+                groups.iter().map(|g| g.iter().map(|&i| batch[i].clone()).collect()).collect();
+            let each = items.iter().zip(&self.shards).map(|(items, shard)| shard.publish_batch(items));
+            let answers = futures_util::future::join_all(each).await;
+            crate::publisher::in_batch_order(batch.len(), &groups, answers)
+        })
     }
 
     fn history<'a>(

@@ -95,6 +95,23 @@ pub trait Broker: Send + Sync + 'static {
         key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Published, BrokerError>>;
 
+    /// Hands many publications (each with its idempotency key) to the broker at once; one
+    /// result per publication, in order. Publications of one channel are published in the
+    /// order given. The default publishes them one after the other; a broker that can send
+    /// them together (one Redis pipeline) does.
+    fn publish_batch<'a>(
+        &'a self,
+        batch: &'a [(Publication, Option<String>)],
+    ) -> BoxFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(batch.len());
+            for (publication, key) in batch {
+                results.push(self.publish(publication, key.as_deref()).await);
+            }
+            results
+        })
+    }
+
     /// Reads a channel's history: its top, and the publications the query asks for
     /// (none when `since` names another epoch). Only for channels that keep history.
     fn history<'a>(

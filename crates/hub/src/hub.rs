@@ -146,11 +146,20 @@ impl Replay {
 }
 
 /// Counts one publication in flight for as long as it lives (a cancelled publish too).
-struct InFlight<'a>(&'a metrics::Gauge);
+/// Publications in flight: counted up when made, down when dropped (a cancelled publish
+/// included).
+struct InFlight<'a>(&'a metrics::Gauge, f64);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a metrics::Gauge, n: usize) -> Self {
+        gauge.increment(n as f64);
+        Self(gauge, n as f64)
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.0.decrement(self.1);
     }
 }
 
@@ -285,9 +294,14 @@ impl Hub {
     /// Hands a publication to the broker, which delivers it to every node subscribed; with
     /// an idempotency key, only if that key is new on the channel.
     pub async fn publish(&self, publication: &Publication, key: Option<&str>) -> Result<Published, BrokerError> {
-        self.publishing.increment(1.0);
-        let _in_flight = InFlight(&self.publishing);
+        let _in_flight = InFlight::new(&self.publishing, 1);
         self.broker.publish(publication, key).await
+    }
+
+    /// [`Self::publish`] for many at once: see [`Broker::publish_batch`].
+    pub async fn publish_batch(&self, batch: &[(Publication, Option<String>)]) -> Vec<Result<Published, BrokerError>> {
+        let _in_flight = InFlight::new(&self.publishing, batch.len());
+        self.broker.publish_batch(batch).await
     }
 
     pub fn broker_up(&self) -> bool {

@@ -54,6 +54,111 @@ pub fn decode_api_publish(enc: Encoding, body: &[u8], broadcast: bool) -> Result
     Ok(ApiPublish { channels, enc, data: Bytes::copy_from_slice(data), idempotency_key })
 }
 
+/// Most publications one `POST /api/publish_batch` carries.
+pub const MAX_BATCH_PUBLICATIONS: usize = 1000;
+
+/// Decodes `{"publications":[{"channel":C,"data":V,"idempotency_key":K?},...]}`
+/// (`POST /api/publish_batch`): each element exactly as `POST /api/publish` takes it. One
+/// invalid element refuses the whole batch, naming it.
+pub fn decode_api_batch(enc: Encoding, body: &[u8]) -> Result<Vec<ApiPublish>, CommandError> {
+    let elements = batch_elements(enc, body)?;
+    if elements.is_empty() {
+        return Err(bad(None, "\"publications\" is empty"));
+    }
+    if elements.len() > MAX_BATCH_PUBLICATIONS {
+        return Err(bad(None, format!("more than {MAX_BATCH_PUBLICATIONS} publications")));
+    }
+    elements
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            decode_api_publish(enc, raw, false)
+                .map_err(|e| CommandError { message: format!("publications[{i}]: {}", e.message).into(), ..e })
+        })
+        .collect()
+}
+
+/// The encoded elements of a batch's `publications` array.
+fn batch_elements(enc: Encoding, body: &[u8]) -> Result<Vec<&[u8]>, CommandError> {
+    let malformed = |e: &dyn std::fmt::Display| bad(None, format!("malformed body: {e}"));
+    match enc {
+        Encoding::Json => {
+            #[derive(serde::Deserialize)]
+            struct Batch<'a> {
+                #[serde(borrow)]
+                publications: Option<Vec<&'a serde_json::value::RawValue>>,
+            }
+            let batch: Batch<'_> = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
+            let list = batch.publications.ok_or_else(|| bad(None, "missing field \"publications\""))?;
+            Ok(list.into_iter().map(|raw| raw.get().as_bytes()).collect())
+        }
+        Encoding::MsgPack => {
+            let mut rd = body;
+            let len = rmp::decode::read_map_len(&mut rd).map_err(|_| bad(None, "the body must be a map"))?;
+            for _ in 0..len {
+                let key = rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::RMPV_MAX_DEPTH)
+                    .map_err(|e| malformed(&e))?;
+                let is_list = matches!(&key, rmpv::ValueRef::String(k) if k.as_str() == Some("publications"));
+                if !is_list {
+                    rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::RMPV_MAX_DEPTH)
+                        .map_err(|e| malformed(&e))?;
+                    continue;
+                }
+                let n =
+                    rmp::decode::read_array_len(&mut rd).map_err(|_| bad(None, "\"publications\" must be an array"))?;
+                let mut out = Vec::with_capacity((n as usize).min(MAX_BATCH_PUBLICATIONS + 1));
+                for _ in 0..n {
+                    let before = rd;
+                    rmpv::decode::read_value_ref_with_max_depth(&mut rd, crate::message::RMPV_MAX_DEPTH)
+                        .map_err(|e| malformed(&e))?;
+                    out.push(&before[..before.len() - rd.len()]);
+                    if out.len() > MAX_BATCH_PUBLICATIONS {
+                        break;
+                    }
+                }
+                return Ok(out);
+            }
+            Err(bad(None, "missing field \"publications\""))
+        }
+    }
+}
+
+/// One element's outcome in a batch answer: published (with its position in a history
+/// namespace), or the error that stopped it.
+pub enum BatchResult<'a> {
+    Published(Option<&'a Position>),
+    Failed(ErrorCode, &'a str),
+}
+
+/// `{"ok":true,"results":[{"ok":true,"offset":N?,"epoch":E?} | {"error":{...}}, ...]}`, in
+/// the batch's order; `ok` is true when every element was published.
+pub fn encode_api_batch(enc: Encoding, results: &[BatchResult<'_>]) -> Vec<u8> {
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Item<'a> {
+        Ok(Ok_<'a>),
+        Err(ErrBody<'a>),
+    }
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        ok: bool,
+        results: Vec<Item<'a>>,
+    }
+    let results: Vec<Item<'_>> = results
+        .iter()
+        .map(|r| match r {
+            BatchResult::Published(p) => {
+                Item::Ok(Ok_ { ok: true, offset: p.map(|p| p.offset), epoch: p.map(|p| &*p.epoch) })
+            }
+            BatchResult::Failed(code, message) => {
+                Item::Err(ErrBody { error: ErrInner { code: code.as_str(), message } })
+            }
+        })
+        .collect();
+    let ok = results.iter().all(|r| matches!(r, Item::Ok(_)));
+    encode(enc, &Answer { ok, results })
+}
+
 /// Decodes `{"channel":C,"since":{"offset":N,"epoch":E}?,"limit":N?}` (`POST /api/history`).
 pub fn decode_api_history(enc: Encoding, body: &[u8]) -> Result<(ChannelName, HistoryQuery), CommandError> {
     let f = fields(enc, body)
@@ -132,6 +237,60 @@ pub fn encode_api_error(enc: Encoding, code: ErrorCode, message: &str) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_bodies() {
+        let b = decode_api_batch(
+            Encoding::Json,
+            br#"{"publications":[{"channel":"a","data":1},{"channel":"b","data":{"x":2},"idempotency_key":"k"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(
+            (b[1].channels[0].as_str(), &b[1].data[..], b[1].idempotency_key.as_deref()),
+            ("b", &br#"{"x":2}"#[..], Some("k"))
+        );
+        for (body, wanted) in [
+            (&br#"{"publications":[]}"#[..], "is empty"),
+            (br#"{"nothing":1}"#, "missing field"),
+            (br#"{"publications":[{"channel":"a","data":1},{"channel":"a b","data":1}]}"#, "publications[1]"),
+            (br#"{"publications":[{"channel":"a"}]}"#, r#"publications[0]: missing field "data""#),
+            (br#"[1]"#, "malformed"),
+        ] {
+            let e = decode_api_batch(Encoding::Json, body).err().unwrap();
+            assert!(e.message.contains(wanted), "{}: {}", String::from_utf8_lossy(body), e.message);
+        }
+        let many = format!(
+            "{{\"publications\":[{}]}}",
+            vec![r#"{"channel":"a","data":1}"#; MAX_BATCH_PUBLICATIONS + 1].join(",")
+        );
+        assert!(decode_api_batch(Encoding::Json, many.as_bytes()).is_err());
+        let mut mp = Vec::new();
+        let item = rmpv::Value::Map(vec![("channel".into(), "z".into()), ("data".into(), 7.into())]);
+        rmpv::encode::write_value(
+            &mut mp,
+            &rmpv::Value::Map(vec![
+                ("v".into(), 1.into()),
+                ("publications".into(), rmpv::Value::Array(vec![item.clone(), item])),
+            ]),
+        )
+        .unwrap();
+        let b = decode_api_batch(Encoding::MsgPack, &mp).unwrap();
+        assert_eq!((b.len(), &b[0].data[..]), (2, &[7u8][..]));
+        let p = Position::new(3, "e");
+        let answer = encode_api_batch(
+            Encoding::Json,
+            &[
+                BatchResult::Published(None),
+                BatchResult::Published(Some(&p)),
+                BatchResult::Failed(ErrorCode::Unavailable, "down"),
+            ],
+        );
+        assert_eq!(
+            String::from_utf8(answer).unwrap(),
+            r#"{"ok":false,"results":[{"ok":true},{"ok":true,"offset":3,"epoch":"e"},{"error":{"code":"unavailable","message":"down"}}]}"#
+        );
+    }
 
     #[test]
     fn publish_and_broadcast_bodies() {

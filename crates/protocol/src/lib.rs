@@ -13,8 +13,9 @@ mod shard;
 mod ws;
 
 pub use api::{
-    decode_api_history, decode_api_publish, decode_api_user, encode_api_error, encode_api_ok, encode_api_published,
-    ApiPublish, MAX_BROADCAST_CHANNELS, MAX_USER_LEN,
+    decode_api_batch, decode_api_history, decode_api_publish, decode_api_user, encode_api_batch, encode_api_error,
+    encode_api_ok, encode_api_published, ApiPublish, BatchResult, MAX_BATCH_PUBLICATIONS, MAX_BROADCAST_CHANNELS,
+    MAX_USER_LEN,
 };
 pub use channel::{namespace_of, ChannelError, ChannelName, MAX_CHANNEL_LEN};
 pub use command::{decode_command, Command, CommandError, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY};

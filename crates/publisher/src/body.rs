@@ -94,6 +94,31 @@ pub(crate) fn broadcast_body(enc: Encoding, channels: &[&str], data: &[u8]) -> V
     out
 }
 
+/// `{"publications":[{"channel":C,"data":V},…]}` (`POST /api/publish_batch`), every
+/// element written as [`publish_body`] writes one.
+pub(crate) fn batch_body(enc: Encoding, items: &[(&str, &[u8])]) -> Vec<u8> {
+    let size: usize = items.iter().map(|(c, d)| 24 + c.len() + d.len()).sum();
+    let mut out = Vec::with_capacity(24 + size);
+    match enc {
+        Encoding::Json => out.extend_from_slice(b"{\"publications\":["),
+        Encoding::MsgPack => {
+            let _ = rmp::encode::write_map_len(&mut out, 1);
+            let _ = rmp::encode::write_str(&mut out, "publications");
+            let _ = rmp::encode::write_array_len(&mut out, items.len() as u32);
+        }
+    }
+    for (i, (channel, data)) in items.iter().enumerate() {
+        if enc == Encoding::Json && i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&publish_body(enc, channel, data, None));
+    }
+    if enc == Encoding::Json {
+        out.extend_from_slice(b"]}");
+    }
+    out
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorInner,

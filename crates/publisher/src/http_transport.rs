@@ -27,6 +27,7 @@ pub(crate) struct HttpTransport {
     client: Client<HttpConnector, Full<Bytes>>,
     publish_uri: Uri,
     broadcast_uri: Uri,
+    batch_uri: Uri,
     history_uri: Uri,
     /// `http://authority/prefix`, for the server API's paths.
     base: String,
@@ -72,6 +73,7 @@ impl HttpTransport {
             client,
             publish_uri: uri("/api/publish")?,
             broadcast_uri: uri("/api/broadcast")?,
+            batch_uri: uri("/api/publish_batch")?,
             history_uri: uri("/api/history")?,
             base: format!("http://{authority}{prefix}"),
             auth,
@@ -96,6 +98,12 @@ impl HttpTransport {
             format!("{}{path}", self.base).parse().map_err(|e| PublishError::Config(format!("{path}: {e}")))?;
         let bytes = request.map(|r| Bytes::from(r.to_string())).unwrap_or_default();
         Ok(Body { uri, enc: Encoding::Json, bytes, get: request.is_none(), large: true })
+    }
+
+    /// A `POST /api/publish_batch` of publications all encoded as `enc`.
+    pub(crate) fn batch(&self, enc: Encoding, items: &[(&str, &[u8])]) -> Body {
+        let bytes = Bytes::from(body::batch_body(enc, items));
+        Body { uri: self.batch_uri.clone(), enc, bytes, get: false, large: true }
     }
 
     pub(crate) fn broadcast(&self, enc: Encoding, channels: &[&str], data: &[u8]) -> Body {

@@ -42,8 +42,8 @@ pub const DEFAULT_REDIS_PREFIX: &str = "fanout:";
 /// Per-attempt timeout unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most concurrent HTTP requests one [`Publisher::publish_batch`] keeps in flight; more
-/// would only queue inside the connection pool while opening sockets.
+/// Most concurrent HTTP requests one [`Publisher::publish_batch`] keeps in flight against
+/// a node without `/api/publish_batch`; more would only queue inside the connection pool.
 const HTTP_BATCH_CONCURRENCY: usize = 32;
 
 /// A publishing handle. Cloning is cheap and clones share connections.
@@ -415,28 +415,53 @@ impl Publisher {
         }
     }
 
-    /// Publishes many publications at once: one pipelined round trip to Redis, or
-    /// concurrent requests over HTTP (the API has no batch endpoint). Publications on one
-    /// channel keep their order with Redis; over HTTP concurrent requests may overtake
-    /// each other. On error some of the batch may have been published.
+    /// Publishes many publications at once: one pipelined round trip to Redis (one per
+    /// shard), or over HTTP one `POST /api/publish_batch` per 1,000 publications of one
+    /// encoding (a node that predates the endpoint gets concurrent single publishes).
+    /// Publications on one channel keep their order (except over HTTP to such an old
+    /// node). On error some of the batch may have been published.
     pub async fn publish_batch(&self, batch: &[Outgoing]) -> Result<(), PublishError> {
         for o in batch {
             check_channel(&o.channel)?;
         }
         match &self.inner.transport {
             Transport::Http(h) => {
-                use futures_util::{stream, TryStreamExt};
-                stream::iter(batch.iter().map(Ok))
-                    .try_for_each_concurrent(HTTP_BATCH_CONCURRENCY, |o| async move {
-                        let body = h.publish(o.enc, &o.channel, &o.data, None);
-                        self.retrying(|| h.send(&body)).await
-                    })
-                    .await
+                for enc in [Encoding::Json, Encoding::MsgPack] {
+                    let items: Vec<(&str, &[u8])> =
+                        batch.iter().filter(|o| o.enc == enc).map(|o| (o.channel.as_str(), &o.data[..])).collect();
+                    for chunk in items.chunks(fanout_protocol::MAX_BATCH_PUBLICATIONS) {
+                        let body = h.batch(enc, chunk);
+                        match self.retrying(|| h.send(&body)).await {
+                            Err(PublishError::Rejected { status: Some(404), .. }) => {
+                                self.publish_each(h, enc, chunk).await?
+                            }
+                            other => other?,
+                        }
+                    }
+                }
+                Ok(())
             }
             Transport::Redis(r) => {
                 self.retrying(|| r.publish(batch.iter().map(|o| (o.channel.as_str(), o.enc, &o.data[..])))).await
             }
         }
+    }
+
+    /// One request per publication, some in flight together: for a node without
+    /// `/api/publish_batch`.
+    async fn publish_each(
+        &self,
+        h: &HttpTransport,
+        enc: Encoding,
+        items: &[(&str, &[u8])],
+    ) -> Result<(), PublishError> {
+        use futures_util::{stream, TryStreamExt};
+        stream::iter(items.iter().map(Ok))
+            .try_for_each_concurrent(HTTP_BATCH_CONCURRENCY, |(channel, data)| async move {
+                let body = h.publish(enc, channel, data, None);
+                self.retrying(|| h.send(&body)).await
+            })
+            .await
     }
 
     async fn retrying<F, Fut, R>(&self, mut attempt: F) -> Result<R, PublishError>

@@ -202,15 +202,37 @@ async fn connection_refused_is_unavailable_and_retried() {
 }
 
 #[tokio::test]
-async fn batch_sends_every_publication() {
+async fn batch_is_one_request_in_order() {
     let (url, script) = server(vec![]).await;
     let p = Publisher::http(&url).build().unwrap();
-    let batch: Vec<_> =
+    let mut batch: Vec<_> =
         (0..50).map(|i| Outgoing::new(format!("ch:{}", i % 5), Encoding::Json, format!("{i}"))).collect();
+    batch.push(Outgoing::new("mp", Encoding::MsgPack, vec![0x07]));
     p.publish_batch(&batch).await.unwrap();
-    let mut bodies: Vec<String> = seen(&script).iter().map(|r| String::from_utf8(r.body.to_vec()).unwrap()).collect();
-    bodies.sort();
-    let mut expected: Vec<String> = (0..50).map(|i| format!(r#"{{"channel":"ch:{}","data":{i}}}"#, i % 5)).collect();
-    expected.sort();
-    assert_eq!(bodies, expected);
+    let seen = seen(&script);
+    let paths: Vec<(&str, Option<&str>)> = seen.iter().map(|r| (r.path.as_str(), r.content_type.as_deref())).collect();
+    assert_eq!(
+        paths,
+        [("/api/publish_batch", Some("application/json")), ("/api/publish_batch", Some("application/msgpack"))],
+        "one request per encoding"
+    );
+    let elements: Vec<String> = (0..50).map(|i| format!(r#"{{"channel":"ch:{}","data":{i}}}"#, i % 5)).collect();
+    assert_eq!(std::str::from_utf8(&seen[0].body).unwrap(), format!(r#"{{"publications":[{}]}}"#, elements.join(",")));
+    let mp: rmpv::Value = rmpv::decode::read_value(&mut &seen[1].body[..]).unwrap();
+    assert_eq!(mp.to_string(), r#"{"publications": [{"channel": "mp", "data": 7}]}"#);
+}
+
+#[tokio::test]
+async fn batch_to_a_node_without_the_endpoint_publishes_one_by_one() {
+    let (url, script) = server(vec![reply(404, "not found\n")]).await;
+    let p = Publisher::http(&url).build().unwrap();
+    let batch: Vec<_> = (0..5).map(|i| Outgoing::new("c", Encoding::Json, format!("{i}"))).collect();
+    p.publish_batch(&batch).await.unwrap();
+    let seen = seen(&script);
+    assert_eq!(seen[0].path, "/api/publish_batch");
+    let mut singles: Vec<String> =
+        seen[1..].iter().map(|r| format!("{} {}", r.path, String::from_utf8_lossy(&r.body))).collect();
+    singles.sort();
+    let expected: Vec<String> = (0..5).map(|i| format!(r#"/api/publish {{"channel":"c","data":{i}}}"#)).collect();
+    assert_eq!(singles, expected);
 }

@@ -12,8 +12,8 @@ use std::{
 use bytes::Bytes;
 use fanout_hub::{Hub, LogLimiter};
 use fanout_protocol::{
-    decode_api_history, decode_api_publish, decode_api_user, encode_api_error, encode_api_history, encode_api_ok,
-    encode_api_published, now_micros, Encoding, ErrorCode, Publication,
+    decode_api_batch, decode_api_history, decode_api_publish, decode_api_user, encode_api_batch, encode_api_error,
+    encode_api_history, encode_api_ok, encode_api_published, now_micros, BatchResult, Encoding, ErrorCode, Publication,
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
@@ -73,6 +73,7 @@ impl Handler for Internal {
             }
             (&Method::POST, "/api/publish") => self.publish(req, false, peer).await,
             (&Method::POST, "/api/broadcast") => self.publish(req, true, peer).await,
+            (&Method::POST, "/api/publish_batch") => self.publish_batch(req, peer).await,
             (&Method::POST, "/api/history") => self.history(req, peer).await,
             (&Method::POST, "/api/presence") => self.presence(req, false, peer).await,
             (&Method::POST, "/api/presence_stats") => self.presence(req, true, peer).await,
@@ -87,6 +88,7 @@ impl Handler for Internal {
                 | "/metrics"
                 | "/api/publish"
                 | "/api/broadcast"
+                | "/api/publish_batch"
                 | "/api/history"
                 | "/api/disconnect"
                 | "/api/unsubscribe"
@@ -372,6 +374,68 @@ impl Internal {
         }
     }
 
+    /// `POST /api/publish_batch`: many publications in one request, handed to the broker
+    /// at once (with Redis: one pipeline per Redis), publications of one channel in batch
+    /// order. Answers 200 when every one was published, 503 otherwise; either way with each
+    /// one's result, so a client retries only the failed ones (with idempotency keys,
+    /// safely).
+    async fn publish_batch(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let (request_format, format, body) = match self.read_request(req).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
+        let batch = match decode_api_batch(request_format, &body) {
+            Ok(b) => b,
+            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
+        };
+        if let Some(i) = batch.iter().position(|p| p.data.len() > self.max_message_size) {
+            let message = format!("publications[{i}]: data exceeds max_message_size");
+            return api_error(format, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, &message);
+        }
+        let ts = now_micros();
+        let publications: Vec<(Publication, Option<String>)> = batch
+            .into_iter()
+            .flat_map(|p| {
+                let (enc, data, key) = (p.enc, p.data, p.idempotency_key);
+                p.channels.into_iter().map(move |c| (Publication::new(c, ts, enc, data.clone()), key.clone()))
+            })
+            .collect();
+        let outcomes = self.hub.publish_batch(&publications).await;
+        let mut failed = None;
+        let results: Vec<BatchResult<'_>> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(published) => {
+                    self.count(published);
+                    BatchResult::Published(published.position.as_ref())
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    BatchResult::Failed(ErrorCode::Unavailable, e.client_message())
+                }
+            })
+            .collect();
+        let status = match &failed {
+            None => StatusCode::OK,
+            Some(error) => {
+                if let Some(suppressed) = BROKER_ERROR_LOG.check() {
+                    tracing::warn!(%peer, %error, suppressed, "broker failed publications of an API batch");
+                }
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        api_response(format, status, encode_api_batch(format, &results))
+    }
+
+    /// Counts a publication the broker took: published, or suppressed as a duplicate.
+    fn count(&self, published: &fanout_hub::Published) {
+        if published.duplicate {
+            self.metrics.idempotent_duplicates.increment(1);
+        } else {
+            self.metrics.publications_http.increment(1);
+        }
+    }
+
     async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
         let (request_format, format, body) = match self.read_request(req).await {
             Ok(r) => r,
@@ -390,16 +454,18 @@ impl Internal {
             );
         }
         let ts = now_micros();
+        // A broadcast's channels go to the broker together (one pipeline with Redis).
+        let key = request.idempotency_key;
+        let batch: Vec<(Publication, Option<String>)> = request
+            .channels
+            .into_iter()
+            .map(|channel| (Publication::new(channel, ts, request.enc, request.data.clone()), key.clone()))
+            .collect();
         let mut position = None;
-        for channel in request.channels {
-            let publication = Publication::new(channel, ts, request.enc, request.data.clone());
-            match self.hub.publish(&publication, request.idempotency_key.as_deref()).await {
+        for outcome in self.hub.publish_batch(&batch).await {
+            match outcome {
                 Ok(published) => {
-                    if published.duplicate {
-                        self.metrics.idempotent_duplicates.increment(1);
-                    } else {
-                        self.metrics.publications_http.increment(1);
-                    }
+                    self.count(&published);
                     position = published.position;
                 }
                 Err(e) => return self.broker_failed(format, peer, "publish", &e),
