@@ -74,7 +74,15 @@ pub struct Connection {
     /// it gets an answer (RFC 6455 §5.5.3 allows answering the most recent only).
     latest_ping: Option<Bytes>,
     last_seen: Instant,
+    /// When a flush last emptied `pending`: a connection written to less often than
+    /// [`QUIET`] gives the queue's memory back after each write.
+    last_drained: Instant,
 }
+
+/// A connection whose writes are further apart than this is quiet: its write queue is
+/// freed once drained (one allocation per write is nothing at that rate), instead of
+/// holding a few hundred bytes per idle connection for its whole life.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Connection {
     /// `leftover`: bytes the HTTP layer read past the upgrade request.
@@ -90,6 +98,8 @@ impl Connection {
             pongs_unsent: 0,
             latest_ping: None,
             last_seen: Instant::now(),
+            // Quiet until proven busy: the first reply's queue is freed at once.
+            last_drained: Instant::now().checked_sub(QUIET).unwrap_or_else(Instant::now),
         }
     }
 
@@ -207,9 +217,13 @@ impl Connection {
                 self.pending.pop_front();
             }
         }
-        if self.pending.is_empty() && self.pending.capacity() > 1024 {
-            // A burst grew the queue; do not keep its memory on an idle connection.
-            self.pending = VecDeque::new();
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            let now = Instant::now();
+            // A burst grew the queue, or the connection is quiet: do not keep its memory.
+            if self.pending.capacity() > 1024 || now.duration_since(self.last_drained) >= QUIET {
+                self.pending = VecDeque::new();
+            }
+            self.last_drained = now;
         }
         if delivered > 0 {
             m.deliveries.increment(delivered);

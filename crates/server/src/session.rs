@@ -270,12 +270,14 @@ fn within_publish_rate(policy: &Policy, buckets: &mut Vec<Option<TokenBucket>>, 
 
 impl Session {
     async fn event_loop(&mut self) -> End {
-        let limits = self.shared.limits.clone();
+        // Read from `shared` where needed rather than copied here: this future lives as
+        // long as the connection, and every byte of it is paid per connection.
+        let (ping_interval, idle_timeout) = (self.shared.limits.ping_interval, self.shared.limits.idle_timeout);
         // One timer serves both the pings and the token's expiry, whichever is due first.
         // The first ping comes after a fraction of the interval that differs per session:
         // connections opened together (a deploy, a reconnect wave) must not ping together
         // forever after, or every interval the node does thousands of writes at once.
-        let mut next_ping = Instant::now() + limits.ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
+        let mut next_ping = Instant::now() + ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
         // Bytes the client sent together with its upgrade request (a command, a Ping) are
@@ -339,11 +341,11 @@ impl Session {
                         return End::Close(CloseReason::AuthExpired);
                     }
                     if now >= next_ping {
-                        if self.conn.silent_for() >= limits.idle_timeout {
+                        if self.conn.silent_for() >= idle_timeout {
                             return End::Close(CloseReason::IdleTimeout);
                         }
                         self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
-                        next_ping = now + limits.ping_interval;
+                        next_ping = now + ping_interval;
                     }
                     timer.as_mut().reset(self.next_wake(next_ping));
                 }
