@@ -9,6 +9,7 @@ mod report;
 mod run;
 mod scan;
 mod scenario;
+mod storm;
 mod sub;
 mod sys;
 mod ws;
@@ -228,6 +229,28 @@ fn main() -> anyhow::Result<()> {
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let s = apply(scenario::load(&args.scenario, args.scenario_dir.as_deref())?, &args.overrides);
     let name = args.scenario.trim_end_matches(".toml").rsplit('/').next().unwrap_or(&args.scenario).to_owned();
+    if s.storm {
+        let cfg = storm::StormConfig {
+            scenario: s,
+            drain_pid: *args.gateway_pids.first().context("the storm drains the first node: --gateway-pid")?,
+            urls: args.urls,
+            redis_url: args.redis_url.context("the storm publishes its check through --redis-url")?,
+            source_addrs: args.source_addrs.clone(),
+            run_id: args.run_id.unwrap_or_else(|| format!("s{}", std::process::id())),
+            quiet: args.quiet,
+        };
+        let report = storm::run_blocking(cfg)?;
+        print!("{}", report.table());
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if args.fail_on_loss && (report.not_back > 0 || report.starved > 0) {
+            eprintln!("fanout-loadtest: {} clients not back, {} starved", report.not_back, report.starved);
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
     if s.recover_every.is_some() {
         let cfg = recovery::RecoveryConfig {
             scenario: s,

@@ -51,6 +51,10 @@ pub(crate) struct Scenario {
     /// How long a recovering subscriber stays away.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub recover_away: Option<Duration>,
+    /// Reconnect storm: every subscriber on the first node, which is then drained; they
+    /// all move to the next node (see `storm.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storm: bool,
 }
 
 fn one() -> usize {
@@ -72,6 +76,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("idle", include_str!("../scenarios/idle.toml")),
     ("churn", include_str!("../scenarios/churn.toml")),
     ("recovery", include_str!("../scenarios/recovery.toml")),
+    ("storm", include_str!("../scenarios/storm.toml")),
 ];
 
 /// The compiled-in scenarios as `(name, description)`.

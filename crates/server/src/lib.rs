@@ -40,6 +40,20 @@ fn node_id() -> String {
     format!("{:016x}", RandomState::new().hash_one(seed))
 }
 
+/// Connections the kernel may hold completed but not yet accepted (capped by
+/// `net.core.somaxconn`). A reconnect storm (every client of a drained node arriving at
+/// once) overflows a small backlog, and a dropped SYN costs its client a 1 s retransmit.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listening socket with [`LISTEN_BACKLOG`] (std and tokio ask for 128 / 1024).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std does on Unix: a restarted node can bind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs a node until `shutdown` resolves, then drains: `/readyz` turns 503, new upgrades
 /// are refused, every session closes with 1001, and this returns once they are gone or
 /// `drain_timeout` has passed.
@@ -78,11 +92,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let hub = Hub::with_history(registry, broker, histories, config.broker_timeout);
     spawn_upkeep(prometheus.clone(), background.clone());
 
-    let public = TcpListener::bind(config.public_addr)
-        .await
-        .with_context(|| format!("binding the public listener on {}", config.public_addr))?;
-    let internal = TcpListener::bind(config.internal_addr)
-        .await
+    let public =
+        bind(config.public_addr).with_context(|| format!("binding the public listener on {}", config.public_addr))?;
+    let internal = bind(config.internal_addr)
         .with_context(|| format!("binding the internal listener on {}", config.internal_addr))?;
     let (public_addr, internal_addr) = (public.local_addr()?, internal.local_addr()?);
     if config.api_key.is_none() && !internal_addr.ip().is_loopback() {
