@@ -358,3 +358,17 @@ async fn recovery_scenario_reports_recoveries_without_gaps_or_duplicates() {
     assert!(!out.status.success(), "without history the scenario must fail");
     assert!(String::from_utf8_lossy(&out.stderr).contains("history"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn storm_moves_every_client_to_the_next_node() {
+    let c = Cluster::start(2);
+    let pid = c.nodes[0].pid().to_string();
+    let r = run(
+        "storm",
+        &["storm", "-n", "300", "-c", "10", "--url", &c.urls(), "--gateway-pid", &pid, "--redis-url", &c.redis.url()],
+    );
+    assert_eq!((u(&r["subscribers"]), u(&r["not_back"]), u(&r["starved"])), (300, 0, 0), "{r}");
+    assert!(f(&r["storm_ms"]) > 0.0 && f(&r["back_per_second"]) > 0.0, "{r}");
+    // Every client came back on the other node (and left it when the run ended).
+    assert_eq!(c.nodes[1].metric("fanout_connections_opened_total").await, 300.0);
+}
