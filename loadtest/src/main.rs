@@ -226,6 +226,26 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Prints a report's table, writes its JSON when asked, and exits 2 with `lost` (what
+/// `--fail-on-loss` found) when there is any.
+fn finish(
+    table: &str,
+    report: &impl serde::Serialize,
+    json_out: Option<&std::path::Path>,
+    lost: Option<String>,
+) -> anyhow::Result<()> {
+    print!("{table}");
+    if let Some(path) = json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(lost) = lost {
+        eprintln!("fanout-loadtest: {lost}");
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let s = apply(scenario::load(&args.scenario, args.scenario_dir.as_deref())?, &args.overrides);
     let name = args.scenario.trim_end_matches(".toml").rsplit('/').next().unwrap_or(&args.scenario).to_owned();
@@ -240,16 +260,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             quiet: args.quiet,
         };
         let report = storm::run_blocking(cfg)?;
-        print!("{}", report.table());
-        if let Some(path) = &args.json_out {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        if args.fail_on_loss && (report.not_back > 0 || report.starved > 0) {
-            eprintln!("fanout-loadtest: {} clients not back, {} starved", report.not_back, report.starved);
-            std::process::exit(2);
-        }
-        return Ok(());
+        let lost = (report.not_back > 0 || report.starved > 0)
+            .then(|| format!("{} clients not back, {} starved", report.not_back, report.starved));
+        return finish(&report.table(), &report, args.json_out.as_deref(), lost.filter(|_| args.fail_on_loss));
     }
     if s.recover_every.is_some() {
         let cfg = recovery::RecoveryConfig {
@@ -261,19 +274,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             quiet: args.quiet,
         };
         let report = recovery::run_blocking(cfg)?;
-        print!("{}", report.table());
-        if let Some(path) = &args.json_out {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        if args.fail_on_loss && (report.gaps > 0 || report.duplicates > 0 || report.incomplete > 0) {
-            eprintln!(
-                "fanout-loadtest: {} gaps, {} duplicates, {} incomplete",
-                report.gaps, report.duplicates, report.incomplete
-            );
-            std::process::exit(2);
-        }
-        return Ok(());
+        let lost = (report.gaps > 0 || report.duplicates > 0 || report.incomplete > 0).then(|| {
+            format!("{} gaps, {} duplicates, {} incomplete", report.gaps, report.duplicates, report.incomplete)
+        });
+        return finish(&report.table(), &report, args.json_out.as_deref(), lost.filter(|_| args.fail_on_loss));
     }
     let cfg = run::RunConfig {
         name,
