@@ -26,6 +26,8 @@ use crate::{
 pub struct ShardedBroker {
     shards: Vec<Arc<RedisBroker>>,
     prefix: String,
+    /// Every shard has been up at once since the start (see [`Broker::is_up`] below).
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl ShardedBroker {
@@ -56,7 +58,7 @@ impl ShardedBroker {
             )?;
             shards.push(broker);
         }
-        Ok(Arc::new(Self { shards, prefix: config.prefix }))
+        Ok(Arc::new(Self { shards, prefix: config.prefix, started: Default::default() }))
     }
 
     /// The shard that carries `channel`.
@@ -163,11 +165,21 @@ impl Broker for ShardedBroker {
         self.of(channel).ready(channel)
     }
 
-    /// Up while any shard is: a shard that is down fails only its own channels (their
-    /// `ready` and `publish`), and taking the node out of service for it would stop the
-    /// channels of every other shard too.
+    /// A starting node is up once every shard is (so it takes no client it could not
+    /// serve, and a shard it cannot reach keeps it out of service where that shows);
+    /// after that, while any shard is: a shard that goes down fails only its own channels
+    /// (their `ready` and `publish`), and taking the node out of service for it would stop
+    /// the channels of every other shard too.
     fn is_up(&self) -> bool {
-        self.shards.iter().any(|s| Broker::is_up(s.as_ref()))
+        use std::sync::atomic::Ordering;
+        if self.started.load(Ordering::Acquire) {
+            return self.shards.iter().any(|s| Broker::is_up(s.as_ref()));
+        }
+        let all = self.shards.iter().all(|s| Broker::is_up(s.as_ref()));
+        if all {
+            self.started.store(true, Ordering::Release);
+        }
+        all
     }
 
     fn shards_down(&self) -> Vec<usize> {

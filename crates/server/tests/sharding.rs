@@ -161,3 +161,22 @@ async fn a_shard_that_is_down_stops_only_its_channels() {
         "the subscribers of the returning shard's channels get its traffic again"
     );
 }
+
+#[tokio::test]
+async fn a_starting_node_waits_for_every_shard() {
+    let first = RedisServer::start();
+    let port = RedisServer::unused_port();
+    let list = format!("{},redis://127.0.0.1:{port}", first.url());
+    let node = Node::start_unready(env!("CARGO_BIN_EXE_fanout"), &["--redis-shards", &list]);
+    eventually("shard 0 connected", Duration::from_secs(10), async || {
+        node.metric_with("fanout_broker_up", "shard=\"0\"").await == 1.0
+    })
+    .await;
+    // Shard 1 has never been reachable: the node takes no clients it could not serve.
+    assert_eq!(http(node.internal, "GET", "/readyz", &[], b"").await.status, 503);
+    let _second = RedisServer::start_on(port);
+    eventually("ready once every shard is up", Duration::from_secs(15), async || {
+        http(node.internal, "GET", "/readyz", &[], b"").await.status == 200
+    })
+    .await;
+}
