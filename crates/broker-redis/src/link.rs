@@ -52,8 +52,14 @@ impl PubSub {
     pub(crate) async fn unsubscribe(&mut self, keys: &[String]) -> RedisResult<()> {
         match self {
             Self::Single(sink) => sink.unsubscribe(keys).await,
+            // SUNSUBSCRIBE, like SSUBSCRIBE, takes channels of one slot.
             Self::Cluster(conn) => {
-                for_each_slot(conn, keys, |mut c, group| async move { c.sunsubscribe(group).await }).await
+                let groups = by_slot(keys, |key| fanout_protocol::key_slot(key.as_bytes()));
+                let each = groups.into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::join_all(each).await.into_iter().collect()
             }
         }
     }
@@ -110,23 +116,14 @@ fn shard_subscriptions(reply: &redis::Value) -> Option<u64> {
     text.split_whitespace().find_map(|f| f.strip_prefix("ssub=")?.parse().ok())
 }
 
-/// Redis channels grouped by cluster slot.
-pub(crate) fn by_slot<T>(items: impl IntoIterator<Item = (String, T)>) -> BTreeMap<u16, Vec<(String, T)>> {
-    let mut groups: BTreeMap<u16, Vec<(String, T)>> = BTreeMap::new();
-    for (key, item) in items {
-        groups.entry(fanout_protocol::key_slot(key.as_bytes())).or_default().push((key, item));
+/// `items` grouped by the cluster slot `slot` gives each, keeping their order within a
+/// group: what one `SSUBSCRIBE`, `SUNSUBSCRIBE` or pipeline may carry on a cluster.
+pub(crate) fn by_slot<T>(items: impl IntoIterator<Item = T>, slot: impl Fn(&T) -> u16) -> Vec<Vec<T>> {
+    let mut groups: BTreeMap<u16, Vec<T>> = BTreeMap::new();
+    for item in items {
+        groups.entry(slot(&item)).or_default().push(item);
     }
-    groups
-}
-
-async fn for_each_slot<F, Fut>(conn: &ClusterConnection, keys: &[String], op: F) -> RedisResult<()>
-where
-    F: Fn(ClusterConnection, Vec<String>) -> Fut,
-    Fut: std::future::Future<Output = RedisResult<()>>,
-{
-    let groups = by_slot(keys.iter().map(|k| (k.clone(), ())));
-    let each = groups.into_values().map(|g| op(conn.clone(), g.into_iter().map(|(k, ())| k).collect()));
-    futures_util::future::join_all(each).await.into_iter().collect()
+    groups.into_values().collect()
 }
 
 /// A freshly dialed, answering server (or cluster).

@@ -332,14 +332,15 @@ impl Manager {
     }
 
     /// `SSUBSCRIBE`s, one per slot, all in flight together. A slot whose master does not
-    /// answer (it is failing over) does not end the cluster connection: its channels are
-    /// deferred and subscribed again once every master answers the heartbeat.
+    /// answer (it is failing over) does not end the cluster connection: the connection is
+    /// marked disrupted, so once every master answers the heartbeat every wanted channel
+    /// (these among them) is subscribed again.
     async fn subscribe_cluster(&mut self, cluster: redis::cluster_async::ClusterConnection, channels: &[ChannelName]) {
         let limit = self.shared.config.command_timeout;
         let prefix = self.shared.config.prefix.as_str();
-        let groups =
-            link::by_slot(channels.iter().map(|c| (fanout_protocol::redis_channel(prefix, c.as_str()), c.clone())));
-        let each = groups.into_values().map(|group| {
+        let keyed = channels.iter().map(|c| (fanout_protocol::redis_channel(prefix, c.as_str()), c.clone()));
+        let groups = link::by_slot(keyed, |(key, _)| fanout_protocol::key_slot(key.as_bytes()));
+        let each = groups.into_iter().map(|group| {
             let mut conn = cluster.clone();
             async move {
                 let keys: Vec<&String> = group.iter().map(|(k, _)| k).collect();
@@ -359,7 +360,6 @@ impl Manager {
                         if let Some(suppressed) = self.shared.drop_log.check() {
                             tracing::warn!(error = %e, channels = group.len(), suppressed, "SSUBSCRIBE failed; retrying once the cluster answers");
                         }
-                        self.interest.deferred.extend(group);
                         self.disrupted = true;
                     } else {
                         tracing::warn!(channel = %group[0], error = %e, "Redis refused SSUBSCRIBE");
@@ -410,8 +410,6 @@ struct Interest {
     subscribed: HashSet<ChannelName>,
     /// Wanted, not yet sent.
     pending: HashSet<ChannelName>,
-    /// Cluster only: wanted, their SSUBSCRIBE failed; sent again with [`Self::resubscribe_all`].
-    deferred: HashSet<ChannelName>,
     /// Subscribed, no longer wanted: when to unsubscribe.
     lingering: HashMap<ChannelName, Instant>,
     /// The same deadlines in order; an entry whose deadline no longer matches `lingering`
@@ -431,7 +429,6 @@ impl Interest {
             wanted: HashSet::new(),
             subscribed: HashSet::new(),
             pending: HashSet::new(),
-            deferred: HashSet::new(),
             lingering: HashMap::new(),
             linger_queue: VecDeque::new(),
             waiters: HashMap::new(),
@@ -454,7 +451,6 @@ impl Interest {
                     return;
                 }
                 self.pending.remove(&channel);
-                self.deferred.remove(&channel);
                 self.refused.remove(&channel);
                 self.fail_waiters(&channel, || BrokerError::Unavailable("interest withdrawn".into()));
                 if self.subscribed.contains(&channel) {
@@ -492,9 +488,8 @@ impl Interest {
         }
     }
 
-    /// Every wanted channel goes out again (deferred ones included).
+    /// Every wanted channel goes out again (those whose SSUBSCRIBE failed included).
     fn resubscribe_all(&mut self) {
-        self.deferred.clear();
         self.pending.extend(self.wanted.iter().cloned());
     }
 
@@ -563,7 +558,6 @@ impl Interest {
         self.lingering.clear();
         self.linger_queue.clear();
         self.refused.clear();
-        self.deferred.clear();
         self.pending = self.wanted.clone();
         // Positions of wanted channels are what the next connection catches up from.
         self.shared.positions.retain(|c| self.wanted.contains(c));

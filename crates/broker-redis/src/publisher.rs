@@ -139,11 +139,11 @@ impl PublishConnection {
     ) -> Vec<Result<Published, BrokerError>> {
         let groups: Vec<Vec<usize>> = if shared.sharded_pubsub() {
             let prefix = shared.config.prefix.as_str();
-            let keyed = batch
-                .iter()
-                .enumerate()
-                .map(|(i, (p, _))| (fanout_protocol::redis_channel(prefix, p.channel.as_str()), i));
-            crate::link::by_slot(keyed).into_values().map(|g| g.into_iter().map(|(_, i)| i).collect()).collect()
+            crate::link::by_slot(0..batch.len(), |&i| {
+                fanout_protocol::key_slot(
+                    fanout_protocol::redis_channel(prefix, batch[i].0.channel.as_str()).as_bytes(),
+                )
+            })
         } else {
             vec![(0..batch.len()).collect()]
         };
@@ -170,21 +170,16 @@ impl PublishConnection {
         }
         let answers = match self.run_raw::<Vec<redis::RedisResult<Value>>>(shared, Query::Pipe(&pipe)).await {
             Ok(answers) if answers.len() == group.len() => answers,
-            Ok(_) => {
-                let e = self.finish::<()>(
-                    shared,
-                    Err(Failure::Broker(BrokerError::Unavailable("a pipeline answered short".into()))),
-                    "publish pipeline",
-                );
-                return group.iter().map(|_| e.clone().map(|()| Published::default())).collect();
-            }
-            Err(failure) => {
-                let e = self.finish::<()>(shared, Err(failure), "publish pipeline");
-                return group.iter().map(|_| e.clone().map(|()| Published::default())).collect();
+            other => {
+                let failure = other
+                    .err()
+                    .unwrap_or_else(|| Failure::Broker(BrokerError::Unavailable("a pipeline answered short".into())));
+                let e = Self::failed(shared, failure, "publish pipeline");
+                return group.iter().map(|_| Err(e.clone())).collect();
             }
         };
         let mut out = Vec::with_capacity(group.len());
-        for ((&i, function), answer) in group.iter().zip(functions).zip(answers) {
+        for ((cmd, function), answer) in pipe.cmd_iter().zip(functions).zip(answers) {
             out.push(match answer {
                 Ok(_) if !function => Ok(Published::default()),
                 Ok(value) => redis::from_redis_value::<(u64, String, i64)>(value).map(Self::stored).map_err(|e| {
@@ -195,11 +190,9 @@ impl PublishConnection {
                 // itself. Only keyed publications on a plain channel could then land after
                 // unkeyed ones of the same batch; a history channel's all go this way.
                 Err(e) if functions::is_missing_function(&e) => {
-                    let (p, key) = &batch[i];
-                    let (cmd, _) = Self::publish_cmd(shared, p, key.as_deref());
-                    self.fcall::<(u64, String, i64)>(shared, &cmd, "fanout_node_publish").await.map(Self::stored)
+                    self.fcall::<(u64, String, i64)>(shared, cmd, "fanout_node_publish").await.map(Self::stored)
                 }
-                Err(e) => self.finish(shared, Err(Failure::Redis(e)), "publish"),
+                Err(e) => Err(Self::failed(shared, Failure::Redis(e), "publish")),
             });
         }
         out
@@ -322,16 +315,16 @@ impl PublishConnection {
     }
 
     fn finish<T>(&self, shared: &BrokerState, result: Result<T, Failure>, what: &str) -> Result<T, BrokerError> {
-        match result {
-            Ok(value) => Ok(value),
-            Err(failure) => {
-                shared.metrics.errors.publish.increment(1);
-                Err(match failure {
-                    Failure::Redis(e) if e.is_timeout() => BrokerError::Timeout,
-                    Failure::Redis(e) => BrokerError::Unavailable(format!("{what} failed: {e}")),
-                    Failure::Broker(e) => e,
-                })
-            }
+        result.map_err(|failure| Self::failed(shared, failure, what))
+    }
+
+    /// Counts a failed command and says what failed.
+    fn failed(shared: &BrokerState, failure: Failure, what: &str) -> BrokerError {
+        shared.metrics.errors.publish.increment(1);
+        match failure {
+            Failure::Redis(e) if e.is_timeout() => BrokerError::Timeout,
+            Failure::Redis(e) => BrokerError::Unavailable(format!("{what} failed: {e}")),
+            Failure::Broker(e) => e,
         }
     }
 }
