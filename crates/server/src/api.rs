@@ -155,6 +155,20 @@ impl Internal {
         !self.draining.load(Ordering::Relaxed) && self.hub.broker_up()
     }
 
+    /// [`Self::read_request`], then its body decoded by `decode`: the response format and
+    /// the request, or the response that refuses it (400 for a body `decode` refuses).
+    async fn read_decoded<T>(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        decode: impl FnOnce(Encoding, &[u8]) -> Result<T, fanout_protocol::CommandError>,
+    ) -> Result<(Encoding, T), Response<Body>> {
+        let (request_format, format, body) = self.read_request(req).await?;
+        decode(request_format, &body)
+            .map(|t| (format, t))
+            .map_err(|e| self.bad_request(format, peer, e.code, &e.message))
+    }
+
     /// The formats, the API key check and the body, bounded in size and time; or the
     /// response that refuses the request.
     async fn read_request(&self, req: Request<Incoming>) -> Result<(Encoding, Encoding, Bytes), Response<Body>> {
@@ -319,13 +333,9 @@ impl Internal {
 
     /// `POST /api/presence` and `POST /api/presence_stats` `{"channel":C}`.
     async fn presence(&self, req: Request<Incoming>, stats: bool, peer: SocketAddr) -> Response<Body> {
-        let (request_format, format, body) = match self.read_request(req).await {
+        let (format, (channel, _)) = match self.read_decoded(req, peer, decode_api_history).await {
             Ok(r) => r,
             Err(response) => return response,
-        };
-        let (channel, _) = match decode_api_history(request_format, &body) {
-            Ok(r) => r,
-            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
         };
         if self.presences.of(channel.as_str()).is_none() {
             return self.bad_request(
@@ -348,13 +358,9 @@ impl Internal {
 
     /// `POST /api/history`.
     async fn history(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let (request_format, format, body) = match self.read_request(req).await {
+        let (format, (channel, query)) = match self.read_decoded(req, peer, decode_api_history).await {
             Ok(r) => r,
             Err(response) => return response,
-        };
-        let (channel, query) = match decode_api_history(request_format, &body) {
-            Ok(r) => r,
-            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
         };
         if !self.hub.keeps_history(channel.as_str()) {
             return self.bad_request(format, peer, ErrorCode::BadRequest, "this channel's namespace keeps no history");
@@ -380,13 +386,9 @@ impl Internal {
     /// one's result, so a client retries only the failed ones (with idempotency keys,
     /// safely).
     async fn publish_batch(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let (request_format, format, body) = match self.read_request(req).await {
+        let (format, batch) = match self.read_decoded(req, peer, decode_api_batch).await {
             Ok(r) => r,
             Err(response) => return response,
-        };
-        let batch = match decode_api_batch(request_format, &body) {
-            Ok(b) => b,
-            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
         };
         if let Some(i) = batch.iter().position(|p| p.data.len() > self.max_message_size) {
             let message = format!("publications[{i}]: data exceeds max_message_size");
@@ -437,13 +439,10 @@ impl Internal {
     }
 
     async fn publish(&self, req: Request<Incoming>, broadcast: bool, peer: SocketAddr) -> Response<Body> {
-        let (request_format, format, body) = match self.read_request(req).await {
+        let decode = |enc, body: &[u8]| decode_api_publish(enc, body, broadcast);
+        let (format, request) = match self.read_decoded(req, peer, decode).await {
             Ok(r) => r,
             Err(response) => return response,
-        };
-        let request = match decode_api_publish(request_format, &body, broadcast) {
-            Ok(r) => r,
-            Err(e) => return self.bad_request(format, peer, e.code, &e.message),
         };
         if request.data.len() > self.max_message_size {
             return api_error(
