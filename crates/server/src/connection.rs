@@ -72,7 +72,8 @@ pub struct Connection {
     pongs_unsent: u8,
     /// The latest Ping that arrived while [`MAX_UNSENT_PONGS`] Pongs were unwritten: only
     /// it gets an answer (RFC 6455 §5.5.3 allows answering the most recent only).
-    latest_ping: Option<Bytes>,
+    /// Boxed: only a client that pings without reading ever has one.
+    latest_ping: Option<Box<Bytes>>,
     last_seen: Instant,
     /// When a flush last emptied `pending`: a connection written to less often than
     /// [`QUIET`] gives the queue's memory back after each write.
@@ -162,7 +163,7 @@ impl Connection {
     /// Answers a Ping, keeping at most [`MAX_UNSENT_PONGS`] Pongs unwritten.
     pub fn pong(&mut self, outbox: &Outbox, payload: Bytes) {
         if self.pongs_unsent >= MAX_UNSENT_PONGS {
-            self.latest_ping = Some(payload);
+            self.latest_ping = Some(Box::new(payload));
             return;
         }
         if outbox.push_reply(frame(OpCode::Pong, &payload)) == Push::Queued {
@@ -239,7 +240,7 @@ impl Connection {
         if pongs_written > 0 {
             self.pongs_unsent = self.pongs_unsent.saturating_sub(pongs_written);
             if let Some(payload) = self.latest_ping.take() {
-                self.pong(outbox, payload);
+                self.pong(outbox, *payload);
             }
         }
         Ok(())

@@ -169,15 +169,19 @@ impl Public {
             None => Encoding::Json,
         };
         let shared = self.shared.clone();
+        let tracker = self.tracker.clone();
+        // This task only waits for hyper to hand the connection over; the session is a task
+        // of its own, so none of this future's state stays with every open connection.
         self.tracker.spawn(async move {
-            let _permit = permit;
             let ws = match upgrade.await {
                 Ok(ws) => ws,
                 Err(e) => return tracing::debug!(error = %e, "upgrade did not complete"),
             };
             // Take the raw TCP stream back: the session reads and writes it directly.
             match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
-                Ok(io) => session::run(io.io.into_inner(), io.read_buf, format, shared, identity).await,
+                Ok(io) => {
+                    tracker.spawn(session::start(io.io.into_inner(), io.read_buf, format, shared, identity, permit));
+                }
                 Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
             }
         });

@@ -16,6 +16,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
     auth::{Identity, Verifier},
+    channelset::ChannelSet,
     connection::{Connection, Read},
     limit::{Rate, TokenBucket},
     metrics::{CloseReason, NodeMetrics},
@@ -167,69 +168,74 @@ fn abuse_rate(rate: Rate) -> Rate {
     Rate { per_second: rate.per_second * ABUSE_RATE_FACTOR, burst: rate.burst }
 }
 
-/// Runs a session to completion. `leftover` holds bytes the HTTP layer read past the
-/// upgrade request.
-pub async fn run(
+/// The session of an upgraded connection, ready to be spawned as its task. `leftover`
+/// holds bytes the HTTP layer read past the upgrade request; `permit` is the connection's
+/// place under `max_connections`, held for the session's life.
+///
+/// Built here rather than at the top of an async fn: an async fn's arguments stay in its
+/// state for as long as it runs, even once moved into the session, and that state is the
+/// task every connection pays for until it closes.
+pub fn start(
     stream: TcpStream,
     leftover: Bytes,
     format: Encoding,
     shared: Arc<SessionContext>,
     identity: Identity,
-) {
-    let m = shared.metrics.clone();
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let m = &shared.metrics;
     m.opened.increment(1);
     m.connections.increment(1.0);
     let now = std::time::Instant::now();
     let rate = shared.limits.command_rate.unwrap_or(Rate::new(0.0, 1));
-    let user = match &identity {
-        Identity::Token(grant) => grant.sub.as_deref().map(str::to_owned),
-        _ => None,
-    };
     let mut s = Session {
-        user,
         expires_at: expiry_of(&identity, shared.verifier.as_deref()),
         identity,
         commands: TokenBucket::new(rate, now),
         abuse: TokenBucket::new(rate, now),
-        publish_rates: Vec::new(),
+        publish_rates: Box::default(),
         refreshes: TokenBucket::new(REFRESH_RATE, now),
         outbox: Arc::new(Outbox::new(format, shared.limits.outbound_queue_bytes)),
         conn: Connection::new(stream, leftover, shared.limits.max_message_size),
-        subscriptions: HashSet::new(),
+        subscriptions: ChannelSet::default(),
         replays: Vec::new(),
-        format,
         shared,
+        _permit: permit,
     };
-    s.shared.live.join(&s.outbox, s.user.as_deref());
-    let end = s.event_loop().await;
-    // Boxed for the same reason: only a closing session needs the room.
-    let reason = Box::pin(s.finish(end)).await;
-    m.closed(reason).increment(1);
+    s.shared.live.join(&s.outbox, s.user());
+    // A block that uses the session in place, not an `async fn run(self)`: that would move
+    // its argument into a local and keep both copies in the state.
+    async move {
+        let end = s.event_loop().await;
+        // Boxed: only a closing session needs the room.
+        let reason = Box::pin(s.finish(end)).await;
+        s.shared.metrics.closed(reason).increment(1);
+    }
 }
 
 struct Session {
     conn: Connection,
     outbox: Arc<Outbox>,
-    subscriptions: HashSet<ChannelName>,
+    subscriptions: ChannelSet,
     /// Recoveries too large to push at once, each feeding its channel as the socket
     /// drains (a task of its own: this one must keep writing). Aborted with the
     /// subscription.
     replays: Vec<(ChannelName, tokio::task::AbortHandle)>,
-    format: Encoding,
     shared: Arc<SessionContext>,
+    /// Who the client is; a token's `sub` says whose connection this is for the server API.
     identity: Identity,
-    /// The token's `sub`: whose connection this is for the server API.
-    user: Option<String>,
     /// When the token (plus leeway) expires; the session closes with 1008 then.
     expires_at: Option<Instant>,
     commands: TokenBucket,
     /// Drained by commands refused for rate: when empty, the client is abusive.
     abuse: TokenBucket,
     /// Publish-rate buckets by namespace slot, allocated on the first rate-limited publish.
-    publish_rates: Vec<Option<TokenBucket>>,
+    /// (A boxed slice: 8 bytes less than a Vec in every session.)
+    publish_rates: Box<[Option<TokenBucket>]>,
     /// `refresh` verifies a signature, the costliest thing a client can ask for: it gets a
     /// bucket of its own, far below the command rate.
     refreshes: TokenBucket,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs on every way out of a session, a panic included, so nothing it registered (its
@@ -239,10 +245,10 @@ impl Drop for Session {
         for (_, replay) in self.replays.drain(..) {
             replay.abort();
         }
-        for channel in std::mem::take(&mut self.subscriptions) {
+        for channel in self.subscriptions.take() {
             self.leave_channel(&channel);
         }
-        self.shared.live.leave(self.outbox.id(), self.user.as_deref());
+        self.shared.live.leave(self.outbox.id(), self.user());
         self.outbox.close();
         self.shared.metrics.connections.decrement(1.0);
     }
@@ -259,31 +265,40 @@ fn expiry_of(identity: &Identity, verifier: Option<&Verifier>) -> Option<Instant
 }
 
 /// Takes a token from the publish-rate bucket of namespace `slot`, if it has a rate.
-fn within_publish_rate(policy: &Policy, buckets: &mut Vec<Option<TokenBucket>>, slot: usize) -> bool {
+fn within_publish_rate(policy: &Policy, buckets: &mut Box<[Option<TokenBucket>]>, slot: usize) -> bool {
     let Some(rate) = policy.rule_at(slot).publish_rate else { return true };
     if buckets.is_empty() {
-        buckets.resize(policy.slots(), None);
+        *buckets = vec![None; policy.slots()].into_boxed_slice();
     }
     let now = std::time::Instant::now();
     buckets.get_mut(slot).is_none_or(|b| b.get_or_insert_with(|| TokenBucket::new(rate, now)).try_take(rate, now))
 }
 
 impl Session {
+    /// The token's `sub` (a refresh must keep it, so it never changes).
+    fn user(&self) -> Option<&str> {
+        match &self.identity {
+            Identity::Token(grant) => grant.sub.as_deref(),
+            _ => None,
+        }
+    }
+
     async fn event_loop(&mut self) -> End {
-        // Read from `shared` where needed rather than copied here: this future lives as
-        // long as the connection, and every byte of it is paid per connection.
-        let (ping_interval, idle_timeout) = (self.shared.limits.ping_interval, self.shared.limits.idle_timeout);
+        // Limits are read from `shared` where needed, never copied into locals here: this
+        // future lives as long as the connection, and every byte of it is paid per
+        // connection.
         // One timer serves both the pings and the token's expiry, whichever is due first.
         // The first ping comes after a fraction of the interval that differs per session:
         // connections opened together (a deploy, a reconnect wave) must not ping together
         // forever after, or every interval the node does thousands of writes at once.
-        let mut next_ping = Instant::now() + ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
+        let mut next_ping =
+            Instant::now() + self.shared.limits.ping_interval.mul_f64(0.5 + 0.5 * spread(self.outbox.id()));
         let timer = tokio::time::sleep_until(self.next_wake(next_ping));
         tokio::pin!(timer);
         // Bytes the client sent together with its upgrade request (a command, a Ping) are
         // already here: handle them now, not when the client happens to send again.
         if self.conn.has_buffered() {
-            if let Some(end) = self.process().await {
+            if let Some(end) = Box::pin(self.process()).await {
                 return end;
             }
         }
@@ -328,7 +343,9 @@ impl Session {
                         return End::Close(CloseReason::Disconnected);
                     }
                     let expires_at = self.expires_at;
-                    if let Some(end) = self.read().await {
+                    // Boxed: inline, the command handling it may await would sit in every
+                    // idle connection's task; a read is rare next to the deliveries.
+                    if let Some(end) = Box::pin(self.read()).await {
                         return end;
                     }
                     if self.expires_at != expires_at {
@@ -341,11 +358,11 @@ impl Session {
                         return End::Close(CloseReason::AuthExpired);
                     }
                     if now >= next_ping {
-                        if self.conn.silent_for() >= idle_timeout {
+                        if self.conn.silent_for() >= self.shared.limits.idle_timeout {
                             return End::Close(CloseReason::IdleTimeout);
                         }
                         self.outbox.push(Bytes::from_static(&[0x89, 0x00]), 0);
-                        next_ping = now + ping_interval;
+                        next_ping = now + self.shared.limits.ping_interval;
                     }
                     timer.as_mut().reset(self.next_wake(next_ping));
                 }
@@ -392,9 +409,8 @@ impl Session {
                 Ok(Some(Incoming::Message { binary, payload })) => {
                     // Commands are accepted in either format; replies use the connection's.
                     let enc = if binary { Encoding::MsgPack } else { Encoding::Json };
-                    // Boxed: command handling is the largest future a session awaits, and
-                    // inline it would sit in every idle connection's task.
-                    if let Some(end) = Box::pin(self.command(enc, &payload)).await {
+                    // Not boxed again: the callers box this whole future.
+                    if let Some(end) = self.command(enc, &payload).await {
                         return Some(end);
                     }
                 }
@@ -429,7 +445,7 @@ impl Session {
     }
 
     fn reply(&self, reply: &Reply<'_>) {
-        self.outbox.push_reply(encode_reply(self.format, reply));
+        self.outbox.push_reply(encode_reply(self.outbox.format(), reply));
     }
 
     /// Takes one token from the command rate for a frame the client sent.
@@ -517,7 +533,7 @@ impl Session {
                             self.replays.push((channel.clone(), task.abort_handle()));
                         }
                         if self.shared.presences.of(channel.as_str()).is_some() {
-                            hub.presence_join(&channel, &self.client_id(), self.user.as_deref().unwrap_or(""));
+                            hub.presence_join(&channel, &self.client_id(), self.user().unwrap_or(""));
                         }
                         self.subscriptions.insert(channel);
                     }
@@ -567,9 +583,11 @@ impl Session {
                 let frame = if stats {
                     hub.presence_stats(&channel)
                         .await
-                        .map(|s| encode_presence_stats_reply(self.format, id, channel.as_str(), s))
+                        .map(|s| encode_presence_stats_reply(self.outbox.format(), id, channel.as_str(), s))
                 } else {
-                    hub.presence(&channel).await.map(|l| encode_presence_reply(self.format, id, channel.as_str(), &l))
+                    hub.presence(&channel)
+                        .await
+                        .map(|l| encode_presence_reply(self.outbox.format(), id, channel.as_str(), &l))
                 };
                 match frame {
                     Ok(frame) => {
@@ -587,7 +605,7 @@ impl Session {
                 }
                 self.shared.metrics.history_reads_ws.increment(1);
                 match hub.history(&channel, &query).await {
-                    Ok(page) => match encode_history_reply(self.format, id, channel.as_str(), &page) {
+                    Ok(page) => match encode_history_reply(self.outbox.format(), id, channel.as_str(), &page) {
                         // A reply larger than the queue would cut the connection off (4008).
                         Ok(frame) if frame.len() + 1024 > self.outbox.room() => self.error(
                             id,
@@ -705,7 +723,7 @@ impl Session {
         for (_, replay) in self.replays.drain(..) {
             replay.abort();
         }
-        for channel in std::mem::take(&mut self.subscriptions) {
+        for channel in self.subscriptions.take() {
             self.leave_channel(&channel);
         }
         let (reason, close) = match end {
@@ -751,5 +769,21 @@ mod tests {
             buckets[(x * 10.0) as usize] += 1;
         }
         assert!(buckets.iter().all(|&n| (80..=120).contains(&n)), "{buckets:?}");
+    }
+
+    /// The size of what `f` returns, without calling it.
+    fn output_size<A, B, C, D, E, G, Fut>(_: impl FnOnce(A, B, C, D, E, G) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open connection keeps its session's future for its whole life, inside a tokio
+    /// task cell that is aligned to 128 bytes (so sizes round up in steps of 128): at 656
+    /// bytes the cell is 768, one byte more and it is 896. This is the largest item of the
+    /// idle memory per connection (docs/benchmarks.md); a change that grows it must shrink
+    /// something else or say why here.
+    #[test]
+    fn a_session_task_fits_a_768_byte_task_cell() {
+        let size = output_size(super::start);
+        assert!(size <= 656, "the session future is {size} bytes");
     }
 }

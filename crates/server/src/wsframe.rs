@@ -56,8 +56,9 @@ struct Header {
 pub struct FrameDecoder {
     buf: BytesMut,
     max_message: usize,
-    /// A fragmented message being reassembled: (is binary, payload so far).
-    partial: Option<(bool, BytesMut)>,
+    /// A fragmented message being reassembled: (is binary, payload so far). Boxed: few
+    /// clients fragment, and every connection would pay for the room.
+    partial: Option<Box<(bool, BytesMut)>>,
     /// While closing: bytes of the current frame still to be discarded.
     skip: u64,
     /// The client has sent a Close frame (a valid one or not): the closing handshake needs
@@ -190,7 +191,7 @@ impl FrameDecoder {
         if control && (!fin || len > 125) {
             return Err(FrameError::Protocol("control frames must be final and at most 125 bytes"));
         }
-        let already = self.partial.as_ref().map_or(0, |(_, p)| p.len() as u64);
+        let already = self.partial.as_ref().map_or(0, |p| p.1.len() as u64);
         // Saturating: a 64-bit length after a first fragment must not wrap past the bound.
         if !control && already.saturating_add(len) > self.max_message as u64 {
             return Err(FrameError::TooLarge);
@@ -209,18 +210,19 @@ impl FrameDecoder {
                 if fin {
                     return message(binary, payload.freeze()).map(Some);
                 }
-                self.partial = Some((binary, payload));
+                self.partial = Some(Box::new((binary, payload)));
                 Ok(None)
             }
             0x0 => {
-                let Some((binary, mut so_far)) = self.partial.take() else {
+                let Some(mut partial) = self.partial.take() else {
                     return Err(FrameError::Protocol("continuation frame without a message"));
                 };
-                so_far.extend_from_slice(&payload);
+                partial.1.extend_from_slice(&payload);
                 if fin {
+                    let (binary, so_far) = *partial;
                     return message(binary, so_far.freeze()).map(Some);
                 }
-                self.partial = Some((binary, so_far));
+                self.partial = Some(partial);
                 Ok(None)
             }
             0x8 => {
