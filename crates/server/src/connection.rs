@@ -21,7 +21,7 @@ use crate::{
     wsframe::{FrameDecoder, FrameError, Incoming},
 };
 
-/// One in this many writes of a connection records a delivery-latency sample.
+/// One in this many deliveries of a connection records a delivery-latency sample.
 const LATENCY_SAMPLE_EVERY: u32 = 8;
 /// IoSlices per vectored write (well under IOV_MAX).
 const MAX_IOV: usize = 64;
@@ -66,8 +66,9 @@ pub struct Connection {
     mid_frame: bool,
     /// The front of `pending`, partly written, is a Pong (its header is already gone).
     mid_frame_is_pong: bool,
-    /// Writes that carried a publication, for latency sampling.
-    writes: u32,
+    /// Publications delivered, for latency sampling (wrapping: 2^32 is a multiple of
+    /// the sampling period, so the count may wrap without a glitch).
+    delivered_total: u32,
     /// Pongs queued and not yet fully written.
     pongs_unsent: u8,
     /// The latest Ping that arrived while [`MAX_UNSENT_PONGS`] Pongs were unwritten: only
@@ -85,6 +86,15 @@ pub struct Connection {
 /// holding a few hundred bytes per idle connection for its whole life.
 const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Latency samples owed by a write of `delivered` publications after `total` earlier ones:
+/// one for each multiple of [`LATENCY_SAMPLE_EVERY`] among the deliveries' indices
+/// `total..total + delivered` (so the very first delivery is sampled).
+fn latency_samples(total: u32, delivered: u64) -> u64 {
+    let every = u64::from(LATENCY_SAMPLE_EVERY);
+    let total = u64::from(total);
+    (total + delivered).div_ceil(every) - total.div_ceil(every)
+}
+
 impl Connection {
     /// `leftover`: bytes the HTTP layer read past the upgrade request.
     pub fn new(stream: TcpStream, leftover: Bytes, max_message: usize) -> Self {
@@ -95,7 +105,7 @@ impl Connection {
             pending: VecDeque::new(),
             mid_frame: false,
             mid_frame_is_pong: false,
-            writes: 0,
+            delivered_total: 0,
             pongs_unsent: 0,
             latest_ping: None,
             last_seen: Instant::now(),
@@ -229,13 +239,18 @@ impl Connection {
         if delivered > 0 {
             m.deliveries.increment(delivered);
             // A histogram sample costs more than everything else the write path does in
-            // user space (see hub's fanout bench), so a connection samples its first write
-            // and then one in LATENCY_SAMPLE_EVERY; the oldest frame of a write is the one
-            // that waited longest.
-            if self.writes.is_multiple_of(LATENCY_SAMPLE_EVERY) {
-                m.latency.record(now_micros().saturating_sub(oldest_ts) as f64 / 1e6);
+            // user space (see hub's fanout bench), so a connection samples one delivery in
+            // LATENCY_SAMPLE_EVERY (its first among them). Counted in deliveries, not
+            // writes: a write that carries 16 frames has waited longest, and one sample per
+            // write would weigh it like a write of one, so quantiles would understate the
+            // tail exactly when the node batches under load. Each sample is the oldest frame
+            // of its write, the one that waited longest.
+            let samples = latency_samples(self.delivered_total, delivered);
+            if samples > 0 {
+                let latency = now_micros().saturating_sub(oldest_ts) as f64 / 1e6;
+                m.latency.record_many(latency, samples as usize);
             }
-            self.writes = self.writes.wrapping_add(1);
+            self.delivered_total = self.delivered_total.wrapping_add(delivered as u32);
         }
         if pongs_written > 0 {
             self.pongs_unsent = self.pongs_unsent.saturating_sub(pongs_written);
@@ -300,5 +315,29 @@ impl Connection {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{latency_samples, LATENCY_SAMPLE_EVERY};
+
+    #[test]
+    fn latency_samples_are_one_per_period_of_deliveries_however_they_are_batched() {
+        let every = u64::from(LATENCY_SAMPLE_EVERY);
+        for batch in [1u64, 3, 8, 16, 61] {
+            let (mut total, mut samples) = (0u32, 0u64);
+            while u64::from(total) < 1000 * every {
+                samples += latency_samples(total, batch);
+                total += batch as u32;
+            }
+            // One per multiple of `every` below the final count, the first delivery included.
+            assert_eq!(samples, u64::from(total).div_ceil(every), "batch {batch}");
+        }
+        assert_eq!(latency_samples(0, 1), 1, "the first delivery is sampled");
+        assert_eq!(latency_samples(1, 1), 0);
+        assert_eq!(latency_samples(1, 16), 2, "a batch of 16 weighs twice");
+        assert_eq!(latency_samples(u32::MAX, 1), 0, "no glitch where the count wraps");
+        assert_eq!(latency_samples(0u32.wrapping_add(u32::MAX).wrapping_add(1), 1), 1);
     }
 }
