@@ -152,6 +152,9 @@ pub(crate) struct GeneratorView {
     pub busiest_second_percent: f64,
     pub deliveries_per_cpu_second: f64,
     pub max_rss_bytes: u64,
+    /// How late the subscriber workers' 1 ms probe timer woke while publications flowed:
+    /// how long a delivery can have waited for the generator to read it.
+    pub receive_loop_lag_ms: Percentiles,
     pub saturated: bool,
     pub saturation_reasons: Vec<String>,
 }
@@ -327,6 +330,7 @@ impl Report {
                 g.deliveries_per_cpu_second
             ),
         );
+        row(&mut t, "generator loop lag", pct_line(&g.receive_loop_lag_ms));
         if g.saturated {
             row(&mut t, "GENERATOR SATURATED", g.saturation_reasons.join("; "));
         }

@@ -396,11 +396,13 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
 
     let mut connect_latency = sub::new_histogram();
     let mut churn_latency = sub::new_histogram();
+    let mut loop_lag = sub::new_histogram();
     let mut conns: Vec<ConnResult> = Vec::with_capacity(s.subscribers);
     let mut churn_errors = BTreeMap::new();
     for d in live.done.drain(..) {
         let _ = connect_latency.add(&d.connect_latency);
         let _ = churn_latency.add(&d.churn_connect_latency);
+        let _ = loop_lag.add(&d.loop_lag);
         for (k, v) in d.connect_errors {
             *report.connect.errors.entry(k).or_default() += v;
         }
@@ -493,6 +495,13 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
     if live.hot_seconds >= 2 {
         g.saturation_reasons.push(format!("{} seconds at >= 95% CPU", live.hot_seconds));
+    }
+    g.receive_loop_lag_ms = Percentiles::of_micros(&loop_lag);
+    if g.receive_loop_lag_ms.p99 >= 10.0 {
+        g.saturation_reasons.push(format!(
+            "subscriber loop lag p99 {:.1} ms (end-to-end latencies include it)",
+            g.receive_loop_lag_ms.p99
+        ));
     }
     let lag = &report.publish.schedule_lag_ms;
     if lag.p99 >= 10.0 {

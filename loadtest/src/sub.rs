@@ -42,6 +42,8 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 /// One read takes whatever the socket holds up to this; large enough that a connection
 /// that fell behind catches up in a few syscalls.
 const READ_BUF: usize = 256 * 1024;
+/// How often a worker's probe timer asks to wake (tokio's timer ticks in milliseconds).
+const LOOP_PROBE: Duration = Duration::from_millis(1);
 /// Frames larger than this are a protocol error here: the generator's own publications
 /// are small, and a runaway length must not make it allocate gigabytes.
 const MAX_FRAME: usize = 16 << 20;
@@ -151,6 +153,8 @@ pub(crate) struct WorkerDone {
     pub latency: Histogram<u64>,
     pub connect_latency: Histogram<u64>,
     pub churn_connect_latency: Histogram<u64>,
+    /// How late this worker's probe timer woke while publications flowed, µs.
+    pub loop_lag: Histogram<u64>,
     pub connect_errors: BTreeMap<String, u64>,
     pub churn_errors: BTreeMap<String, u64>,
 }
@@ -163,6 +167,7 @@ struct Worker {
     latency: RefCell<Histogram<u64>>,
     connect_latency: RefCell<Histogram<u64>>,
     churn_connect_latency: RefCell<Histogram<u64>>,
+    loop_lag: RefCell<Histogram<u64>>,
     connect_errors: RefCell<BTreeMap<String, u64>>,
     churn_errors: RefCell<BTreeMap<String, u64>>,
 }
@@ -187,6 +192,7 @@ pub(crate) fn run_worker(
             latency: RefCell::new(new_histogram()),
             connect_latency: RefCell::new(new_histogram()),
             churn_connect_latency: RefCell::new(new_histogram()),
+            loop_lag: RefCell::new(new_histogram()),
             connect_errors: RefCell::default(),
             churn_errors: RefCell::default(),
         });
@@ -205,6 +211,22 @@ pub(crate) fn run_worker(
                 }
             })
         };
+        // A worker busy with other connections reads late, and every end-to-end latency
+        // it records then includes that wait: the probe measures it, so a report can say
+        // when its own figures are the generator's rather than the gateway's.
+        let probe = {
+            let w = w.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let due = Instant::now() + LOOP_PROBE;
+                    tokio::time::sleep_until(due.into()).await;
+                    if w.shared.churning.load(Relaxed) {
+                        let late = Instant::now().saturating_duration_since(due);
+                        w.loop_lag.borrow_mut().saturating_record(late.as_micros().max(1) as u64);
+                    }
+                }
+            })
+        };
         let churner = shared.churn.map(|spec| tokio::task::spawn_local(churn(w.clone(), spec, id as u64)));
         let tasks: Vec<_> =
             specs.into_iter().map(|spec| tokio::task::spawn_local(subscriber(w.clone(), spec))).collect();
@@ -218,11 +240,13 @@ pub(crate) fn run_worker(
             let _ = c.await;
         }
         flusher.abort();
+        probe.abort();
         let done = WorkerDone {
             conns,
             latency: w.latency.borrow().clone(),
             connect_latency: w.connect_latency.borrow().clone(),
             churn_connect_latency: w.churn_connect_latency.borrow().clone(),
+            loop_lag: w.loop_lag.borrow().clone(),
             connect_errors: w.connect_errors.take(),
             churn_errors: w.churn_errors.take(),
         };
