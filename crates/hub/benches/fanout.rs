@@ -4,10 +4,9 @@
 //! One iteration delivers one publication to 2,000 subscribers and then does what each
 //! session does after a write — take the frames, report the bytes written, count the
 //! deliveries and sample the latency (one delivery in 8, as sessions do; here every write
-//! carries one) — minus the
-//! syscall, which in a real node costs several times everything measured here. The
-//! difference between the two runs is therefore an upper bound on what the metrics add to
-//! each delivery.
+//! carries one) — minus the syscall, which in a real node costs several times everything
+//! measured here. The difference between the two runs is therefore an upper bound on what
+//! the metrics add to each delivery.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
 
