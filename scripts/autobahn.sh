@@ -67,20 +67,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a server whose log line "... ADDR" names its address; prints the address.
+# Starts a server whose log line "... ADDR" names its address, and sets $addr to it. Not
+# called in a command substitution: that subshell's pids+=() would never reach cleanup, and
+# the servers would outlive the run.
 start() {
   local name=$1 pattern=$2
   shift 2
   "$@" >"$work/$name.log" 2>&1 &
   pids+=($!)
-  local addr="" i
+  addr=""
+  local i
   for i in $(seq 1 300); do
     addr=$(sed -nE "s/.*${pattern}([0-9.]+:[0-9]+).*/\1/p" "$work/$name.log" | head -1)
     [ -n "$addr" ] && break
     sleep 0.1
   done
   [ -n "$addr" ] || { log "$name did not start: $(cat "$work/$name.log")"; return 1; }
-  echo "$addr"
 }
 
 # run NAME URL CASES_JSON EXCLUDE_JSON: one fuzzingclient run, report in $work/NAME.
@@ -161,7 +163,7 @@ PY
   failed=$((failed + ${b:-1}))
 }
 
-if addr=$(start echo "listening " "$TARGET/examples/echo" 127.0.0.1:0); then
+if start echo "listening " "$TARGET/examples/echo" 127.0.0.1:0; then
   log "all cases against the echo server on $addr"
   if run echo "ws://$addr" '["*"]' '[]'; then judge echo "12.,13."; else failed=$((failed + 1)); fi
 else
@@ -169,8 +171,8 @@ else
 fi
 
 cases_no_echo=$(python3 -c 'import json,sys; print(json.dumps([c.strip() for c in open(sys.argv[1]).read().split(",") if c.strip()]))' scripts/autobahn/cases-no-echo.txt)
-if addr=$(start node "public=" "$TARGET/fanout" serve --public-addr 127.0.0.1:0 --internal-addr 127.0.0.1:0 \
-  --command-rate 0 --max-connections-per-ip-per-second 0); then
+if start node "public=" "$TARGET/fanout" serve --public-addr 127.0.0.1:0 --internal-addr 127.0.0.1:0 \
+  --command-rate 0 --max-connections-per-ip-per-second 0; then
   log "protocol-only cases against a fanout node on $addr"
   if run node "ws://$addr/ws" "$cases_no_echo" '[]'; then judge node "" pubsub; else failed=$((failed + 1)); fi
 else
