@@ -12,6 +12,7 @@ mod loglimit;
 mod outbox;
 mod presence;
 mod registry;
+mod wakeups;
 
 pub use broker::{BoxFuture, Broker, BrokerError, Control, NodeReport, NodeSelf, Published, MAX_REPORTED_CHANNELS};
 pub use embedded::EmbeddedBroker;

@@ -5,7 +5,7 @@ use std::{
     collections::VecDeque,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Mutex, PoisonError,
+        Arc, Mutex, OnceLock, PoisonError,
     },
     task::{Context, Poll},
 };
@@ -13,6 +13,8 @@ use std::{
 use bytes::Bytes;
 use fanout_protocol::Encoding;
 use futures_util::task::AtomicWaker;
+
+use crate::wakeups::{WakeState, Wakeups};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -80,6 +82,10 @@ pub struct Outbox {
     /// writer only notifies while someone waits, one relaxed load per write otherwise.
     room: tokio::sync::Notify,
     room_waiters: AtomicUsize,
+    /// Whether the registry's wake queue holds this outbox, or woke it (see `wakeups`).
+    wake_state: WakeState,
+    /// That queue, once a fan-out has used it: told when the session takes its frames.
+    pacer: OnceLock<Arc<Wakeups>>,
 }
 
 impl Outbox {
@@ -93,6 +99,8 @@ impl Outbox {
             waker: AtomicWaker::new(),
             room: tokio::sync::Notify::new(),
             room_waiters: AtomicUsize::new(0),
+            wake_state: WakeState::default(),
+            pacer: OnceLock::new(),
         }
     }
 
@@ -140,7 +148,28 @@ impl Outbox {
     /// Queues a frame unless that would exceed the byte bound. Refused once the outbox is
     /// draining: a drain lets no new publication in.
     pub fn push(&self, frame: Bytes, ts: u64) -> Push {
+        self.wake_if(self.push_if(frame, ts, Status::Open))
+    }
+
+    /// [`Self::push`] that leaves the wake to the caller (the fan-out, through the
+    /// registry's wake queue): true when the consumer must be woken (the queue was empty).
+    pub(crate) fn push_quiet(&self, frame: Bytes, ts: u64) -> (Push, bool) {
         self.push_if(frame, ts, Status::Open)
+    }
+
+    /// Wakes the consumer.
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// This outbox's place in the registry's wake queue.
+    pub(crate) fn wake_state(&self) -> &WakeState {
+        &self.wake_state
+    }
+
+    /// The wake queue to tell when the session takes its frames (one registry's, always).
+    pub(crate) fn set_pacer(&self, wakeups: &Arc<Wakeups>) {
+        self.pacer.get_or_init(|| wakeups.clone());
     }
 
     /// Queues the session's own answer to something the client asked (a command reply, a
@@ -148,14 +177,21 @@ impl Outbox {
     /// before the 1001 (a `publish` the broker took and never acknowledged would be retried
     /// by the client as a duplicate).
     pub fn push_reply(&self, frame: Bytes) -> Push {
-        self.push_if(frame, 0, Status::Draining)
+        self.wake_if(self.push_if(frame, 0, Status::Draining))
     }
 
-    fn push_if(&self, frame: Bytes, ts: u64, also: Status) -> Push {
+    fn wake_if(&self, (push, wake): (Push, bool)) -> Push {
+        if wake {
+            self.waker.wake();
+        }
+        push
+    }
+
+    fn push_if(&self, frame: Bytes, ts: u64, also: Status) -> (Push, bool) {
         let len = frame.len();
         let mut state = self.lock();
         if state.status != Status::Open && state.status != also {
-            return Push::Refused;
+            return (Push::Refused, false);
         }
         if self.in_flight.load(Ordering::Relaxed) + len > self.limit {
             state.status = Status::Overflowed;
@@ -163,16 +199,13 @@ impl Outbox {
             drop(state);
             self.waker.wake();
             self.wake_room();
-            return Push::Overflow;
+            return (Push::Overflow, false);
         }
         self.in_flight.fetch_add(len, Ordering::Relaxed);
         let was_empty = state.queue.is_empty();
         state.queue.push_back(Outgoing { frame, ts });
         drop(state);
-        if was_empty {
-            self.waker.wake();
-        }
-        Push::Queued
+        (Push::Queued, was_empty)
     }
 
     /// Moves everything queued into `into` (swapping buffers when `into` is empty, so the
@@ -191,6 +224,11 @@ impl Outbox {
 
     /// Non-blocking take: `None` when open and empty.
     pub fn take_now(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
+        if self.wake_state.taken() {
+            if let Some(pacer) = self.pacer.get() {
+                pacer.ran();
+            }
+        }
         let mut state = self.lock();
         match state.status {
             Status::Open if state.queue.is_empty() && state.orders.is_empty() => return None,

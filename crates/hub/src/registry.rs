@@ -12,7 +12,10 @@ use bytes::Bytes;
 use fanout_protocol::{encode_message, encode_resync, ChannelName, Encoding, Position, Publication};
 use indexmap::IndexMap;
 
-use crate::outbox::{Outbox, Push};
+use crate::{
+    outbox::{Outbox, Push},
+    wakeups::Wakeups,
+};
 
 /// Independent locks, so subscribing on one channel never waits for a fan-out on another.
 const SHARDS: usize = 32;
@@ -85,6 +88,8 @@ pub struct Registry {
     shards: Box<[RwLock<HashMap<ChannelName, Subscribers>>]>,
     hasher: RandomState,
     metrics: RegistryMetrics,
+    /// Sessions a fan-out gave frames are woken through here, in order, a chunk at a time.
+    wakeups: Arc<Wakeups>,
 }
 
 impl Default for Registry {
@@ -104,7 +109,14 @@ impl Registry {
                 dropped_unencodable: metrics::counter!("fanout_publications_dropped_total", "reason" => "unencodable"),
                 broadcast_seconds: metrics::histogram!("fanout_broadcast_duration_seconds"),
             },
+            wakeups: Arc::new(Wakeups::default()),
         }
+    }
+
+    /// The wake queue (for its tests).
+    #[cfg(test)]
+    pub(crate) fn wakeups(&self) -> &Arc<Wakeups> {
+        &self.wakeups
     }
 
     fn shard(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Subscribers>> {
@@ -217,6 +229,7 @@ impl Registry {
             let Some(subs) = shard.get(p.channel.as_str()) else { return report };
             // Encoded lazily: a format nobody on this channel speaks is never encoded.
             let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
+            let mut wakes = self.wakeups.batch();
             for sub in subs.values() {
                 let outbox = &sub.outbox;
                 if let Some(held) = &sub.held {
@@ -231,10 +244,15 @@ impl Registry {
                     report.unencodable += 1;
                     continue;
                 };
-                match outbox.push(frame.clone(), p.ts) {
-                    Push::Queued => report.queued += 1,
-                    Push::Overflow => report.overflowed += 1,
-                    Push::Refused => {}
+                match outbox.push_quiet(frame.clone(), p.ts) {
+                    (Push::Queued, wake) => {
+                        report.queued += 1;
+                        if wake {
+                            wakes.add(outbox);
+                        }
+                    }
+                    (Push::Overflow, _) => report.overflowed += 1,
+                    (Push::Refused, _) => {}
                 }
             }
         }

@@ -318,14 +318,10 @@ impl Session {
                         if let Some(end) = self.obey() {
                             return end;
                         }
-                        // Let the rest of this fan-out, and publications right behind it,
-                        // reach the outbox first, so one write carries them all.
-                        tokio::task::yield_now().await;
-                        match self.outbox.take_now(self.conn.pending()) {
-                            Some(Status::Overflowed) => return End::Close(CloseReason::SlowConsumer),
-                            Some(Status::Draining | Status::Closed) => return End::Close(CloseReason::Draining),
-                            _ => {}
-                        }
+                        // No yield for more to arrive first: the fan-out wakes sessions in
+                        // the order they got frames, a chunk at a time (hub's wake queue),
+                        // so by now the whole fan-out, and whatever came in behind it while
+                        // earlier sessions ran, is here, and one write carries it all.
                         if self.conn.flush(&self.outbox, &self.shared.metrics).is_err() {
                             return End::Close(CloseReason::Disconnected);
                         }
