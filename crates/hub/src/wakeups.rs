@@ -27,11 +27,14 @@ use tokio::sync::Notify;
 
 use crate::outbox::Outbox;
 
-/// Sessions woken at once per runtime worker: well under the 256 a worker keeps locally,
-/// so a chunk and the I/O wakes beside it never spill into the global queue. (Measured at
-/// 1M deliveries/s: 32 wakes too slowly, and 96 or 128 already let a publisher's reads
-/// wait, docs/benchmarks.md.)
+/// Sessions woken at once per runtime worker (measured at 1M deliveries/s on one worker:
+/// 32 wakes too slowly, 96 or 128 already let a publisher's reads wait; docs/benchmarks.md).
 const CHUNK_PER_WORKER: usize = 64;
+
+/// At most this many at once, however many workers: the pump's worker takes the whole
+/// chunk into its own run queue (256 tasks, the rest spills into the global queue), and
+/// the others steal from there, so a chunk stays at half that queue.
+const MAX_CHUNK: usize = 128;
 
 /// How many times the pump yields waiting for a chunk to run before it wakes the next
 /// anyway: a woken session busy elsewhere (awaiting a command's Redis reply) must not hold
@@ -118,7 +121,7 @@ impl Wakeups {
 
     fn spawn_pump(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         self.pump.get_or_init(|| {
-            let chunk = CHUNK_PER_WORKER * runtime.metrics().num_workers().max(1);
+            let chunk = (CHUNK_PER_WORKER * runtime.metrics().num_workers().max(1)).min(MAX_CHUNK);
             runtime.spawn(self.clone().pump(chunk));
         });
     }
