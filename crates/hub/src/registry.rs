@@ -92,6 +92,12 @@ pub struct Registry {
     wakeups: Arc<Wakeups>,
 }
 
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.wakeups.stop();
+    }
+}
+
 impl Default for Registry {
     fn default() -> Self {
         Self::new()

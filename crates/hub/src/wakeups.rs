@@ -70,6 +70,8 @@ pub(crate) struct Wakeups {
     running: AtomicUsize,
     /// The pump, spawned on the runtime of the first fan-out that needs it.
     pump: OnceLock<()>,
+    /// The registry is gone: the pump ends.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Wakeups {
@@ -83,6 +85,12 @@ impl Wakeups {
         // Saturating: a session of an earlier chunk that runs late must not wrap the count
         // of this one (it only lets this chunk end a little early).
         let _ = self.running.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Ends the pump (the registry is dropped; nothing will be queued again).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.queued.notify_one();
     }
 
     /// Sessions woken and not yet run (for tests).
@@ -101,6 +109,9 @@ impl Wakeups {
                 woken.extend(queue.drain(..n));
             }
             if woken.is_empty() {
+                if self.stopped.load(Ordering::Acquire) {
+                    return;
+                }
                 queued.await;
                 continue;
             }
@@ -270,6 +281,31 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(60), everyone).await.expect("every other session ran");
         assert_eq!(taken.lock().unwrap().len(), 2 * 199);
         assert_eq!(registry.wakeups().queue.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_pump_ends_with_its_registry() {
+        let registry = Arc::new(Registry::new());
+        let (outboxes, taken, tasks) = subscribers(&registry, 1, None).await;
+        registry.deliver(&publication(1));
+        while taken.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let wakeups = Arc::downgrade(registry.wakeups());
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        drop((outboxes, registry));
+        // The pump holds the last strong reference (outboxes hold one too, while they
+        // live); it lets go once it has seen the stop. Without the stop this never ends,
+        // and the test's guard fails it.
+        let gone = async {
+            while wakeups.strong_count() > 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), gone).await.expect("the pump ended");
     }
 
     #[test]
