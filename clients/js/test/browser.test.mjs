@@ -82,7 +82,13 @@ test("two pages on two nodes chat through Redis and lose nothing when a node dra
   });
   for (let i = 0; i < 5; i++) await say(bob, `while a drains ${i}`);
   assert.equal((await a.exited).code, 0, "the drained node exits 0");
-  await alice.waitForFunction(() => document.querySelector("#state")?.textContent === "connected", { timeout: 15_000 });
+  // Polled on a timer, not the default requestAnimationFrame: alice's is a background tab
+  // now, and a background tab gets no animation frames, so a raf-polled wait sees only
+  // the page as it was when the wait began.
+  await alice.waitForFunction(() => document.querySelector("#state")?.textContent === "connected", {
+    timeout: 15_000,
+    polling: 50,
+  });
   await say(alice, "alice is back");
   const want = [...both, ...Array.from({ length: 5 }, (_, i) => `while a drains ${i}`), "alice is back"];
   for (const [name, page] of [["alice", alice], ["bob", bob]]) {
@@ -93,6 +99,6 @@ test("two pages on two nodes chat through Redis and lose nothing when a node dra
   }
   // The counter is shared too.
   await bob.click("#inc button");
-  await alice.waitForFunction(() => document.querySelector("#count")?.textContent === "1");
+  await alice.waitForFunction(() => document.querySelector("#count")?.textContent === "1", { polling: 50 });
   await alice.screenshot({ path: SCREENSHOT });
 });
