@@ -86,6 +86,9 @@ pub struct Outbox {
     wake_state: WakeState,
     /// That queue, once a fan-out has used it: told when the session takes its frames.
     pacer: OnceLock<Arc<Wakeups>>,
+    /// The session is doing something other than waiting on this outbox (see
+    /// [`Self::set_busy`]).
+    busy: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -101,6 +104,7 @@ impl Outbox {
             room_waiters: AtomicUsize::new(0),
             wake_state: WakeState::default(),
             pacer: OnceLock::new(),
+            busy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -160,6 +164,29 @@ impl Outbox {
     /// Wakes the consumer.
     pub(crate) fn wake(&self) {
         self.waker.wake();
+    }
+
+    /// The consumer says it is busy elsewhere (awaiting a command's reply) and will not
+    /// take frames until it says it is not: the fan-out's wake queue then does not wait
+    /// for it before waking the sessions queued behind it.
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Release);
+        if busy {
+            self.end_wake();
+        }
+    }
+
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// A wake the pump counts is over: the session took its frames or turned elsewhere.
+    fn end_wake(&self) {
+        if self.wake_state.taken() {
+            if let Some(pacer) = self.pacer.get() {
+                pacer.ran();
+            }
+        }
     }
 
     /// This outbox's place in the registry's wake queue.
@@ -224,11 +251,7 @@ impl Outbox {
 
     /// Non-blocking take: `None` when open and empty.
     pub fn take_now(&self, into: &mut VecDeque<Outgoing>) -> Option<Status> {
-        if self.wake_state.taken() {
-            if let Some(pacer) = self.pacer.get() {
-                pacer.ran();
-            }
-        }
+        self.end_wake();
         let mut state = self.lock();
         match state.status {
             Status::Open if state.queue.is_empty() && state.orders.is_empty() => return None,

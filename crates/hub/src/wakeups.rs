@@ -37,9 +37,10 @@ const CHUNK_PER_WORKER: usize = 64;
 const MAX_CHUNK: usize = 128;
 
 /// How many times the pump yields waiting for a chunk to run before it wakes the next
-/// anyway: a woken session busy elsewhere (awaiting a command's Redis reply) must not hold
-/// up everyone queued behind it. A yield lasts until the worker next polls for I/O, a few
-/// dozen task polls, so this is a few hundred polls at most.
+/// anyway. A session that is busy elsewhere (awaiting a command's Redis reply) says so
+/// ([`Outbox::set_busy`]) and is not waited for; this bounds the rest (a session that
+/// became busy just as it was woken, one that ended). A yield lasts until the worker next
+/// polls for I/O, a few dozen task polls, so this is a few hundred polls at most.
 const MAX_WAIT_YIELDS: usize = 8;
 
 /// An outbox's place in the wake queue ([`Outbox`] keeps it).
@@ -53,7 +54,8 @@ const QUEUED: u8 = 1;
 const WOKEN: u8 = 2;
 
 impl WakeState {
-    /// The session takes its frames: true when this ends a wake the pump counts.
+    /// The session takes its frames, or turns to other work: true when this ends a wake
+    /// the pump counts.
     pub(crate) fn taken(&self) -> bool {
         self.0.load(Ordering::Relaxed) == WOKEN
             && self.0.compare_exchange(WOKEN, IDLE, Ordering::AcqRel, Ordering::Relaxed).is_ok()
@@ -115,10 +117,16 @@ impl Wakeups {
                 queued.await;
                 continue;
             }
-            // Set before the wakes: a session that runs at once counts down from here.
-            self.running.store(woken.len(), Ordering::Release);
+            self.running.store(0, Ordering::Release);
             for outbox in woken.drain(..) {
-                outbox.wake_state().0.store(WOKEN, Ordering::Release);
+                if outbox.is_busy() {
+                    // It takes its frames when its command is done; nothing to wait for.
+                    outbox.wake_state().0.store(IDLE, Ordering::Release);
+                } else {
+                    // Counted before the wake: a session that runs at once counts down.
+                    self.running.fetch_add(1, Ordering::AcqRel);
+                    outbox.wake_state().0.store(WOKEN, Ordering::Release);
+                }
                 outbox.wake();
             }
             for _ in 0..MAX_WAIT_YIELDS {
@@ -281,6 +289,29 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(60), everyone).await.expect("every other session ran");
         assert_eq!(taken.lock().unwrap().len(), 2 * 199);
         assert_eq!(registry.wakeups().queue.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_busy_elsewhere_is_not_waited_for() {
+        let registry = Arc::new(Registry::new());
+        // Two subscribers whose sessions never take (their wakers do nothing); the first
+        // says it is busy.
+        let outboxes: Vec<_> = (0..2).map(|_| Arc::new(Outbox::new(Encoding::Json, 1 << 20))).collect();
+        let waker = futures_util::task::noop_waker();
+        for o in &outboxes {
+            registry.insert(&channel(), o);
+            let _ = o.poll_take(&mut Context::from_waker(&waker), &mut VecDeque::new());
+        }
+        outboxes[0].set_busy(true);
+        registry.deliver(&publication(1));
+        while !registry.wakeups().queue.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Woken, and only the idle one is waited for.
+        assert_eq!(registry.wakeups().running(), 1);
+        // Turning busy ends a counted wake too.
+        outboxes[1].set_busy(true);
+        assert_eq!(registry.wakeups().running(), 0);
     }
 
     #[tokio::test]

@@ -207,6 +207,8 @@ pub fn start(
     // its argument into a local and keep both copies in the state.
     async move {
         let end = s.event_loop().await;
+        // It takes no more frames: the fan-out's wake queue must not wait for it.
+        s.outbox.set_busy(true);
         // Boxed: only a closing session needs the room.
         let reason = Box::pin(s.finish(end)).await;
         s.shared.metrics.closed(reason).increment(1);
@@ -298,7 +300,10 @@ impl Session {
         // Bytes the client sent together with its upgrade request (a command, a Ping) are
         // already here: handle them now, not when the client happens to send again.
         if self.conn.has_buffered() {
-            if let Some(end) = Box::pin(self.process()).await {
+            self.outbox.set_busy(true);
+            let end = Box::pin(self.process()).await;
+            self.outbox.set_busy(false);
+            if let Some(end) = end {
                 return end;
             }
         }
@@ -341,7 +346,13 @@ impl Session {
                     let expires_at = self.expires_at;
                     // Boxed: inline, the command handling it may await would sit in every
                     // idle connection's task; a read is rare next to the deliveries.
-                    if let Some(end) = Box::pin(self.read()).await {
+                    // Busy while reading: a command may await (a publish, a history
+                    // read), and the fan-out's wake queue must not wait for this session
+                    // to take frames meanwhile (hub's wakeups).
+                    self.outbox.set_busy(true);
+                    let end = Box::pin(self.read()).await;
+                    self.outbox.set_busy(false);
+                    if let Some(end) = end {
                         return end;
                     }
                     if self.expires_at != expires_at {
