@@ -4,7 +4,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock, PoisonError,
     },
     task::{Context, Poll},
@@ -88,7 +88,7 @@ pub struct Outbox {
     pacer: OnceLock<Arc<Wakeups>>,
     /// The session is doing something other than waiting on this outbox (see
     /// [`Self::set_busy`]).
-    busy: std::sync::atomic::AtomicBool,
+    busy: AtomicBool,
 }
 
 impl Outbox {
@@ -104,7 +104,7 @@ impl Outbox {
             room_waiters: AtomicUsize::new(0),
             wake_state: WakeState::default(),
             pacer: OnceLock::new(),
-            busy: std::sync::atomic::AtomicBool::new(false),
+            busy: AtomicBool::new(false),
         }
     }
 

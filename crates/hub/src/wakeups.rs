@@ -18,7 +18,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU8, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock, PoisonError,
     },
 };
@@ -54,6 +54,17 @@ const QUEUED: u8 = 1;
 const WOKEN: u8 = 2;
 
 impl WakeState {
+    /// The outbox goes into the queue: false when it is there already, or woken and about
+    /// to take (that take gets the new frame too).
+    fn enqueue(&self) -> bool {
+        self.0.compare_exchange(IDLE, QUEUED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
+    /// Woken by the pump; `counted` when the pump waits for this session to take.
+    fn woken(&self, counted: bool) {
+        self.0.store(if counted { WOKEN } else { IDLE }, Ordering::Release);
+    }
+
     /// The session takes its frames, or turns to other work: true when this ends a wake
     /// the pump counts.
     pub(crate) fn taken(&self) -> bool {
@@ -73,7 +84,7 @@ pub(crate) struct Wakeups {
     /// The pump, spawned on the runtime of the first fan-out that needs it.
     pump: OnceLock<()>,
     /// The registry is gone: the pump ends.
-    stopped: std::sync::atomic::AtomicBool,
+    stopped: AtomicBool,
 }
 
 impl Wakeups {
@@ -119,14 +130,14 @@ impl Wakeups {
             }
             self.running.store(0, Ordering::Release);
             for outbox in woken.drain(..) {
-                if outbox.is_busy() {
-                    // It takes its frames when its command is done; nothing to wait for.
-                    outbox.wake_state().0.store(IDLE, Ordering::Release);
-                } else {
-                    // Counted before the wake: a session that runs at once counts down.
+                // A busy session takes its frames when its command is done: nothing to
+                // wait for. The others are counted before the wake, so one that runs at
+                // once counts down.
+                let counted = !outbox.is_busy();
+                if counted {
                     self.running.fetch_add(1, Ordering::AcqRel);
-                    outbox.wake_state().0.store(WOKEN, Ordering::Release);
                 }
+                outbox.wake_state().woken(counted);
                 outbox.wake();
             }
             for _ in 0..MAX_WAIT_YIELDS {
@@ -155,9 +166,7 @@ pub(crate) struct Batch<'a> {
 impl Batch<'_> {
     /// `outbox` went from empty to non-empty: its session is to be woken.
     pub(crate) fn add(&mut self, outbox: &Arc<Outbox>) {
-        let state = &outbox.wake_state().0;
-        // Already queued, or woken and about to take: that take gets this frame too.
-        if state.compare_exchange(IDLE, QUEUED, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if outbox.wake_state().enqueue() {
             outbox.set_pacer(self.wakeups);
             self.outboxes.push(outbox.clone());
         }
@@ -172,7 +181,7 @@ impl Drop for Batch<'_> {
         // Outside a runtime (a benchmark, a unit test) there is no pump: wake at once.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             for outbox in self.outboxes.drain(..) {
-                outbox.wake_state().0.store(IDLE, Ordering::Release);
+                outbox.wake_state().woken(false);
                 outbox.wake();
             }
             return;
