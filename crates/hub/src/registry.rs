@@ -230,12 +230,13 @@ impl Registry {
         let started = Instant::now();
         let mut report = DeliveryReport::default();
         let mut cleanup = false;
+        // Outside the shard's scope: the wakes are queued once its lock is released.
+        let mut wakes = self.wakeups.batch();
         {
             let shard = self.shard(p.channel.as_str()).read().unwrap_or_else(PoisonError::into_inner);
             let Some(subs) = shard.get(p.channel.as_str()) else { return report };
             // Encoded lazily: a format nobody on this channel speaks is never encoded.
             let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-            let mut wakes = self.wakeups.batch();
             for sub in subs.values() {
                 let outbox = &sub.outbox;
                 if let Some(held) = &sub.held {
@@ -262,6 +263,7 @@ impl Registry {
                 }
             }
         }
+        drop(wakes);
         if cleanup {
             self.end_holds(&p.channel);
         }
