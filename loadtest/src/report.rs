@@ -350,6 +350,17 @@ impl Report {
                 "gateway latency",
                 format!("p50 {}  p99 {}", opt_ms(gw.latency_p50_ms), opt_ms(gw.latency_p99_ms)),
             );
+            // Per node too: the nodes of one cluster need not be alike (the one that takes the
+            // publishes, or shares its core with Redis, can run later than the rest).
+            if gw.nodes.len() > 1 {
+                for (i, n) in gw.nodes.iter().enumerate().filter(|(_, n)| n.latency_p99_ms.is_some()) {
+                    row(
+                        &mut t,
+                        &format!("  node {}", i + 1),
+                        format!("p50 {}  p99 {}  ({})", opt_ms(n.latency_p50_ms), opt_ms(n.latency_p99_ms), n.url),
+                    );
+                }
+            }
             for n in gw.nodes.iter().filter(|n| n.error.is_some()) {
                 row(&mut t, "  scrape failed", format!("{}: {}", n.url, n.error.as_deref().unwrap_or_default()));
             }
@@ -396,6 +407,19 @@ mod tests {
         r.generator.saturation_reasons = vec!["cpu".into()];
         let t = r.table();
         assert!(t.contains("1,234,567") && t.contains("GENERATOR SATURATED") && t.contains("broadcast"));
+        assert!(!t.contains("node 1"), "no per-node rows without nodes");
+        let node = |url: &str, p99: f64| NodeView {
+            url: url.into(),
+            latency_p50_ms: Some(1.0),
+            latency_p99_ms: Some(p99),
+            ..Default::default()
+        };
+        r.gateway.nodes = vec![node("http://a/metrics", 2.5)];
+        assert!(!r.table().contains("node 1"), "one node: the gateway row is that node");
+        r.gateway.nodes.push(node("http://b/metrics", 7.25));
+        let t = r.table();
+        assert!(t.contains("node 1") && t.contains("p99 2.500 ms  (http://a/metrics)"), "{t}");
+        assert!(t.contains("node 2") && t.contains("p99 7.250 ms  (http://b/metrics)"), "{t}");
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
     }
