@@ -26,6 +26,9 @@ pub(crate) struct Report {
     pub gateway: GatewayView,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryView>,
+    /// The generator's machine, where it can be read (`/proc/stat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineView>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -167,6 +170,62 @@ pub(crate) struct GatewayView {
     /// Estimated from the delivery-latency histogram's bucket deltas over the run.
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+}
+
+/// CPU time the hypervisor gave to other guests while this machine had work: a run that
+/// lost some is measuring the host as well as the gateway.
+#[derive(Debug, Clone, Serialize, Default)]
+pub(crate) struct MachineView {
+    /// Each CPU's steal over the measured window, in percent of its time.
+    pub steal_percent: BTreeMap<String, f64>,
+    /// The most any CPU lost in one second of the window (where seconds were sampled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst_second_steal_percent: Option<f64>,
+    /// Some CPU lost at least [`STEAL_DISTURBED_PERCENT`] of the window.
+    pub disturbed: bool,
+}
+
+/// Steal past this share of the window is reported as a disturbed run: a delivery that
+/// was due while its CPU was taken away waits for it, so once about 1 % of the time is
+/// gone, about 1 % of the deliveries waited, and the p99 is the host's pauses.
+pub(crate) const STEAL_DISTURBED_PERCENT: f64 = 1.0;
+
+impl MachineView {
+    pub(crate) fn new(steal: Vec<(String, f64)>, worst_second: Option<f64>) -> Self {
+        let disturbed = steal.iter().any(|(_, pct)| *pct >= STEAL_DISTURBED_PERCENT);
+        Self { steal_percent: steal.into_iter().collect(), worst_second_steal_percent: worst_second, disturbed }
+    }
+
+    /// The table's rows for it: each CPU's steal, and a warning when the run was disturbed.
+    pub(crate) fn rows(&self) -> String {
+        let mut t = String::new();
+        let Some((cpu, pct)) = self.worst() else { return t };
+        // Every CPU while they fit on a line, else the worst and the mean.
+        let mut over = if self.steal_percent.len() <= 8 {
+            self.steal_percent.iter().map(|(n, p)| format!("{n} {p:.1}%")).collect::<Vec<_>>().join(", ")
+        } else {
+            let mean = self.steal_percent.values().sum::<f64>() / self.steal_percent.len() as f64;
+            format!("{cpu} {pct:.1}% at most, {mean:.1}% on average over {} cpus", self.steal_percent.len())
+        };
+        over.push_str(" of the window");
+        if let Some(worst) = self.worst_second_steal_percent {
+            let _ = write!(over, " (worst second {worst:.1}%)");
+        }
+        let _ = writeln!(t, "  {:<24} {over}", "machine steal");
+        if self.disturbed {
+            let _ = writeln!(
+                t,
+                "  {:<24} {cpu} lost {pct:.1}% of the window to other guests; about that share of deliveries waited for it, so the p99 may measure the host, not the gateway",
+                "HYPERVISOR STEAL"
+            );
+        }
+        t
+    }
+
+    /// The CPU that lost most, and how much.
+    fn worst(&self) -> Option<(&str, f64)> {
+        self.steal_percent.iter().map(|(n, p)| (n.as_str(), *p)).max_by(|a, b| a.1.total_cmp(&b.1))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -365,6 +424,9 @@ impl Report {
                 row(&mut t, "  scrape failed", format!("{}: {}", n.url, n.error.as_deref().unwrap_or_default()));
             }
         }
+        if let Some(m) = &self.machine {
+            t.push_str(&m.rows());
+        }
         if let Some(m) = &self.memory {
             row(
                 &mut t,
@@ -420,6 +482,23 @@ mod tests {
         let t = r.table();
         assert!(t.contains("node 1") && t.contains("p99 2.500 ms  (http://a/metrics)"), "{t}");
         assert!(t.contains("node 2") && t.contains("p99 7.250 ms  (http://b/metrics)"), "{t}");
+        assert!(!t.contains("machine steal"), "no row where the machine was not read");
+        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 0.5)], Some(3.0)));
+        let t = r.table();
+        assert!(
+            t.contains("machine steal") && t.contains("cpu0 0.2%, cpu1 0.5% of the window (worst second 3.0%)"),
+            "{t}"
+        );
+        assert!(!t.contains("HYPERVISOR STEAL"), "{t}");
+        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 1.5)], Some(9.0)));
+        let t = r.table();
+        assert!(t.contains("HYPERVISOR STEAL") && t.contains("cpu1 lost 1.5% of the window"), "{t}");
+        let many = (0..16).map(|i| (format!("cpu{i}"), if i == 7 { 4.0 } else { 0.0 })).collect();
+        let t = {
+            r.machine = Some(MachineView::new(many, None));
+            r.table()
+        };
+        assert!(t.contains("cpu7 4.0% at most, 0.2% on average over 16 cpus of the window\n"), "{t}");
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
     }

@@ -22,7 +22,7 @@ use crate::{
     report::*,
     scenario::{self, Scenario},
     sub::{self, ChurnSpec, ConnResult, ConnSpec, ConnectLimiter, Counters, Ended, Shared, WorkerDone, WorkerMsg},
-    sys::{self, CpuTimes},
+    sys::{self, CpuStat, CpuTimes, StealProbe},
     ws::WsUrl,
 };
 
@@ -59,6 +59,10 @@ struct Live {
     second: Histogram<u64>,
     done: Vec<WorkerDone>,
     cpu_last: (Instant, CpuTimes),
+    steal: StealProbe,
+    steal_last: CpuStat,
+    /// The most any CPU lost to the hypervisor in one second of the measured window.
+    worst_steal: f64,
     busiest: f64,
     hot_seconds: u32,
     measuring: bool,
@@ -84,19 +88,24 @@ impl Live {
         }
     }
 
-    /// Samples CPU over the last second; returns its share of the available cores.
-    fn cpu_tick(&mut self, cores: usize) -> f64 {
+    /// Samples CPU over the last second; returns its share of the available cores, and
+    /// the most any of the machine's CPUs lost to the hypervisor.
+    fn cpu_tick(&mut self, cores: usize) -> (f64, f64) {
         let now = (Instant::now(), CpuTimes::now());
         let wall = now.0.duration_since(self.cpu_last.0).as_secs_f64().max(1e-3);
         let share = now.1.since(&self.cpu_last.1) / wall / cores as f64 * 100.0;
         self.cpu_last = now;
+        let stat = self.steal.read();
+        let steal = stat.steal_since(&self.steal_last).into_iter().map(|(_, pct)| pct).fold(0.0, f64::max);
+        self.steal_last = stat;
         if self.measuring {
             self.busiest = self.busiest.max(share);
+            self.worst_steal = self.worst_steal.max(steal);
             if share >= 95.0 {
                 self.hot_seconds += 1;
             }
         }
-        share
+        (share, steal)
     }
 }
 
@@ -113,7 +122,7 @@ fn progress(
     let delivered = live.sum(|c| c.delivered.load(Relaxed));
     let rate = delivered - *last_delivered;
     *last_delivered = delivered;
-    let cpu = live.cpu_tick(cores);
+    let (cpu, steal) = live.cpu_tick(cores);
     if cfg.quiet {
         live.second.reset();
         return;
@@ -125,8 +134,10 @@ fn progress(
     };
     live.second.reset();
     let published = pub_live.map_or(0, |p| p.sent.load(Relaxed));
+    // Only when there is some: a second the host took a CPU away explains that second's p99.
+    let steal = if steal >= 0.5 { format!("  steal {steal:.0}%") } else { String::new() };
     eprintln!(
-        "[{:>6.1}s] {phase:<8} conns {}/{} (failed {}, dropped {})  published {}  deliveries/s {}  p99 {}  cpu {:.0}%",
+        "[{:>6.1}s] {phase:<8} conns {}/{} (failed {}, dropped {})  published {}  deliveries/s {}  p99 {}  cpu {:.0}%{steal}",
         started.elapsed().as_secs_f64(),
         live.sum(|c| c.ready.load(Relaxed)),
         cfg.scenario.subscribers,
@@ -204,6 +215,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
             channels: s.channels_of(i),
         });
     }
+    let mut steal = StealProbe::open();
+    let steal_last = steal.read();
     let mut live = Live {
         counters: Vec::new(),
         rx,
@@ -211,6 +224,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         second: sub::new_histogram(),
         done: Vec::new(),
         cpu_last: (Instant::now(), CpuTimes::now()),
+        steal,
+        steal_last,
+        worst_steal: 0.0,
         busiest: 0.0,
         hot_seconds: 0,
         measuring: false,
@@ -265,6 +281,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     live.measuring = true;
     live.cpu_tick(cores);
     let cpu0 = CpuTimes::now();
+    let stat0 = live.steal.read();
     let t0 = Instant::now();
     shared.churning.store(true, Relaxed);
     let pub_live = Arc::new(PubLive::default());
@@ -345,6 +362,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
     let window = t0.elapsed();
     let cpu1 = CpuTimes::now();
+    let stat1 = live.steal.read();
     live.cpu_tick(cores);
     let active = last_delivery_at.saturating_duration_since(t0).max(Duration::from_millis(1));
 
@@ -511,6 +529,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         g.saturation_reasons.push(format!("only {} of {} publications scheduled", report.publish.scheduled, total));
     }
     g.saturated = !g.saturation_reasons.is_empty();
+
+    let steal = stat1.steal_since(&stat0);
+    if !steal.is_empty() {
+        report.machine = Some(MachineView::new(steal, Some(live.worst_steal)));
+    }
 
     let mut merged = Vec::new();
     let (mut deliveries, mut slow) = (None::<f64>, None::<f64>);

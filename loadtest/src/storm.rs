@@ -28,7 +28,13 @@ use tokio::{
     sync::{Notify, Semaphore},
 };
 
-use crate::{report::Percentiles, scenario::Scenario, sub::new_histogram, ws};
+use crate::{
+    report::{MachineView, Percentiles},
+    scenario::Scenario,
+    sub::new_histogram,
+    sys::StealProbe,
+    ws,
+};
 
 pub(crate) struct StormConfig {
     pub scenario: Scenario,
@@ -64,16 +70,20 @@ pub(crate) struct StormReport {
     pub starved: usize,
     /// Per client: from the publication to its arrival.
     pub first_message_ms: Percentiles,
+    /// Steal on this machine's CPUs from the drain to the last client back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineView>,
 }
 
 impl StormReport {
     pub(crate) fn table(&self) -> String {
+        let machine = self.machine.as_ref().map(MachineView::rows).unwrap_or_default();
         format!(
             "\nfanout-loadtest: storm ({} subscribers on {} channels move to the next node)\n  \
              connected                {:.0} ms on the first node\n  \
              storm                    all back in {:.0} ms ({:.0} clients/s), {} not back\n  \
              reconnect (per client)   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1} ms\n  \
-             first message            p50 {:.1}  p99 {:.1}  max {:.1} ms, {} starved\n",
+             first message            p50 {:.1}  p99 {:.1}  max {:.1} ms, {} starved\n{machine}",
             self.subscribers,
             self.channels,
             self.connect_ms,
@@ -116,6 +126,8 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if cfg.urls.len() < 2 {
         bail!("the storm needs two nodes (--url A,B): it drains the first");
     }
+    // Opened before the clients take every descriptor there is.
+    let mut steal = StealProbe::open();
     let totals = Arc::new(Totals::default());
     let channels: Vec<String> = (0..s.channels.max(1)).map(|i| format!("loadtest:{}:storm:{i}", cfg.run_id)).collect();
     // Connecting the first time is not what is measured: at most 256 at once.
@@ -150,6 +162,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if !cfg.quiet {
         eprintln!("storm: {all} clients subscribed on the first node in {connect_ms:.0} ms; draining it");
     }
+    let steal0 = steal.read();
     let storm = Instant::now();
     let killed = std::process::Command::new("kill").arg("-TERM").arg(cfg.drain_pid.to_string()).status()?;
     if !killed.success() {
@@ -159,6 +172,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     let back = totals.back.load(Relaxed);
     let last = totals.last_back.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(storm);
     let storm_ms = last.saturating_duration_since(storm).as_secs_f64() * 1e3;
+    let stolen = steal.read().steal_since(&steal0);
 
     // One publication per channel, straight into Redis: every client must get it.
     let publisher = fanout_publisher::Publisher::redis(cfg.redis_url.clone()).connect().await?;
@@ -181,6 +195,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         reconnect_ms: Percentiles::of_micros(&histogram(&totals.reconnect)),
         starved: all - totals.got.load(Relaxed),
         first_message_ms: Percentiles::of_micros(&histogram(&totals.first)),
+        machine: (!stolen.is_empty()).then(|| MachineView::new(stolen, None)),
     })
 }
 

@@ -1,5 +1,6 @@
 //! What the generator asks of the operating system: a higher open-file limit, its own CPU
-//! time, and the resident memory of gateway processes.
+//! time, the time the hypervisor took from the machine's CPUs, and the resident memory of
+//! gateway processes.
 
 use std::time::Duration;
 
@@ -82,6 +83,66 @@ impl RssProbe {
     }
 }
 
+/// Each CPU's time counters from `/proc/stat`, in clock ticks: (name, total, steal).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct CpuStat {
+    cpus: Vec<(String, u64, u64)>,
+}
+
+impl CpuStat {
+    /// Each CPU's steal over the time since `earlier`, as a percentage of that CPU's time:
+    /// the share a hypervisor ran something else while this guest had work for the CPU.
+    /// CPUs that did not tick in between (or are in only one reading) are left out.
+    pub(crate) fn steal_since(&self, earlier: &CpuStat) -> Vec<(String, f64)> {
+        self.cpus
+            .iter()
+            .filter_map(|(name, total, steal)| {
+                let (_, t0, s0) = earlier.cpus.iter().find(|(n, _, _)| n == name)?;
+                let dt = total.checked_sub(*t0).filter(|&d| d > 0)?;
+                Some((name.clone(), steal.saturating_sub(*s0) as f64 / dt as f64 * 100.0))
+            })
+            .collect()
+    }
+}
+
+/// The per-CPU lines of `/proc/stat` (`cpuN user nice system idle iowait irq softirq steal
+/// guest guest_nice`; guest time is already inside user, so it is not added again).
+fn parse_proc_stat(text: &str) -> CpuStat {
+    let cpus = text
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let name = fields.next()?.to_owned();
+            let v: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+            (v.len() == 8).then(|| (name, v.iter().sum(), v[7]))
+        })
+        .collect();
+    CpuStat { cpus }
+}
+
+/// Reads `/proc/stat` through a file opened once, up front (as [`RssProbe`] does); an
+/// empty reading where there is no such file (not Linux).
+pub(crate) struct StealProbe {
+    file: Option<std::fs::File>,
+}
+
+impl StealProbe {
+    pub(crate) fn open() -> Self {
+        Self { file: std::fs::File::open("/proc/stat").ok() }
+    }
+
+    pub(crate) fn read(&mut self) -> CpuStat {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        let Some(f) = &mut self.file else { return CpuStat::default() };
+        if f.rewind().is_err() || f.read_to_string(&mut text).is_err() {
+            return CpuStat::default();
+        }
+        parse_proc_stat(&text)
+    }
+}
+
 fn parse_vmrss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -107,6 +168,30 @@ mod tests {
         let mut probe = RssProbe::open(&[std::process::id(), u32::MAX]);
         assert!(probe.read() > 0 && probe.read() > 0, "re-readable, missing pids skipped");
         assert!(available_cores() >= 1);
+    }
+
+    #[test]
+    fn steal_per_cpu_from_proc_stat() {
+        let before = parse_proc_stat(
+            "cpu  10 0 10 70 0 0 0 10 5 0\ncpu0 5 0 5 35 0 0 0 5 0 0\ncpu1 5 0 5 35 0 0 0 5 0 0\nintr 1 2\ncpufreq x\n",
+        );
+        assert_eq!(before.cpus.len(), 2, "the aggregate line and non-CPU lines are skipped");
+        assert_eq!(before.cpus[0], ("cpu0".to_owned(), 50, 5));
+        // cpu0 ticks 100 more, 3 of them stolen; cpu1 does not tick; cpu2 appears.
+        let after =
+            parse_proc_stat("cpu0 40 0 20 82 0 0 0 8 0 0\ncpu1 5 0 5 35 0 0 0 5 0 0\ncpu2 1 0 1 1 0 0 0 1 0 0\n");
+        let steal = after.steal_since(&before);
+        assert_eq!(steal.len(), 1, "{steal:?}");
+        assert_eq!(steal[0].0, "cpu0");
+        assert!((steal[0].1 - 3.0).abs() < 1e-9, "{steal:?}");
+        assert!(parse_proc_stat("cpu0 1 2\n").cpus.is_empty(), "short lines are not guessed at");
+        // This machine's own file parses, when there is one.
+        if std::path::Path::new("/proc/stat").exists() {
+            let mut probe = StealProbe::open();
+            let (a, b) = (probe.read(), probe.read());
+            assert!(!a.cpus.is_empty() && b.cpus.len() == a.cpus.len(), "re-readable");
+            assert!(b.steal_since(&a).iter().all(|(_, pct)| (0.0..=100.0).contains(pct)));
+        }
     }
 
     #[test]
