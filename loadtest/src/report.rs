@@ -181,7 +181,8 @@ pub(crate) struct MachineView {
     /// The most any CPU lost in one second of the window (where seconds were sampled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worst_second_steal_percent: Option<f64>,
-    /// Some CPU lost at least [`STEAL_DISTURBED_PERCENT`] of the window.
+    /// Some CPU lost at least [`STEAL_DISTURBED_PERCENT`] of the window, or at least
+    /// [`STEAL_DISTURBED_SECOND_PERCENT`] of one second.
     pub disturbed: bool,
 }
 
@@ -190,9 +191,15 @@ pub(crate) struct MachineView {
 /// gone, about 1 % of the deliveries waited, and the p99 is the host's pauses.
 pub(crate) const STEAL_DISTURBED_PERCENT: f64 = 1.0;
 
+/// So is a second that lost this much (50 ms): a core with no time to spare cannot make
+/// it up, so everything queued on it waits that long at once, which is a whole 50 ms p99
+/// budget, however quiet the rest of the run was.
+pub(crate) const STEAL_DISTURBED_SECOND_PERCENT: f64 = 5.0;
+
 impl MachineView {
     pub(crate) fn new(steal: Vec<(String, f64)>, worst_second: Option<f64>) -> Self {
-        let disturbed = steal.iter().any(|(_, pct)| *pct >= STEAL_DISTURBED_PERCENT);
+        let disturbed = steal.iter().any(|(_, pct)| *pct >= STEAL_DISTURBED_PERCENT)
+            || worst_second.is_some_and(|pct| pct >= STEAL_DISTURBED_SECOND_PERCENT);
         Self { steal_percent: steal.into_iter().collect(), worst_second_steal_percent: worst_second, disturbed }
     }
 
@@ -213,10 +220,23 @@ impl MachineView {
         }
         let _ = writeln!(t, "  {:<24} {over}", "machine steal");
         if self.disturbed {
+            let mut why = Vec::new();
+            if pct >= STEAL_DISTURBED_PERCENT {
+                why.push(format!(
+                    "{cpu} lost {pct:.1}% of the window to other guests, and about that share of deliveries waited for it"
+                ));
+            }
+            if let Some(worst) = self.worst_second_steal_percent.filter(|w| *w >= STEAL_DISTURBED_SECOND_PERCENT) {
+                why.push(format!(
+                    "one second lost {worst:.1}% ({:.0} ms) at once, and a busy core makes everything queued wait that long",
+                    worst * 10.0
+                ));
+            }
             let _ = writeln!(
                 t,
-                "  {:<24} {cpu} lost {pct:.1}% of the window to other guests; about that share of deliveries waited for it, so the p99 may measure the host, not the gateway",
-                "HYPERVISOR STEAL"
+                "  {:<24} {}; the p99 may measure the host, not the gateway",
+                "HYPERVISOR STEAL",
+                why.join("; ")
             );
         }
         t
@@ -490,9 +510,14 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("HYPERVISOR STEAL"), "{t}");
-        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 1.5)], Some(9.0)));
+        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 1.5)], Some(4.0)));
         let t = r.table();
         assert!(t.contains("HYPERVISOR STEAL") && t.contains("cpu1 lost 1.5% of the window"), "{t}");
+        assert!(!t.contains("one second"), "{t}");
+        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 0.5)], Some(7.5)));
+        let t = r.table();
+        assert!(t.contains("HYPERVISOR STEAL") && t.contains("one second lost 7.5% (75 ms) at once"), "{t}");
+        assert!(!t.contains("of the window to other guests"), "{t}");
         let many = (0..16).map(|i| (format!("cpu{i}"), if i == 7 { 4.0 } else { 0.0 })).collect();
         let t = {
             r.machine = Some(MachineView::new(many, None));
