@@ -77,6 +77,9 @@ pub(crate) struct PubResult {
     /// Microseconds the scheduling clock itself woke late (the part of `lag` spent before
     /// the publication was even created).
     pub clock_lag: Histogram<u64>,
+    /// Microseconds from a publication's hand-off to the transport to the gateway's (or
+    /// Redis's) answer for it: the publish path's own time, which `lag` does not include.
+    pub answer: Histogram<u64>,
     /// Time from the first intended send to the last hand-off.
     pub elapsed: Duration,
 }
@@ -94,12 +97,18 @@ struct Stats {
     ok_per_channel: Vec<u64>,
     errors: BTreeMap<String, u64>,
     lag: Histogram<u64>,
+    answer: Histogram<u64>,
     live: Arc<PubLive>,
 }
 
 impl Stats {
     fn handed_off(&mut self, item: &Item, now_us: u64) {
         self.lag.saturating_record(now_us.saturating_sub(item.intended_us));
+    }
+
+    /// The answer for a publication handed off at `sent_us` arrived now.
+    fn answered(&mut self, sent_us: u64) {
+        self.answer.saturating_record(now_micros().saturating_sub(sent_us).max(1));
     }
 
     fn ok(&mut self, seq: u64) {
@@ -165,6 +174,7 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
         ok_per_channel: vec![0; channels],
         errors: BTreeMap::new(),
         lag: new_histogram(),
+        answer: new_histogram(),
         live: live.clone(),
     }));
     let lanes = match cfg.transport {
@@ -250,6 +260,7 @@ async fn run(cfg: PubConfig, live: Arc<PubLive>, stop: Arc<AtomicBool>) -> anyho
         errors: stats.errors,
         lag: stats.lag,
         clock_lag,
+        answer: stats.answer,
         elapsed,
     })
 }
@@ -331,8 +342,11 @@ async fn ws_lane(
     let (mut rd, mut wr) = stream.into_split();
     let (pong_tx, mut pong_rx) = unbounded_channel::<Vec<u8>>();
     let outstanding = Rc::new(std::cell::Cell::new(0u64));
+    // When each command awaiting its reply was written: replies come back in the order
+    // the commands went out, so the front is the one a reply answers.
+    let sent_at = Rc::new(RefCell::new(std::collections::VecDeque::<u64>::new()));
     let reader = {
-        let (stats, outstanding) = (stats.clone(), outstanding.clone());
+        let (stats, outstanding, sent_at) = (stats.clone(), outstanding.clone(), sent_at.clone());
         tokio::task::spawn_local(async move {
             let scanner = Scanner::default();
             let mut buf = early;
@@ -343,9 +357,17 @@ async fn ws_lane(
                     used += n;
                     match frame.opcode {
                         ws::OP_TEXT => match scanner.classify(frame.payload) {
-                            Incoming::Published => outstanding.set(outstanding.get().saturating_sub(1)),
+                            Incoming::Published => {
+                                outstanding.set(outstanding.get().saturating_sub(1));
+                                if let Some(t) = sent_at.borrow_mut().pop_front() {
+                                    stats.borrow_mut().answered(t);
+                                }
+                            }
                             Incoming::Error { id } => {
                                 outstanding.set(outstanding.get().saturating_sub(1));
+                                if let Some(t) = sent_at.borrow_mut().pop_front() {
+                                    stats.borrow_mut().answered(t);
+                                }
                                 let kind = format!("error_{}", scan::error_code(frame.payload).unwrap_or("unknown"));
                                 match id {
                                     Some(seq) => stats.borrow_mut().refused(seq, &kind),
@@ -399,6 +421,8 @@ async fn ws_lane(
         let now = now_micros();
         for item in &batch {
             stats.borrow_mut().handed_off(item, now);
+            // Before the write: a reply can come back while the rest is still being written.
+            sent_at.borrow_mut().push_back(now);
             cmd.clear();
             cmd.extend_from_slice(b"{\"op\":\"publish\",\"channel\":\"");
             cmd.extend_from_slice(names[Scenario::channel_of_seq(item.seq, names.len()) as usize].as_bytes());
@@ -439,10 +463,12 @@ async fn http_lane(
 ) {
     while let Some(items) = rx.recv().await {
         for item in items {
-            stats.borrow_mut().handed_off(&item, now_micros());
+            let sent = now_micros();
+            stats.borrow_mut().handed_off(&item, sent);
             let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
             let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
             let mut s = stats.borrow_mut();
+            s.answered(sent);
             match result {
                 Ok(()) => s.ok(item.seq),
                 Err(e) => s.fail(publish_error_kind(&e)),
@@ -483,6 +509,7 @@ async fn batch_lane(
         let result = publisher.publish_batch(&outgoing).await;
         let mut s = stats.borrow_mut();
         for item in batch.drain(..) {
+            s.answered(now);
             match &result {
                 Ok(()) => s.ok(item.seq),
                 Err(e) => s.fail(publish_error_kind(e)),

@@ -70,6 +70,9 @@ pub(crate) struct PublishView {
     pub schedule_lag_ms: Percentiles,
     /// How late the scheduling clock woke (part of the schedule lag).
     pub clock_lag_ms: Percentiles,
+    /// From a publication's hand-off to the transport to its answer (HTTP response,
+    /// `published` reply, Redis reply): the publish path, after the schedule lag.
+    pub answer_ms: Percentiles,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -350,6 +353,7 @@ impl Report {
         }
         row(&mut t, "schedule lag", pct_line(&p.schedule_lag_ms));
         row(&mut t, "  of which clock", pct_line(&p.clock_lag_ms));
+        row(&mut t, "publish answered after", pct_line(&p.answer_ms));
         let d = &self.deliveries;
         row(
             &mut t,
@@ -490,6 +494,7 @@ mod tests {
         let t = r.table();
         assert!(t.contains("1,234,567") && t.contains("GENERATOR SATURATED") && t.contains("broadcast"));
         assert!(!t.contains("node 1"), "no per-node rows without nodes");
+        assert!(t.contains("publish answered after   -"), "{t}");
         let node = |url: &str, p99: f64| NodeView {
             url: url.into(),
             latency_p50_ms: Some(1.0),

@@ -451,6 +451,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
             achieved_rate: p.sent as f64 / p.elapsed.as_secs_f64().max(1e-6),
             schedule_lag_ms: Percentiles::of_micros(&p.lag),
             clock_lag_ms: Percentiles::of_micros(&p.clock_lag),
+            answer_ms: Percentiles::of_micros(&p.answer),
         };
     }
 

@@ -132,6 +132,14 @@ async fn healthy_cluster_over_websocket_loses_nothing() {
     assert_eq!(u(&r["connect"]["established"]), 120, "{}", r["connect"]);
     assert_eq!(u(&r["connect"]["failed"]), 0);
     assert_eq!(u(&r["publish"]["sent"]), 600);
+    // Every `published` reply was matched to the command it answers.
+    assert_eq!(u(&r["publish"]["answer_ms"]["count"]), 600, "{}", r["publish"]);
+    assert_latency_sane(&r["publish"]["answer_ms"]);
+    if std::path::Path::new("/proc/stat").exists() {
+        let m = &r["machine"];
+        assert!(!m["steal_percent"].as_object().expect("per-CPU steal").is_empty(), "{m}");
+        assert!(m["disturbed"].is_boolean() && f(&m["worst_second_steal_percent"]) >= 0.0, "{m}");
+    }
     let d = &r["deliveries"];
     // 600 publications over 12 rooms of 10 subscribers each.
     assert_eq!(u(&d["expected"]), 6000, "{d}");
@@ -171,6 +179,8 @@ async fn http_and_redis_transports_lose_nothing() {
         let d = &r["deliveries"];
         // 200 publications over 8 channels; 40 subscribers on 3 channels each = 15 per channel.
         assert_eq!(u(&r["publish"]["sent"]), 200, "{transport}: {}", r["publish"]);
+        assert_eq!(u(&r["publish"]["answer_ms"]["count"]), 200, "{transport}: {}", r["publish"]);
+        assert_latency_sane(&r["publish"]["answer_ms"]);
         assert_eq!(u(&d["expected"]), 200 * 15, "{transport}: {d}");
         assert_eq!(u(&d["lost"]), 0, "{transport}: {d}");
         assert_eq!(u(&d["delivered"]), u(&d["expected"]), "{transport}: {d}");
