@@ -415,7 +415,12 @@ impl Report {
         );
         row(&mut t, "generator loop lag", pct_line(&g.receive_loop_lag_ms));
         if g.saturated {
-            row(&mut t, "GENERATOR SATURATED", g.saturation_reasons.join("; "));
+            let mut why = g.saturation_reasons.join("; ");
+            // Lag that the host's steal explains is not the generator's doing.
+            if self.machine.as_ref().is_some_and(|m| m.disturbed) {
+                why.push_str(" (the host also took CPU time: see HYPERVISOR STEAL, which may be the cause)");
+            }
+            row(&mut t, "GENERATOR SATURATED", why);
         }
         let gw = &self.gateway;
         if !gw.nodes.is_empty() {
@@ -508,6 +513,7 @@ mod tests {
         assert!(t.contains("node 1") && t.contains("p99 2.500 ms  (http://a/metrics)"), "{t}");
         assert!(t.contains("node 2") && t.contains("p99 7.250 ms  (http://b/metrics)"), "{t}");
         assert!(!t.contains("machine steal"), "no row where the machine was not read");
+        assert!(!t.contains("the host also took"), "{t}");
         r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 0.5)], Some(3.0)));
         let t = r.table();
         assert!(
@@ -523,6 +529,7 @@ mod tests {
         let t = r.table();
         assert!(t.contains("HYPERVISOR STEAL") && t.contains("one second lost 7.5% (75 ms) at once"), "{t}");
         assert!(!t.contains("of the window to other guests"), "{t}");
+        assert!(t.contains("GENERATOR SATURATED      cpu (the host also took CPU time"), "{t}");
         let many = (0..16).map(|i| (format!("cpu{i}"), if i == 7 { 4.0 } else { 0.0 })).collect();
         let t = {
             r.machine = Some(MachineView::new(many, None));
