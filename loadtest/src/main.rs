@@ -210,6 +210,8 @@ fn apply(mut s: scenario::Scenario, o: &Overrides) -> scenario::Scenario {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Anchors the clock every latency is measured with (see `sys::GenClock`).
+    sys::clock_us();
     match Cli::parse().command {
         Command::List => {
             for (name, description) in scenario::builtin() {

@@ -31,6 +31,7 @@ use crate::{
     scan::{self, Incoming, Scanner},
     scenario::{Scenario, Transport},
     sub::new_histogram,
+    sys::clock_us,
     ws::{self, Rng, WsUrl},
 };
 
@@ -108,7 +109,7 @@ impl Stats {
 
     /// The answer for a publication handed off at `sent_us` arrived now.
     fn answered(&mut self, sent_us: u64) {
-        self.answer.saturating_record(now_micros().saturating_sub(sent_us).max(1));
+        self.answer.saturating_record(clock_us().saturating_sub(sent_us).max(1));
     }
 
     fn ok(&mut self, seq: u64) {
@@ -292,7 +293,7 @@ fn schedule(
     // more CPU priority than the subscriber workers; refused (no CAP_SYS_NICE) is fine.
     crate::sys::raise_thread_priority(-10);
     let start = Instant::now();
-    let start_us = now_micros();
+    let start_us = clock_us();
     let period = 1.0 / rate;
     let mut buf = Vec::with_capacity(payload + 64);
     let mut seq = 0;
@@ -418,7 +419,7 @@ async fn ws_lane(
             continue;
         }
         out.clear();
-        let now = now_micros();
+        let now = clock_us();
         for item in &batch {
             stats.borrow_mut().handed_off(item, now);
             // Before the write: a reply can come back while the rest is still being written.
@@ -463,7 +464,7 @@ async fn http_lane(
 ) {
     while let Some(items) = rx.recv().await {
         for item in items {
-            let sent = now_micros();
+            let sent = clock_us();
             stats.borrow_mut().handed_off(&item, sent);
             let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
             let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
@@ -494,7 +495,7 @@ async fn batch_lane(
                 Err(_) => break,
             }
         }
-        let now = now_micros();
+        let now = clock_us();
         let outgoing: Vec<Outgoing> = batch
             .iter()
             .map(|item| {

@@ -30,6 +30,7 @@ use tokio::{
 use crate::{
     scan::{Incoming, Scanner},
     scenario::Scenario,
+    sys::clock_us,
     ws::{self, FrameError, Rng, WsUrl},
 };
 
@@ -407,7 +408,7 @@ async fn read_and_feed(stream: &mut TcpStream, core: &mut ConnCore, w: &Worker) 
                 let before = core.received;
                 let used = {
                     let mut hist = w.latency.borrow_mut();
-                    core.feed(data, now_micros(), &w.scanner, &mut hist)
+                    core.feed(data, clock_us(), &w.scanner, &mut hist)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.0))?
                 };
                 core.carry.clear();
@@ -471,7 +472,7 @@ async fn connect_and_subscribe(
         if !core.carry.is_empty() {
             let data = std::mem::take(&mut core.carry);
             let used =
-                core.feed(&data, now_micros(), &w.scanner, &mut w.latency.borrow_mut()).map_err(|e| e.0.to_owned())?;
+                core.feed(&data, clock_us(), &w.scanner, &mut w.latency.borrow_mut()).map_err(|e| e.0.to_owned())?;
             core.carry.extend_from_slice(&data[used..]);
         }
         while core.subscribed + core.errors < wanted && core.closed.is_none() {

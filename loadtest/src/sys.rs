@@ -1,8 +1,11 @@
 //! What the generator asks of the operating system: a higher open-file limit, its own CPU
-//! time, the time the hypervisor took from the machine's CPUs, and the resident memory of
-//! gateway processes.
+//! time, the time the hypervisor took from the machine's CPUs, the resident memory of
+//! gateway processes, and the clock its latencies are measured with.
 
-use std::time::Duration;
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
 use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
 
@@ -81,6 +84,38 @@ impl RssProbe {
         }
         total
     }
+}
+
+/// The wall clock as it read when the generator started, advanced since by the monotonic
+/// clock. Latencies are differences of two such readings (a publication's due time and its
+/// arrival), and the wall clock itself cannot be trusted over a run: a machine whose time
+/// is being corrected slews it (this VM's ran 0.5 % fast against the monotonic clock for
+/// minutes, which added 5 ms per second of run to every latency), or steps it. Anchored
+/// once, the readings stay comparable with other machines' wall clocks to within whatever
+/// they agreed at the start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GenClock {
+    wall_us: u64,
+    at: Instant,
+}
+
+impl GenClock {
+    fn start() -> Self {
+        Self { wall_us: fanout_protocol::now_micros(), at: Instant::now() }
+    }
+
+    /// The reading for `instant` (µs since the epoch; earlier than the anchor reads as it).
+    pub(crate) fn at(&self, instant: Instant) -> u64 {
+        self.wall_us + instant.saturating_duration_since(self.at).as_micros() as u64
+    }
+}
+
+static CLOCK: OnceLock<GenClock> = OnceLock::new();
+
+/// Now on the generator's clock ([`GenClock`]), µs since the epoch. The first call anchors
+/// it; `main` makes that call before anything is measured.
+pub(crate) fn clock_us() -> u64 {
+    CLOCK.get_or_init(GenClock::start).at(Instant::now())
 }
 
 /// Each CPU's time counters from `/proc/stat`, in clock ticks: (name, total, steal).
@@ -168,6 +203,22 @@ mod tests {
         let mut probe = RssProbe::open(&[std::process::id(), u32::MAX]);
         assert!(probe.read() > 0 && probe.read() > 0, "re-readable, missing pids skipped");
         assert!(available_cores() >= 1);
+    }
+
+    #[test]
+    fn the_clock_follows_the_monotonic_clock_from_one_wall_reading() {
+        let c = GenClock { wall_us: 1_000_000, at: Instant::now() };
+        assert_eq!(c.at(c.at + Duration::from_secs(5)), 6_000_000, "elapsed time is Instant's, to the µs");
+        assert_eq!(c.at(c.at + Duration::from_micros(1)), 1_000_001);
+        assert_eq!(
+            c.at(c.at.checked_sub(Duration::from_secs(1)).unwrap_or(c.at)),
+            1_000_000,
+            "never before the anchor"
+        );
+        let (a, b) = (clock_us(), clock_us());
+        assert!(b >= a, "monotonic");
+        let wall = fanout_protocol::now_micros();
+        assert!(a.abs_diff(wall) < 60_000_000, "anchored to the wall clock: {a} against {wall}");
     }
 
     #[test]
