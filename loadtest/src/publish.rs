@@ -107,9 +107,9 @@ impl Stats {
         self.lag.saturating_record(now_us.saturating_sub(item.intended_us));
     }
 
-    /// The answer for a publication handed off at `sent_us` arrived now.
-    fn answered(&mut self, sent_us: u64) {
-        self.answer.saturating_record(clock_us().saturating_sub(sent_us).max(1));
+    /// The answers for `count` publications handed off at `sent_us` arrived now.
+    fn answered(&mut self, sent_us: u64, count: u64) {
+        self.answer.saturating_record_n(clock_us().saturating_sub(sent_us).max(1), count);
     }
 
     fn ok(&mut self, seq: u64) {
@@ -342,12 +342,20 @@ async fn ws_lane(
 ) {
     let (mut rd, mut wr) = stream.into_split();
     let (pong_tx, mut pong_rx) = unbounded_channel::<Vec<u8>>();
-    let outstanding = Rc::new(std::cell::Cell::new(0u64));
-    // When each command awaiting its reply was written: replies come back in the order
-    // the commands went out, so the front is the one a reply answers.
+    // When each command awaiting its reply was written (so also how many await one):
+    // replies come back in the order the commands went out, so the front is the one a
+    // reply answers.
     let sent_at = Rc::new(RefCell::new(std::collections::VecDeque::<u64>::new()));
     let reader = {
-        let (stats, outstanding, sent_at) = (stats.clone(), outstanding.clone(), sent_at.clone());
+        let answered = {
+            let (stats, sent_at) = (stats.clone(), sent_at.clone());
+            move || {
+                if let Some(t) = sent_at.borrow_mut().pop_front() {
+                    stats.borrow_mut().answered(t, 1);
+                }
+            }
+        };
+        let stats = stats.clone();
         tokio::task::spawn_local(async move {
             let scanner = Scanner::default();
             let mut buf = early;
@@ -358,17 +366,9 @@ async fn ws_lane(
                     used += n;
                     match frame.opcode {
                         ws::OP_TEXT => match scanner.classify(frame.payload) {
-                            Incoming::Published => {
-                                outstanding.set(outstanding.get().saturating_sub(1));
-                                if let Some(t) = sent_at.borrow_mut().pop_front() {
-                                    stats.borrow_mut().answered(t);
-                                }
-                            }
+                            Incoming::Published => answered(),
                             Incoming::Error { id } => {
-                                outstanding.set(outstanding.get().saturating_sub(1));
-                                if let Some(t) = sent_at.borrow_mut().pop_front() {
-                                    stats.borrow_mut().answered(t);
-                                }
+                                answered();
                                 let kind = format!("error_{}", scan::error_code(frame.payload).unwrap_or("unknown"));
                                 match id {
                                     Some(seq) => stats.borrow_mut().refused(seq, &kind),
@@ -433,13 +433,16 @@ async fn ws_lane(
             ws::client_frame(&mut out, ws::OP_TEXT, &cmd, rng.mask());
         }
         let written = wr.write_all(&out).await;
+        if written.is_err() {
+            // Not sent, so never answered.
+            let mut waiting = sent_at.borrow_mut();
+            let keep = waiting.len().saturating_sub(batch.len());
+            waiting.truncate(keep);
+        }
         let mut s = stats.borrow_mut();
         for item in batch.drain(..) {
             match written {
-                Ok(()) => {
-                    s.ok(item.seq);
-                    outstanding.set(outstanding.get() + 1);
-                }
+                Ok(()) => s.ok(item.seq),
                 Err(_) => s.fail("ws_write"),
             }
         }
@@ -447,7 +450,7 @@ async fn ws_lane(
     }
     // Wait briefly for the last replies so late `error`s are still counted.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while outstanding.get() > 0 && !reader.is_finished() && Instant::now() < deadline {
+    while !sent_at.borrow().is_empty() && !reader.is_finished() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut bye = Vec::new();
@@ -469,7 +472,7 @@ async fn http_lane(
             let name = &names[Scenario::channel_of_seq(item.seq, names.len()) as usize];
             let result = publisher.publish_raw(name, Encoding::Json, item.data.clone()).await;
             let mut s = stats.borrow_mut();
-            s.answered(sent);
+            s.answered(sent, 1);
             match result {
                 Ok(()) => s.ok(item.seq),
                 Err(e) => s.fail(publish_error_kind(&e)),
@@ -509,8 +512,9 @@ async fn batch_lane(
             .collect();
         let result = publisher.publish_batch(&outgoing).await;
         let mut s = stats.borrow_mut();
+        // One answer for the whole batch: read the clock once.
+        s.answered(now, batch.len() as u64);
         for item in batch.drain(..) {
-            s.answered(now);
             match &result {
                 Ok(()) => s.ok(item.seq),
                 Err(e) => s.fail(publish_error_kind(e)),
