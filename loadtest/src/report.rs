@@ -221,7 +221,7 @@ impl MachineView {
         if let Some(worst) = self.worst_second_steal_percent {
             let _ = write!(over, " (worst second {worst:.1}%)");
         }
-        let _ = writeln!(t, "  {:<24} {over}", "machine steal");
+        row(&mut t, "machine steal", over);
         if self.disturbed {
             let mut why = Vec::new();
             if pct >= STEAL_DISTURBED_PERCENT {
@@ -235,11 +235,10 @@ impl MachineView {
                     worst * 10.0
                 ));
             }
-            let _ = writeln!(
-                t,
-                "  {:<24} {}; the p99 may measure the host, not the gateway",
+            row(
+                &mut t,
                 "HYPERVISOR STEAL",
-                why.join("; ")
+                format!("{}; the p99 may measure the host, not the gateway", why.join("; ")),
             );
         }
         t
@@ -272,6 +271,11 @@ fn count(n: u64) -> String {
     out
 }
 
+/// One line of the table: the label in a column of its own, then the value.
+fn row(t: &mut String, k: &str, v: String) {
+    let _ = writeln!(t, "  {k:<24} {v}");
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3} ms"))
 }
@@ -291,9 +295,6 @@ impl Report {
     /// The table printed at the end of a run.
     pub(crate) fn table(&self) -> String {
         let mut t = String::new();
-        let row = |t: &mut String, k: &str, v: String| {
-            let _ = writeln!(t, "  {k:<24} {v}");
-        };
         let c = &self.config;
         let _ = writeln!(t, "\nfanout-loadtest: {} ({})", self.scenario, self.description);
         row(

@@ -281,7 +281,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     live.measuring = true;
     live.cpu_tick(cores);
     let cpu0 = CpuTimes::now();
-    let stat0 = live.steal.read();
+    // The tick just read the machine's counters: the window starts from that reading.
+    let stat0 = live.steal_last.clone();
     let t0 = Instant::now();
     shared.churning.store(true, Relaxed);
     let pub_live = Arc::new(PubLive::default());
@@ -362,8 +363,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
     let window = t0.elapsed();
     let cpu1 = CpuTimes::now();
-    let stat1 = live.steal.read();
     live.cpu_tick(cores);
+    let stat1 = live.steal_last.clone();
     let active = last_delivery_at.saturating_duration_since(t0).max(Duration::from_millis(1));
 
     // Stop everything and collect.

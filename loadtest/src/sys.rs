@@ -73,17 +73,23 @@ impl RssProbe {
 
     /// Summed VmRSS in bytes of the processes still alive.
     pub(crate) fn read(&mut self) -> u64 {
-        use std::io::{Read, Seek};
         let mut total = 0;
         let mut text = String::new();
         for f in &mut self.files {
-            text.clear();
-            if f.rewind().is_ok() && f.read_to_string(&mut text).is_ok() {
+            if read_again(f, &mut text) {
                 total += parse_vmrss(&text).unwrap_or(0);
             }
         }
         total
     }
+}
+
+/// Reads a `/proc` file opened earlier from its start into `text` (replacing what was
+/// there); false if it could not be read.
+fn read_again(file: &mut std::fs::File, text: &mut String) -> bool {
+    use std::io::{Read, Seek};
+    text.clear();
+    file.rewind().is_ok() && file.read_to_string(text).is_ok()
 }
 
 /// The wall clock as it read when the generator started, advanced since by the monotonic
@@ -168,13 +174,13 @@ impl StealProbe {
     }
 
     pub(crate) fn read(&mut self) -> CpuStat {
-        use std::io::{Read, Seek};
         let mut text = String::new();
-        let Some(f) = &mut self.file else { return CpuStat::default() };
-        if f.rewind().is_err() || f.read_to_string(&mut text).is_err() {
-            return CpuStat::default();
+        let read = self.file.as_mut().is_some_and(|f| read_again(f, &mut text));
+        if read {
+            parse_proc_stat(&text)
+        } else {
+            CpuStat::default()
         }
-        parse_proc_stat(&text)
     }
 }
 
