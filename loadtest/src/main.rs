@@ -147,6 +147,10 @@ struct RunArgs {
     /// lag and, since latency counts from the intended time, in the latency figures.
     #[arg(long, default_value = "250us", value_parser = humantime::parse_duration)]
     batch_window: Duration,
+    /// Before the run and after it, spin a thread on each of this machine's CPUs this long
+    /// and report the pauses the host made (0s: skip). Steal alone misses most of them.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    host_probe: Duration,
     /// A node's internal /metrics to scrape before and after. Repeatable.
     #[arg(long = "metrics-url")]
     metrics_urls: Vec<String>,
@@ -171,40 +175,58 @@ struct RunArgs {
     run_id: Option<String>,
 }
 
+/// The scenario with the flags' values in place of its own. Its description names what was
+/// overridden, since a built-in one states the figures it was written with ("at 1,000
+/// publications/s") and would otherwise head a report of a run at another rate.
 fn apply(mut s: scenario::Scenario, o: &Overrides) -> scenario::Scenario {
+    let mut changed = Vec::new();
     if let Some(v) = o.subscribers {
+        changed.push("subscribers");
         s.subscribers = v;
     }
     if let Some(v) = o.channels {
+        changed.push("channels");
         s.channels = v;
         s.channels_per_subscriber = s.channels_per_subscriber.min(v.max(1));
     }
     if let Some(v) = o.channels_per_subscriber {
+        changed.push("channels_per_subscriber");
         s.channels_per_subscriber = v;
     }
     if let Some(v) = o.rate {
+        changed.push("rate");
         s.rate = v;
     }
     if let Some(v) = o.duration {
+        changed.push("duration");
         s.duration = v;
     }
     if let Some(v) = o.payload {
+        changed.push("payload");
         s.payload = v;
     }
     if let Some(v) = o.transport {
+        changed.push("transport");
         s.transport = v;
     }
     if let Some(v) = o.churn_rate {
+        changed.push("churn_rate");
         s.churn_rate = v;
     }
     if let Some(v) = o.churn_hold {
+        changed.push("churn_hold");
         s.churn_hold = v;
     }
     if o.recover_every.is_some() {
+        changed.push("recover_every");
         s.recover_every = o.recover_every;
     }
     if o.recover_away.is_some() {
+        changed.push("recover_away");
         s.recover_away = o.recover_away;
+    }
+    if !changed.is_empty() {
+        s.description = format!("{}; overridden here: {}", s.description, changed.join(", ").replace('_', " "));
     }
     s
 }
@@ -260,6 +282,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             source_addrs: args.source_addrs.clone(),
             run_id: args.run_id.unwrap_or_else(|| format!("s{}", std::process::id())),
             quiet: args.quiet,
+            host_probe: args.host_probe,
         };
         let report = storm::run_blocking(cfg)?;
         let lost = (report.not_back > 0 || report.starved > 0)
@@ -300,6 +323,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         http_concurrency: args.http_concurrency,
         http_batch: args.http_batch,
         batch_window: args.batch_window,
+        host_probe: args.host_probe,
         metrics_urls: args.metrics_urls,
         gateway_pids: args.gateway_pids,
         quiet: args.quiet,

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::metrics::NodeView;
+use crate::{
+    metrics::NodeView,
+    sys::{CpuPauses, CpuShare},
+};
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub(crate) struct Report {
@@ -179,13 +182,26 @@ pub(crate) struct GatewayView {
 /// lost some is measuring the host as well as the gateway.
 #[derive(Debug, Clone, Serialize, Default)]
 pub(crate) struct MachineView {
+    /// Each CPU's time running this guest's work over the measured window, in percent.
+    pub busy_percent: BTreeMap<String, f64>,
+    /// Of that, deferred interrupt work (on loopback, the receiving end of every send).
+    pub softirq_percent: BTreeMap<String, f64>,
+    /// CPUs busy at least [`CPU_SATURATED_PERCENT`] of the window.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub saturated_cpus: Vec<String>,
     /// Each CPU's steal over the measured window, in percent of its time.
     pub steal_percent: BTreeMap<String, f64>,
     /// The most any CPU lost in one second of the window (where seconds were sampled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worst_second_steal_percent: Option<f64>,
+    /// What a thread spinning on each CPU saw just before the run and just after it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pauses_before: Vec<CpuPauses>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pauses_after: Vec<CpuPauses>,
     /// Some CPU lost at least [`STEAL_DISTURBED_PERCENT`] of the window, or at least
-    /// [`STEAL_DISTURBED_SECOND_PERCENT`] of one second.
+    /// [`STEAL_DISTURBED_SECOND_PERCENT`] of one second, or a probe lost at least
+    /// [`PAUSE_DISTURBED_PERCENT`].
     pub disturbed: bool,
 }
 
@@ -199,17 +215,101 @@ pub(crate) const STEAL_DISTURBED_PERCENT: f64 = 1.0;
 /// budget, however quiet the rest of the run was.
 pub(crate) const STEAL_DISTURBED_SECOND_PERCENT: f64 = 5.0;
 
+/// A CPU busy this much of the window had no time to spare: work that arrived while it
+/// was busy waited, so the latencies are partly a queue.
+pub(crate) const CPU_SATURATED_PERCENT: f64 = 95.0;
+
+/// A spinning probe that lost this share of its time ran on a host that pauses this
+/// machine's CPUs about as often as the steal threshold says: read as [`STEAL_DISTURBED_PERCENT`].
+pub(crate) const PAUSE_DISTURBED_PERCENT: f64 = 1.0;
+
 impl MachineView {
-    pub(crate) fn new(steal: Vec<(String, f64)>, worst_second: Option<f64>) -> Self {
-        let disturbed = steal.iter().any(|(_, pct)| *pct >= STEAL_DISTURBED_PERCENT)
+    pub(crate) fn new(window: Vec<CpuShare>, worst_second: Option<f64>) -> Self {
+        let disturbed = window.iter().any(|c| c.steal >= STEAL_DISTURBED_PERCENT)
             || worst_second.is_some_and(|pct| pct >= STEAL_DISTURBED_SECOND_PERCENT);
-        Self { steal_percent: steal.into_iter().collect(), worst_second_steal_percent: worst_second, disturbed }
+        Self {
+            busy_percent: window.iter().map(|c| (c.cpu.clone(), c.busy)).collect(),
+            softirq_percent: window.iter().map(|c| (c.cpu.clone(), c.softirq)).collect(),
+            saturated_cpus: window.iter().filter(|c| c.busy >= CPU_SATURATED_PERCENT).map(|c| c.cpu.clone()).collect(),
+            steal_percent: window.into_iter().map(|c| (c.cpu, c.steal)).collect(),
+            worst_second_steal_percent: worst_second,
+            disturbed,
+            ..Default::default()
+        }
+    }
+
+    /// Adds what the spinning probes saw before and after the run.
+    pub(crate) fn with_pauses(mut self, before: Vec<CpuPauses>, after: Vec<CpuPauses>) -> Self {
+        self.pauses_before = before;
+        self.pauses_after = after;
+        self.disturbed |= self.worst_pause().is_some_and(|(_, p)| p.lost_percent >= PAUSE_DISTURBED_PERCENT);
+        self
+    }
+
+    /// The probe and CPU that lost most.
+    fn worst_pause(&self) -> Option<(&'static str, &CpuPauses)> {
+        let before = self.pauses_before.iter().map(|p| ("before", p));
+        let after = self.pauses_after.iter().map(|p| ("after", p));
+        before.chain(after).max_by(|a, b| a.1.lost_percent.total_cmp(&b.1.lost_percent))
     }
 
     /// The table's rows for it: each CPU's steal, and a warning when the run was disturbed.
     pub(crate) fn rows(&self) -> String {
         let mut t = String::new();
-        let Some((cpu, pct)) = self.worst() else { return t };
+        self.busy_rows(&mut t);
+        self.steal_rows(&mut t);
+        self.pause_rows(&mut t);
+        t
+    }
+
+    fn busy_rows(&self, t: &mut String) {
+        if self.busy_percent.is_empty() {
+            return;
+        }
+        let one = |cpu: &str, busy: f64| {
+            let softirq = self.softirq_percent.get(cpu).copied().unwrap_or(0.0);
+            format!("{cpu} {busy:.0}% (softirq {softirq:.0}%)")
+        };
+        // Every CPU while they fit on a line, else the busiest and the mean.
+        let line = if self.busy_percent.len() <= 4 {
+            self.busy_percent.iter().map(|(cpu, busy)| one(cpu, *busy)).collect::<Vec<_>>().join(", ")
+        } else {
+            let mean = self.busy_percent.values().sum::<f64>() / self.busy_percent.len() as f64;
+            let busiest = self.busy_percent.iter().max_by(|a, b| a.1.total_cmp(b.1));
+            let busiest = busiest.map(|(cpu, busy)| one(cpu, *busy)).unwrap_or_default();
+            format!("{busiest} at most, {mean:.0}% on average over {} cpus", self.busy_percent.len())
+        };
+        row(t, "machine cpu busy", format!("{line} of the window"));
+        if !self.saturated_cpus.is_empty() {
+            let generator = crate::sys::own_cpus();
+            let named: Vec<String> = self
+                .saturated_cpus
+                .iter()
+                .map(|cpu| {
+                    let own = cpu
+                        .strip_prefix("cpu")
+                        .and_then(|n| n.parse().ok())
+                        .is_some_and(|n: usize| generator.contains(&n));
+                    if own {
+                        format!("{cpu} (the generator's)")
+                    } else {
+                        cpu.clone()
+                    }
+                })
+                .collect();
+            row(
+                t,
+                "CPU SATURATED",
+                format!(
+                    "{} busy at least {CPU_SATURATED_PERCENT:.0}% of the window: what runs there (on a local rig, the gateway and Redis) had no time to spare, and its latencies include waiting for the CPU",
+                    named.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn steal_rows(&self, t: &mut String) {
+        let Some((cpu, pct)) = self.worst() else { return };
         // Every CPU while they fit on a line, else the worst and the mean.
         let mut over = if self.steal_percent.len() <= 8 {
             self.steal_percent.iter().map(|(n, p)| format!("{n} {p:.1}%")).collect::<Vec<_>>().join(", ")
@@ -221,27 +321,50 @@ impl MachineView {
         if let Some(worst) = self.worst_second_steal_percent {
             let _ = write!(over, " (worst second {worst:.1}%)");
         }
-        row(&mut t, "machine steal", over);
-        if self.disturbed {
+        row(t, "machine steal", over);
+        let second = self.worst_second_steal_percent.filter(|w| *w >= STEAL_DISTURBED_SECOND_PERCENT);
+        if pct >= STEAL_DISTURBED_PERCENT || second.is_some() {
             let mut why = Vec::new();
             if pct >= STEAL_DISTURBED_PERCENT {
                 why.push(format!(
                     "{cpu} lost {pct:.1}% of the window to other guests, and about that share of deliveries waited for it"
                 ));
             }
-            if let Some(worst) = self.worst_second_steal_percent.filter(|w| *w >= STEAL_DISTURBED_SECOND_PERCENT) {
+            if let Some(worst) = second {
                 why.push(format!(
                     "one second lost {worst:.1}% ({:.0} ms) at once, and a busy core makes everything queued wait that long",
                     worst * 10.0
                 ));
             }
+            row(t, "HYPERVISOR STEAL", format!("{}; the p99 may measure the host, not the gateway", why.join("; ")));
+        }
+    }
+
+    fn pause_rows(&self, t: &mut String) {
+        let Some((when, worst)) = self.worst_pause() else { return };
+        let line = |probe: &[CpuPauses]| {
+            let one = |p: &CpuPauses| {
+                format!("{} {:.2}% ({} over 1 ms, longest {:.1} ms)", p.cpu, p.lost_percent, p.over_1ms, p.longest_ms)
+            };
+            // Every CPU while they fit on a line, else the one that lost most.
+            if probe.len() <= 4 {
+                probe.iter().map(one).collect::<Vec<_>>().join(", ")
+            } else {
+                probe.iter().max_by(|a, b| a.lost_percent.total_cmp(&b.lost_percent)).map(one).unwrap_or_default()
+            }
+        };
+        row(t, "host pauses before", line(&self.pauses_before));
+        row(t, "host pauses after", line(&self.pauses_after));
+        if worst.lost_percent >= PAUSE_DISTURBED_PERCENT {
             row(
-                &mut t,
-                "HYPERVISOR STEAL",
-                format!("{}; the p99 may measure the host, not the gateway", why.join("; ")),
+                t,
+                "HOST PAUSES",
+                format!(
+                    "a thread spinning on {} {when} the run lost {:.1}% of its time to pauses it did not cause (steal shows only part of them); the p99 may measure the host, not the gateway",
+                    worst.cpu, worst.lost_percent
+                ),
             );
         }
-        t
     }
 
     /// The CPU that lost most, and how much.
@@ -419,7 +542,7 @@ impl Report {
             let mut why = g.saturation_reasons.join("; ");
             // Lag that the host's steal explains is not the generator's doing.
             if self.machine.as_ref().is_some_and(|m| m.disturbed) {
-                why.push_str(" (the host also took CPU time: see HYPERVISOR STEAL, which may be the cause)");
+                why.push_str(" (the host also took CPU time: see the machine rows, which may give the cause)");
             }
             row(&mut t, "GENERATOR SATURATED", why);
         }
@@ -478,6 +601,41 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// Half-busy CPUs that lost `steal` each.
+    fn stolen(cpus: &[(&str, f64)]) -> Vec<CpuShare> {
+        cpus.iter().map(|&(cpu, steal)| CpuShare { cpu: cpu.into(), busy: 50.0, softirq: 5.0, steal }).collect()
+    }
+
+    #[test]
+    fn busy_cpus_and_a_saturated_one() {
+        let idle = MachineView::new(stolen(&[("cpu0", 0.0), ("cpu1", 0.0)]), None);
+        assert!(idle.saturated_cpus.is_empty() && !idle.disturbed);
+        let t = idle.rows();
+        assert!(
+            t.contains("machine cpu busy         cpu0 50% (softirq 5%), cpu1 50% (softirq 5%) of the window"),
+            "{t}"
+        );
+        assert!(!t.contains("CPU SATURATED"), "{t}");
+        let full = vec![
+            CpuShare { cpu: "cpu0".into(), busy: 99.5, softirq: 35.0, steal: 0.5 },
+            CpuShare { cpu: "cpu1".into(), busy: 60.0, softirq: 2.0, steal: 0.0 },
+        ];
+        let m = MachineView::new(full, None);
+        assert_eq!(m.saturated_cpus, ["cpu0"]);
+        assert!(!m.disturbed, "a busy CPU is not the host's doing");
+        let t = m.rows();
+        assert!(t.contains("cpu0 100% (softirq 35%), cpu1 60% (softirq 2%)"), "{t}");
+        assert!(t.contains("CPU SATURATED            cpu0") && t.contains("busy at least 95% of the window"), "{t}");
+        let json = serde_json::to_value(&m).unwrap_or_default();
+        assert_eq!(json["busy_percent"]["cpu0"], 99.5, "{json}");
+        assert_eq!(json["softirq_percent"]["cpu1"], 2.0, "{json}");
+        let many: Vec<CpuShare> = (0..8)
+            .map(|i| CpuShare { cpu: format!("cpu{i}"), busy: i as f64 * 10.0, softirq: 1.0, steal: 0.0 })
+            .collect();
+        let t = MachineView::new(many, None).rows();
+        assert!(t.contains("cpu7 70% (softirq 1%) at most, 35% on average over 8 cpus of the window"), "{t}");
+    }
+
     #[test]
     fn percentiles_are_ordered_and_in_ms() {
         let mut h = crate::sub::new_histogram();
@@ -515,28 +673,62 @@ mod tests {
         assert!(t.contains("node 2") && t.contains("p99 7.250 ms  (http://b/metrics)"), "{t}");
         assert!(!t.contains("machine steal"), "no row where the machine was not read");
         assert!(!t.contains("the host also took"), "{t}");
-        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 0.5)], Some(3.0)));
+        r.machine = Some(MachineView::new(stolen(&[("cpu0", 0.25), ("cpu1", 0.5)]), Some(3.0)));
         let t = r.table();
         assert!(
             t.contains("machine steal") && t.contains("cpu0 0.2%, cpu1 0.5% of the window (worst second 3.0%)"),
             "{t}"
         );
         assert!(!t.contains("HYPERVISOR STEAL"), "{t}");
-        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 1.5)], Some(4.0)));
+        r.machine = Some(MachineView::new(stolen(&[("cpu0", 0.25), ("cpu1", 1.5)]), Some(4.0)));
         let t = r.table();
         assert!(t.contains("HYPERVISOR STEAL") && t.contains("cpu1 lost 1.5% of the window"), "{t}");
         assert!(!t.contains("one second"), "{t}");
-        r.machine = Some(MachineView::new(vec![("cpu0".into(), 0.25), ("cpu1".into(), 0.5)], Some(7.5)));
+        r.machine = Some(MachineView::new(stolen(&[("cpu0", 0.25), ("cpu1", 0.5)]), Some(7.5)));
         let t = r.table();
         assert!(t.contains("HYPERVISOR STEAL") && t.contains("one second lost 7.5% (75 ms) at once"), "{t}");
         assert!(!t.contains("of the window to other guests"), "{t}");
         assert!(t.contains("GENERATOR SATURATED      cpu (the host also took CPU time"), "{t}");
-        let many = (0..16).map(|i| (format!("cpu{i}"), if i == 7 { 4.0 } else { 0.0 })).collect();
+        let many = (0..16)
+            .map(|i| CpuShare {
+                cpu: format!("cpu{i}"),
+                busy: 50.0,
+                softirq: 5.0,
+                steal: if i == 7 { 4.0 } else { 0.0 },
+            })
+            .collect();
         let t = {
             r.machine = Some(MachineView::new(many, None));
             r.table()
         };
         assert!(t.contains("cpu7 4.0% at most, 0.2% on average over 16 cpus of the window\n"), "{t}");
+        assert!(!t.contains("host pauses"), "no probe, no row: {t}");
+
+        // The spinning probes: their rows, and a warning when one lost a share past the mark.
+        let pause = |cpu: &str, lost_percent: f64| CpuPauses {
+            cpu: cpu.into(),
+            lost_percent,
+            over_1ms: (lost_percent * 10.0) as u64,
+            longest_ms: lost_percent * 5.0,
+        };
+        let quiet = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5))
+            .with_pauses(vec![pause("cpu0", 0.05), pause("cpu1", 0.0)], vec![pause("cpu0", 0.5), pause("cpu1", 0.25)]);
+        assert!(!quiet.disturbed);
+        r.machine = Some(quiet);
+        let t = r.table();
+        assert!(t.contains("host pauses before       cpu0 0.05% (0 over 1 ms, longest 0.2 ms), cpu1 0.00%"), "{t}");
+        assert!(t.contains("host pauses after        cpu0 0.50% (5 over 1 ms, longest 2.5 ms), cpu1 0.25%"), "{t}");
+        assert!(!t.contains("HOST PAUSES") && !t.contains("the host also took"), "{t}");
+        let paused = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5))
+            .with_pauses(vec![pause("cpu0", 0.05)], vec![pause("cpu0", 1.25)]);
+        assert!(paused.disturbed, "steal says quiet, the probe does not");
+        r.machine = Some(paused);
+        let t = r.table();
+        assert!(t.contains("HOST PAUSES") && t.contains("spinning on cpu0 after the run lost 1.2% of its time"), "{t}");
+        assert!(!t.contains("HYPERVISOR STEAL"), "steal stays below its own mark: {t}");
+        assert!(t.contains("the host also took CPU time"), "{t}");
+        let json = serde_json::to_value(r.machine.as_ref().map(|m| m.pauses_after.clone())).unwrap_or_default();
+        assert_eq!(json[0]["lost_percent"], 1.25, "{json}");
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
     }

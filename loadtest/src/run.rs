@@ -45,6 +45,8 @@ pub(crate) struct RunConfig {
     pub http_concurrency: usize,
     pub http_batch: bool,
     pub batch_window: Duration,
+    /// How long each spinning probe of the machine's CPUs runs, before and after (0: none).
+    pub host_probe: Duration,
     pub metrics_urls: Vec<String>,
     pub gateway_pids: Vec<u32>,
     pub quiet: bool,
@@ -180,6 +182,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     let channel_names: Arc<Vec<String>> =
         Arc::new((0..s.channels as u32).map(|c| scenario::channel_name(&run, c)).collect());
 
+    // Before anything connects: the probe takes every CPU whole while it runs.
+    let pauses_before = sys::probe_pauses_async(cfg.host_probe).await;
     let scraper = Scraper::default();
     let before = scrape_all(&scraper, &cfg.metrics_urls).await;
     let mut gateway_rss = sys::RssProbe::open(&cfg.gateway_pids);
@@ -387,6 +391,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         let _ = h.join();
     }
     let after = scrape_all(&scraper, &cfg.metrics_urls).await;
+    let pauses_after = sys::probe_pauses_async(cfg.host_probe).await;
 
     let mut report = Report {
         scenario: cfg.name.clone(),
@@ -532,9 +537,10 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
     g.saturated = !g.saturation_reasons.is_empty();
 
-    let steal = stat1.steal_since(&stat0);
-    if !steal.is_empty() {
-        report.machine = Some(MachineView::new(steal, Some(live.worst_steal)));
+    let shares = stat1.since(&stat0);
+    if !shares.is_empty() || !pauses_before.is_empty() {
+        report.machine =
+            Some(MachineView::new(shares, Some(live.worst_steal)).with_pauses(pauses_before, pauses_after));
     }
 
     let mut merged = Vec::new();

@@ -32,7 +32,7 @@ use crate::{
     report::{MachineView, Percentiles},
     scenario::Scenario,
     sub::new_histogram,
-    sys::StealProbe,
+    sys::{self, StealProbe},
     ws,
 };
 
@@ -49,6 +49,8 @@ pub(crate) struct StormConfig {
     pub source_addrs: Vec<std::net::IpAddr>,
     pub run_id: String,
     pub quiet: bool,
+    /// How long each spinning probe of the machine's CPUs runs, before and after (0: none).
+    pub host_probe: Duration,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -162,6 +164,8 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if !cfg.quiet {
         eprintln!("storm: {all} clients subscribed on the first node in {connect_ms:.0} ms; draining it");
     }
+    // While the clients sit idle, just before the drain.
+    let pauses_before = sys::probe_pauses_async(cfg.host_probe).await;
     let steal0 = steal.read();
     let storm = Instant::now();
     let killed = std::process::Command::new("kill").arg("-TERM").arg(cfg.drain_pid.to_string()).status()?;
@@ -172,7 +176,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     let back = totals.back.load(Relaxed);
     let last = totals.last_back.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(storm);
     let storm_ms = last.saturating_duration_since(storm).as_secs_f64() * 1e3;
-    let stolen = steal.read().steal_since(&steal0);
+    let shares = steal.read().since(&steal0);
 
     // One publication per channel, straight into Redis: every client must get it.
     let publisher = fanout_publisher::Publisher::redis(cfg.redis_url.clone()).connect().await?;
@@ -181,6 +185,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         publisher.publish(c, &json!({"storm": true})).await?;
     }
     let _ = wait_for(&totals, Duration::from_secs(10), || totals.got.load(Relaxed) >= back).await;
+    let pauses_after = sys::probe_pauses_async(cfg.host_probe).await;
     let histogram = |h: &Mutex<Option<Histogram<u64>>>| {
         h.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(new_histogram)
     };
@@ -195,7 +200,8 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         reconnect_ms: Percentiles::of_micros(&histogram(&totals.reconnect)),
         starved: all - totals.got.load(Relaxed),
         first_message_ms: Percentiles::of_micros(&histogram(&totals.first)),
-        machine: (!stolen.is_empty()).then(|| MachineView::new(stolen, None)),
+        machine: (!shares.is_empty() || !pauses_before.is_empty())
+            .then(|| MachineView::new(shares, None).with_pauses(pauses_before, pauses_after)),
     })
 }
 

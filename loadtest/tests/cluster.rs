@@ -75,7 +75,8 @@ fn report_path(name: &str) -> PathBuf {
 
 fn loadtest(args: &[String]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout-loadtest"));
-    cmd.arg("run").args(args).arg("--quiet").stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A short probe of the machine's CPUs: the reports show it, and the suite stays quick.
+    cmd.arg("run").args(args).args(["--quiet", "--host-probe", "50ms"]).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -139,6 +140,14 @@ async fn healthy_cluster_over_websocket_loses_nothing() {
         let m = &r["machine"];
         assert!(!m["steal_percent"].as_object().expect("per-CPU steal").is_empty(), "{m}");
         assert!(m["disturbed"].is_boolean() && f(&m["worst_second_steal_percent"]) >= 0.0, "{m}");
+        let busy = m["busy_percent"].as_object().expect("per-CPU busy share");
+        assert!(!busy.is_empty() && busy.values().all(|v| (0.0..=100.0).contains(&f(v))), "{m}");
+        assert_eq!(busy.len(), m["softirq_percent"].as_object().map_or(0, |o| o.len()), "{m}");
+        for probe in ["pauses_before", "pauses_after"] {
+            let cpus = m[probe].as_array().unwrap_or_else(|| panic!("{probe}: {m}"));
+            assert!(!cpus.is_empty(), "{m}");
+            assert!(cpus.iter().all(|c| (0.0..=100.0).contains(&f(&c["lost_percent"]))), "{m}");
+        }
     }
     let d = &r["deliveries"];
     // 600 publications over 12 rooms of 10 subscribers each.
@@ -318,6 +327,10 @@ fn list_and_show_scenarios() {
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("rate = 7.0") && text.contains("subscribers = 3"), "{text}");
+    assert!(
+        text.contains("; overridden here: subscribers, rate\""),
+        "the description says its figures are not this run's: {text}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_fanout-loadtest"))
         .args(["run", "nope", "--url", "ws://127.0.0.1:1/ws"])
         .output()
@@ -379,6 +392,11 @@ async fn storm_moves_every_client_to_the_next_node() {
     );
     assert_eq!((u(&r["subscribers"]), u(&r["not_back"]), u(&r["starved"])), (300, 0, 0), "{r}");
     assert!(f(&r["storm_ms"]) > 0.0 && f(&r["back_per_second"]) > 0.0, "{r}");
+    if std::path::Path::new("/proc/stat").exists() {
+        let m = &r["machine"];
+        assert!(m["pauses_before"].as_array().is_some_and(|a| !a.is_empty()), "{m}");
+        assert!(m["pauses_after"].as_array().is_some_and(|a| !a.is_empty()), "{m}");
+    }
     // Every client came back on the other node (and left it when the run ended).
     assert_eq!(c.nodes[1].metric("fanout_connections_opened_total").await, 300.0);
 }
