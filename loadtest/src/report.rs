@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     metrics::NodeView,
-    sys::{CpuPauses, CpuShare},
+    sys::{CpuPauses, CpuShare, ProcessShare},
 };
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -199,9 +199,13 @@ pub(crate) struct MachineView {
     pub pauses_before: Vec<CpuPauses>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pauses_after: Vec<CpuPauses>,
+    /// The processes other than the generator and the gateway nodes named to it that used
+    /// CPU over the window, busiest first (Redis under `run-local.sh`, kernel threads).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_processes: Vec<ProcessShare>,
     /// Some CPU lost at least [`STEAL_DISTURBED_PERCENT`] of the window, or at least
     /// [`STEAL_DISTURBED_SECOND_PERCENT`] of one second, or a probe lost at least
-    /// [`PAUSE_DISTURBED_PERCENT`].
+    /// [`PAUSE_DISTURBED_PERCENT`] to the host or to other threads.
     pub disturbed: bool,
 }
 
@@ -219,9 +223,14 @@ pub(crate) const STEAL_DISTURBED_SECOND_PERCENT: f64 = 5.0;
 /// was busy waited, so the latencies are partly a queue.
 pub(crate) const CPU_SATURATED_PERCENT: f64 = 95.0;
 
-/// A spinning probe that lost this share of its time ran on a host that pauses this
-/// machine's CPUs about as often as the steal threshold says: read as [`STEAL_DISTURBED_PERCENT`].
+/// A spinning probe that lost this share of its time, to the host or to other threads,
+/// saw the CPU gone about as often as the steal mark says: read as [`STEAL_DISTURBED_PERCENT`].
 pub(crate) const PAUSE_DISTURBED_PERCENT: f64 = 1.0;
+
+/// All a probe lost, either way.
+fn lost(p: &CpuPauses) -> f64 {
+    p.host.lost_percent + p.other_threads.lost_percent
+}
 
 impl MachineView {
     pub(crate) fn new(window: Vec<CpuShare>, worst_second: Option<f64>) -> Self {
@@ -242,15 +251,24 @@ impl MachineView {
     pub(crate) fn with_pauses(mut self, before: Vec<CpuPauses>, after: Vec<CpuPauses>) -> Self {
         self.pauses_before = before;
         self.pauses_after = after;
-        self.disturbed |= self.worst_pause().is_some_and(|(_, p)| p.lost_percent >= PAUSE_DISTURBED_PERCENT);
+        self.disturbed |= self.worst_pause(lost).is_some_and(|(_, p)| {
+            p.host.lost_percent >= PAUSE_DISTURBED_PERCENT || p.other_threads.lost_percent >= PAUSE_DISTURBED_PERCENT
+        });
         self
     }
 
-    /// The probe and CPU that lost most.
-    fn worst_pause(&self) -> Option<(&'static str, &CpuPauses)> {
+    /// Adds the other processes' CPU over the window (the busiest few are kept).
+    pub(crate) fn with_others(mut self, mut others: Vec<ProcessShare>) -> Self {
+        others.truncate(8);
+        self.other_processes = others;
+        self
+    }
+
+    /// The probe and CPU with the most `of`.
+    fn worst_pause(&self, of: impl Fn(&CpuPauses) -> f64) -> Option<(&'static str, &CpuPauses)> {
         let before = self.pauses_before.iter().map(|p| ("before", p));
         let after = self.pauses_after.iter().map(|p| ("after", p));
-        before.chain(after).max_by(|a, b| a.1.lost_percent.total_cmp(&b.1.lost_percent))
+        before.chain(after).max_by(|a, b| of(a.1).total_cmp(&of(b.1)))
     }
 
     /// The table's rows for it: each CPU's steal, and a warning when the run was disturbed.
@@ -259,6 +277,7 @@ impl MachineView {
         self.busy_rows(&mut t);
         self.steal_rows(&mut t);
         self.pause_rows(&mut t);
+        self.others_row(&mut t);
         t
     }
 
@@ -341,30 +360,61 @@ impl MachineView {
     }
 
     fn pause_rows(&self, t: &mut String) {
-        let Some((when, worst)) = self.worst_pause() else { return };
+        if self.pauses_before.is_empty() && self.pauses_after.is_empty() {
+            return;
+        }
         let line = |probe: &[CpuPauses]| {
             let one = |p: &CpuPauses| {
-                format!("{} {:.2}% ({} over 1 ms, longest {:.1} ms)", p.cpu, p.lost_percent, p.over_1ms, p.longest_ms)
+                format!(
+                    "{} {:.2}% host + {:.2}% other threads (longest {:.1} ms)",
+                    p.cpu,
+                    p.host.lost_percent,
+                    p.other_threads.lost_percent,
+                    p.host.longest_ms.max(p.other_threads.longest_ms)
+                )
             };
             // Every CPU while they fit on a line, else the one that lost most.
             if probe.len() <= 4 {
                 probe.iter().map(one).collect::<Vec<_>>().join(", ")
             } else {
-                probe.iter().max_by(|a, b| a.lost_percent.total_cmp(&b.lost_percent)).map(one).unwrap_or_default()
+                probe.iter().max_by(|a, b| lost(a).total_cmp(&lost(b))).map(one).unwrap_or_default()
             }
         };
-        row(t, "host pauses before", line(&self.pauses_before));
-        row(t, "host pauses after", line(&self.pauses_after));
-        if worst.lost_percent >= PAUSE_DISTURBED_PERCENT {
-            row(
-                t,
-                "HOST PAUSES",
-                format!(
-                    "a thread spinning on {} {when} the run lost {:.1}% of its time to pauses it did not cause (steal shows only part of them); the p99 may measure the host, not the gateway",
-                    worst.cpu, worst.lost_percent
-                ),
-            );
+        row(t, "cpu pauses before", line(&self.pauses_before));
+        row(t, "cpu pauses after", line(&self.pauses_after));
+        if let Some((when, p)) = self.worst_pause(|p| p.host.lost_percent) {
+            if p.host.lost_percent >= PAUSE_DISTURBED_PERCENT {
+                row(
+                    t,
+                    "HOST PAUSES",
+                    format!(
+                        "a thread spinning on {} {when} the run lost {:.1}% of its time without being switched out: the host took the CPU; the p99 may measure the host, not the gateway",
+                        p.cpu, p.host.lost_percent
+                    ),
+                );
+            }
         }
+        if let Some((when, p)) = self.worst_pause(|p| p.other_threads.lost_percent) {
+            if p.other_threads.lost_percent >= PAUSE_DISTURBED_PERCENT {
+                row(
+                    t,
+                    "OTHER THREADS",
+                    format!(
+                        "a thread spinning at top priority on {} {when} the run lost {:.1}% of its time to other threads of this machine (see other processes); whatever runs there loses at least as much",
+                        p.cpu, p.other_threads.lost_percent
+                    ),
+                );
+            }
+        }
+    }
+
+    fn others_row(&self, t: &mut String) {
+        if self.other_processes.is_empty() {
+            return;
+        }
+        let top: Vec<String> =
+            self.other_processes.iter().take(4).map(|p| format!("{} {:.2} s", p.name, p.cpu_seconds)).collect();
+        row(t, "other processes", format!("{} of CPU over the window", top.join(", ")));
     }
 
     /// The CPU that lost most, and how much.
@@ -600,6 +650,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::Pauses;
 
     /// Half-busy CPUs that lost `steal` each.
     fn stolen(cpus: &[(&str, f64)]) -> Vec<CpuShare> {
@@ -705,30 +756,54 @@ mod tests {
         assert!(!t.contains("host pauses"), "no probe, no row: {t}");
 
         // The spinning probes: their rows, and a warning when one lost a share past the mark.
-        let pause = |cpu: &str, lost_percent: f64| CpuPauses {
-            cpu: cpu.into(),
-            lost_percent,
-            over_1ms: (lost_percent * 10.0) as u64,
-            longest_ms: lost_percent * 5.0,
+        let pause = |cpu: &str, host: f64, other: f64| {
+            let kind = |lost_percent: f64| Pauses {
+                lost_percent,
+                over_1ms: (lost_percent * 10.0) as u64,
+                longest_ms: lost_percent * 5.0,
+            };
+            CpuPauses { cpu: cpu.into(), host: kind(host), other_threads: kind(other) }
         };
-        let quiet = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5))
-            .with_pauses(vec![pause("cpu0", 0.05), pause("cpu1", 0.0)], vec![pause("cpu0", 0.5), pause("cpu1", 0.25)]);
+        let quiet = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5)).with_pauses(
+            vec![pause("cpu0", 0.05, 0.5), pause("cpu1", 0.0, 0.0)],
+            vec![pause("cpu0", 0.5, 0.25), pause("cpu1", 0.25, 0.0)],
+        );
         assert!(!quiet.disturbed);
         r.machine = Some(quiet);
         let t = r.table();
-        assert!(t.contains("host pauses before       cpu0 0.05% (0 over 1 ms, longest 0.2 ms), cpu1 0.00%"), "{t}");
-        assert!(t.contains("host pauses after        cpu0 0.50% (5 over 1 ms, longest 2.5 ms), cpu1 0.25%"), "{t}");
-        assert!(!t.contains("HOST PAUSES") && !t.contains("the host also took"), "{t}");
+        assert!(
+            t.contains(
+                "cpu pauses before        cpu0 0.05% host + 0.50% other threads (longest 2.5 ms), cpu1 0.00% host"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("cpu pauses after         cpu0 0.50% host + 0.25% other threads (longest 2.5 ms)"), "{t}");
+        assert!(!t.contains("HOST PAUSES") && !t.contains("OTHER THREADS") && !t.contains("the host also took"), "{t}");
+        assert!(!t.contains("other processes"), "none given: {t}");
         let paused = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5))
-            .with_pauses(vec![pause("cpu0", 0.05)], vec![pause("cpu0", 1.25)]);
+            .with_pauses(vec![pause("cpu0", 0.05, 0.0)], vec![pause("cpu0", 1.25, 0.0)]);
         assert!(paused.disturbed, "steal says quiet, the probe does not");
         r.machine = Some(paused);
         let t = r.table();
         assert!(t.contains("HOST PAUSES") && t.contains("spinning on cpu0 after the run lost 1.2% of its time"), "{t}");
-        assert!(!t.contains("HYPERVISOR STEAL"), "steal stays below its own mark: {t}");
+        assert!(!t.contains("HYPERVISOR STEAL") && !t.contains("OTHER THREADS"), "each below its own mark: {t}");
         assert!(t.contains("the host also took CPU time"), "{t}");
         let json = serde_json::to_value(r.machine.as_ref().map(|m| m.pauses_after.clone())).unwrap_or_default();
-        assert_eq!(json[0]["lost_percent"], 1.25, "{json}");
+        assert_eq!(json[0]["host"]["lost_percent"], 1.25, "{json}");
+        let crowded = MachineView::new(stolen(&[("cpu0", 0.1)]), Some(0.5))
+            .with_pauses(vec![pause("cpu1", 0.1, 1.5)], vec![pause("cpu1", 0.1, 0.2)])
+            .with_others(vec![
+                ProcessShare { pid: 78, name: "kdamond.0".into(), cpu_seconds: 0.31 },
+                ProcessShare { pid: 900, name: "redis-server".into(), cpu_seconds: 0.7 },
+            ]);
+        assert!(crowded.disturbed, "other threads took the CPU");
+        let t = crowded.rows();
+        assert!(t.contains("OTHER THREADS") && t.contains("top priority on cpu1 before the run lost 1.5%"), "{t}");
+        assert!(!t.contains("HOST PAUSES"), "{t}");
+        assert!(
+            t.contains("other processes          kdamond.0 0.31 s, redis-server 0.70 s of CPU over the window"),
+            "{t}"
+        );
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
     }

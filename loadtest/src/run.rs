@@ -287,6 +287,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     let cpu0 = CpuTimes::now();
     // The tick just read the machine's counters: the window starts from that reading.
     let stat0 = live.steal_last.clone();
+    let not_others: Vec<u32> = std::iter::once(std::process::id()).chain(cfg.gateway_pids.iter().copied()).collect();
+    let others0 = sys::ProcessCpu::read(&not_others);
     let t0 = Instant::now();
     shared.churning.store(true, Relaxed);
     let pub_live = Arc::new(PubLive::default());
@@ -369,6 +371,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     let cpu1 = CpuTimes::now();
     live.cpu_tick(cores);
     let stat1 = live.steal_last.clone();
+    let others = sys::ProcessCpu::read(&not_others).since(&others0);
     let active = last_delivery_at.saturating_duration_since(t0).max(Duration::from_millis(1));
 
     // Stop everything and collect.
@@ -539,8 +542,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
 
     let shares = stat1.since(&stat0);
     if !shares.is_empty() || !pauses_before.is_empty() {
-        report.machine =
-            Some(MachineView::new(shares, Some(live.worst_steal)).with_pauses(pauses_before, pauses_after));
+        let machine = MachineView::new(shares, Some(live.worst_steal)).with_pauses(pauses_before, pauses_after);
+        report.machine = Some(machine.with_others(others));
     }
 
     let mut merged = Vec::new();

@@ -72,7 +72,8 @@ pub(crate) struct StormReport {
     pub starved: usize,
     /// Per client: from the publication to its arrival.
     pub first_message_ms: Percentiles,
-    /// Steal on this machine's CPUs from the drain to the last client back.
+    /// This machine's CPUs from the drain to the last client back (the node that takes the
+    /// clients over is among the other processes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineView>,
 }
@@ -167,6 +168,8 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     // While the clients sit idle, just before the drain.
     let pauses_before = sys::probe_pauses_async(cfg.host_probe).await;
     let steal0 = steal.read();
+    let not_others = [std::process::id(), cfg.drain_pid];
+    let others0 = sys::ProcessCpu::read(&not_others);
     let storm = Instant::now();
     let killed = std::process::Command::new("kill").arg("-TERM").arg(cfg.drain_pid.to_string()).status()?;
     if !killed.success() {
@@ -177,6 +180,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     let last = totals.last_back.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(storm);
     let storm_ms = last.saturating_duration_since(storm).as_secs_f64() * 1e3;
     let shares = steal.read().since(&steal0);
+    let others = sys::ProcessCpu::read(&not_others).since(&others0);
 
     // One publication per channel, straight into Redis: every client must get it.
     let publisher = fanout_publisher::Publisher::redis(cfg.redis_url.clone()).connect().await?;
@@ -201,7 +205,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         starved: all - totals.got.load(Relaxed),
         first_message_ms: Percentiles::of_micros(&histogram(&totals.first)),
         machine: (!shares.is_empty() || !pauses_before.is_empty())
-            .then(|| MachineView::new(shares, None).with_pauses(pauses_before, pauses_after)),
+            .then(|| MachineView::new(shares, None).with_pauses(pauses_before, pauses_after).with_others(others)),
     })
 }
 
