@@ -176,6 +176,12 @@ pub(crate) struct GatewayView {
     /// Estimated from the delivery-latency histogram's bucket deltas over the run.
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// User and system CPU the `--gateway-pid` processes used over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Deliveries the generator received per second of that CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries_per_cpu_second: Option<f64>,
 }
 
 /// CPU time the hypervisor gave to other guests while this machine had work: a run that
@@ -627,6 +633,17 @@ impl Report {
                 row(&mut t, "  scrape failed", format!("{}: {}", n.url, n.error.as_deref().unwrap_or_default()));
             }
         }
+        if let Some(cpu) = gw.cpu_seconds {
+            let window = self.generator.window_s.max(1e-6);
+            let per = gw
+                .deliveries_per_cpu_second
+                .map_or(String::new(), |d| format!(", {} deliveries per cpu-second", count(d as u64)));
+            row(
+                &mut t,
+                "gateway cpu",
+                format!("{cpu:.2}s over {window:.1}s = {:.0}% of one core{per}", cpu / window * 100.0),
+            );
+        }
         if let Some(m) = &self.machine {
             t.push_str(&m.rows());
         }
@@ -722,6 +739,16 @@ mod tests {
         let t = r.table();
         assert!(t.contains("node 1") && t.contains("p99 2.500 ms  (http://a/metrics)"), "{t}");
         assert!(t.contains("node 2") && t.contains("p99 7.250 ms  (http://b/metrics)"), "{t}");
+        assert!(!t.contains("gateway cpu"), "no pids, no row: {t}");
+        r.generator.window_s = 20.0;
+        r.gateway.cpu_seconds = Some(6.5);
+        r.gateway.deliveries_per_cpu_second = Some(61_538.4);
+        let t = r.table();
+        assert!(
+            t.contains("gateway cpu              6.50s over 20.0s = 32% of one core, 61,538 deliveries per cpu-second"),
+            "{t}"
+        );
+        r.gateway.cpu_seconds = None;
         assert!(!t.contains("machine steal"), "no row where the machine was not read");
         assert!(!t.contains("the host also took"), "{t}");
         r.machine = Some(MachineView::new(stolen(&[("cpu0", 0.25), ("cpu1", 0.5)]), Some(3.0)));

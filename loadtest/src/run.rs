@@ -289,6 +289,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     let stat0 = live.steal_last.clone();
     let not_others: Vec<u32> = std::iter::once(std::process::id()).chain(cfg.gateway_pids.iter().copied()).collect();
     let others0 = sys::ProcessCpu::read(&not_others);
+    let gateway0 = sys::ProcessCpu::of(&cfg.gateway_pids);
     let t0 = Instant::now();
     shared.churning.store(true, Relaxed);
     let pub_live = Arc::new(PubLive::default());
@@ -372,6 +373,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     live.cpu_tick(cores);
     let stat1 = live.steal_last.clone();
     let others = sys::ProcessCpu::read(&not_others).since(&others0);
+    let gateway_cpu = sys::ProcessCpu::of(&cfg.gateway_pids).total_since(&gateway0);
     let active = last_delivery_at.saturating_duration_since(t0).max(Duration::from_millis(1));
 
     // Stop everything and collect.
@@ -584,6 +586,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
 
     if !cfg.gateway_pids.is_empty() {
+        report.gateway.cpu_seconds = Some(gateway_cpu);
+        report.gateway.deliveries_per_cpu_second =
+            (gateway_cpu > 0.0).then(|| report.deliveries.delivered as f64 / gateway_cpu);
         let per = |delta: u64| if established > 0 { delta as f64 / established as f64 } else { 0.0 };
         report.memory = Some(MemoryView {
             gateway_pids: cfg.gateway_pids.clone(),

@@ -360,6 +360,20 @@ pub(crate) struct ProcessShare {
 }
 
 impl ProcessCpu {
+    /// Only the processes in `pids` (those still there).
+    pub(crate) fn of(pids: &[u32]) -> Self {
+        let read = |pid: &u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((*pid, parse_pid_stat(&stat)?))
+        };
+        Self { ticks: pids.iter().filter_map(read).collect() }
+    }
+
+    /// All CPU seconds since `earlier`.
+    pub(crate) fn total_since(&self, earlier: &ProcessCpu) -> f64 {
+        self.since(earlier).iter().map(|p| p.cpu_seconds).sum()
+    }
+
     /// Every process but those in `except`. Unreadable ones (gone meanwhile) are skipped.
     pub(crate) fn read(except: &[u32]) -> Self {
         let mut ticks = std::collections::HashMap::new();
@@ -514,8 +528,10 @@ mod tests {
         let used = after.since(&before);
         let names: Vec<_> = used.iter().map(|p| (p.name.as_str(), p.cpu_seconds)).collect();
         assert_eq!(names, [("new", 0.4), ("a", 0.1)], "idle ones left out, busiest first");
+        assert!((after.total_since(&before) - 0.5).abs() < 1e-9);
         if std::path::Path::new("/proc/self/stat").exists() {
             let me = std::process::id();
+            assert_eq!(ProcessCpu::of(&[me, u32::MAX]).ticks.len(), 1, "missing pids skipped");
             assert!(ProcessCpu::read(&[]).ticks.contains_key(&me), "this process is read");
             assert!(!ProcessCpu::read(&[me]).ticks.contains_key(&me), "and can be left out");
         }

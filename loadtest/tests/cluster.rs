@@ -126,6 +126,9 @@ async fn healthy_cluster_over_websocket_loses_nothing() {
         .collect::<Vec<_>>();
     args.push(c.urls());
     args.extend(c.metrics_args());
+    for n in &c.nodes {
+        args.extend(["--gateway-pid".to_owned(), n.pid().to_string()]);
+    }
     args.extend(["--plot".to_owned(), report_path("rooms.svg").display().to_string()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run("ws", &refs);
@@ -167,6 +170,8 @@ async fn healthy_cluster_over_websocket_loses_nothing() {
     assert_eq!(f(&g["deliveries"]), 6000.0, "{g}");
     assert_eq!(f(&g["slow_consumer_disconnects"]), 0.0);
     assert!(g["nodes"].as_array().unwrap().iter().all(|n| n["error"].is_null()), "{g}");
+    // 6,000 writes and 600 publications take the nodes far more than a clock tick.
+    assert!(f(&g["cpu_seconds"]) > 0.0 && f(&g["deliveries_per_cpu_second"]) > 0.0, "{g}");
     assert!(f(&r["generator"]["cpu_seconds"]) > 0.0);
     let svg = std::fs::read_to_string(report_path("rooms.svg")).expect("plot written");
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
