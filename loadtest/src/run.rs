@@ -396,6 +396,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         let _ = h.join();
     }
     let after = scrape_all(&scraper, &cfg.metrics_urls).await;
+    if !cfg.host_probe.is_zero() {
+        sys::until_idle(&cfg.gateway_pids, Duration::from_secs(3)).await;
+    }
     let pauses_after = sys::probe_pauses_async(cfg.host_probe).await;
 
     let mut report = Report {

@@ -308,6 +308,22 @@ pub(crate) async fn probe_pauses_async(length: Duration) -> Vec<CpuPauses> {
     tokio::task::spawn_blocking(move || probe_pauses(length)).await.unwrap_or_default()
 }
 
+/// Waits (up to `limit`) until the processes in `pids` used no CPU for a tenth of a
+/// second: after a run the nodes are still closing connections, and a probe started then
+/// would count their work as other threads'.
+pub(crate) async fn until_idle(pids: &[u32], limit: Duration) {
+    let give_up = Instant::now() + limit;
+    let mut last = ProcessCpu::of(pids);
+    while Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = ProcessCpu::of(pids);
+        if now.total_since(&last) == 0.0 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// The CPUs this thread may run on (empty where that cannot be read).
 pub(crate) fn own_cpus() -> Vec<usize> {
     let Ok(set) = rustix::thread::sched_getaffinity(None) else { return Vec::new() };
