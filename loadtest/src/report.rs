@@ -388,28 +388,27 @@ impl MachineView {
         };
         row(t, "cpu pauses before", line(&self.pauses_before));
         row(t, "cpu pauses after", line(&self.pauses_after));
-        if let Some((when, p)) = self.worst_pause(|p| p.host.lost_percent) {
-            if p.host.lost_percent >= PAUSE_DISTURBED_PERCENT {
-                row(
-                    t,
-                    "HOST PAUSES",
-                    format!(
-                        "a thread spinning on {} {when} the run lost {:.1}% of its time without being switched out: the host took the CPU; the p99 may measure the host, not the gateway",
-                        p.cpu, p.host.lost_percent
-                    ),
+        type Share = fn(&CpuPauses) -> f64;
+        let marks: [(&str, Share, &str); 2] = [
+            (
+                "HOST PAUSES",
+                |p| p.host.lost_percent,
+                "without being switched out: the host took the CPU; the p99 may measure the host, not the gateway",
+            ),
+            (
+                "OTHER THREADS",
+                |p| p.other_threads.lost_percent,
+                "to other threads of this machine (see other processes); whatever runs there loses at least as much",
+            ),
+        ];
+        for (label, share, why) in marks {
+            if let Some((when, p)) = self.worst_pause(share).filter(|(_, p)| share(p) >= PAUSE_DISTURBED_PERCENT) {
+                let what = format!(
+                    "a thread spinning at top priority on {} {when} the run lost {:.1}% of its time {why}",
+                    p.cpu,
+                    share(p)
                 );
-            }
-        }
-        if let Some((when, p)) = self.worst_pause(|p| p.other_threads.lost_percent) {
-            if p.other_threads.lost_percent >= PAUSE_DISTURBED_PERCENT {
-                row(
-                    t,
-                    "OTHER THREADS",
-                    format!(
-                        "a thread spinning at top priority on {} {when} the run lost {:.1}% of its time to other threads of this machine (see other processes); whatever runs there loses at least as much",
-                        p.cpu, p.other_threads.lost_percent
-                    ),
-                );
+                row(t, label, what);
             }
         }
     }
@@ -812,7 +811,11 @@ mod tests {
         assert!(paused.disturbed, "steal says quiet, the probe does not");
         r.machine = Some(paused);
         let t = r.table();
-        assert!(t.contains("HOST PAUSES") && t.contains("spinning on cpu0 after the run lost 1.2% of its time"), "{t}");
+        assert!(
+            t.contains("HOST PAUSES")
+                && t.contains("on cpu0 after the run lost 1.2% of its time without being switched out"),
+            "{t}"
+        );
         assert!(!t.contains("HYPERVISOR STEAL") && !t.contains("OTHER THREADS"), "each below its own mark: {t}");
         assert!(t.contains("the host also took CPU time"), "{t}");
         let json = serde_json::to_value(r.machine.as_ref().map(|m| m.pauses_after.clone())).unwrap_or_default();
