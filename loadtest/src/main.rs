@@ -148,7 +148,7 @@ struct RunArgs {
     #[arg(long, default_value = "250us", value_parser = humantime::parse_duration)]
     batch_window: Duration,
     /// Before the run and after it, spin a thread on each of this machine's CPUs this long
-    /// and report the pauses the host made (0s: skip). Steal alone misses most of them.
+    /// and report the time it lost to the host and to other threads (0s: skip).
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     host_probe: Duration,
     /// A node's internal /metrics to scrape before and after. Repeatable.
