@@ -326,7 +326,7 @@ impl MachineView {
                 t,
                 "CPU SATURATED",
                 format!(
-                    "{} busy at least {CPU_SATURATED_PERCENT:.0}% of the window: what runs there (on a local rig, the gateway and Redis) had no time to spare, and its latencies include waiting for the CPU",
+                    "{} busy at least {CPU_SATURATED_PERCENT:.0}% of the window: whatever runs there had no time to spare, and its latencies include waiting for the CPU",
                     named.join(", ")
                 ),
             );
