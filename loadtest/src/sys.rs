@@ -275,9 +275,9 @@ impl Pauses {
 /// time the CPU was away from it, split by whether this guest's scheduler switched it out.
 /// Measured here (a 10 s probe, both CPUs idle): the host took 0.11 % and 0.21 %, about
 /// what `/proc/stat` charged as steal (0.2 % each), while other threads of the guest took
-/// 0.32 % and 1.24 % in slices of up to 12 ms: the kernel's own threads (`kdamond`, which
-/// scans memory for the host) run even past a nice −20 thread, and past a gateway at
-/// nice 0 all the more.
+/// 0.32 % and 1.24 % in slices of up to 12 ms: the kernel's own threads (`kdamond`, the
+/// DAMON memory monitor that image runs) get the CPU even from a nice −20 thread, and from
+/// a gateway at nice 0 all the more.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub(crate) struct CpuPauses {
     pub cpu: String,
