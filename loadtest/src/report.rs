@@ -332,10 +332,7 @@ impl MachineView {
                 .saturated_cpus
                 .iter()
                 .map(|cpu| {
-                    let own = cpu
-                        .strip_prefix("cpu")
-                        .and_then(|n| n.parse().ok())
-                        .is_some_and(|n: usize| generator.contains(&n));
+                    let own = crate::sys::cpu_number(cpu).is_some_and(|n| generator.contains(&n));
                     if own {
                         format!("{cpu} (the generator's)")
                     } else {

@@ -198,10 +198,15 @@ impl CpuStat {
         self.since(earlier).into_iter().map(|c| (c.cpu, c.steal)).collect()
     }
 
-    /// The numbers of the CPUs read (`cpu3` is 3).
+    /// The numbers of the CPUs read.
     fn cpu_numbers(&self) -> Vec<usize> {
-        self.cpus.iter().filter_map(|c| c.name.strip_prefix("cpu")?.parse().ok()).collect()
+        self.cpus.iter().filter_map(|c| cpu_number(&c.name)).collect()
     }
+}
+
+/// The number in a CPU's name (`cpu3` is 3).
+pub(crate) fn cpu_number(name: &str) -> Option<usize> {
+    name.strip_prefix("cpu")?.parse().ok()
 }
 
 /// The per-CPU lines of `/proc/stat` (`cpuN user nice system idle iowait irq softirq steal
@@ -409,19 +414,13 @@ impl ProcessCpu {
 
     /// Every process but those in `except`. Unreadable ones (gone meanwhile) are skipped.
     pub(crate) fn read(except: &[u32]) -> Self {
-        let mut ticks = std::collections::HashMap::new();
-        let Ok(dir) = std::fs::read_dir("/proc") else { return Self { ticks } };
-        for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            if except.contains(&pid) {
-                continue;
-            }
-            let stat = std::fs::read_to_string(entry.path().join("stat"));
-            if let Some(t) = stat.ok().as_deref().and_then(parse_pid_stat) {
-                ticks.insert(pid, t);
-            }
-        }
-        Self { ticks }
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Self::default() };
+        let pids: Vec<u32> = dir
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .filter(|pid| !except.contains(pid))
+            .collect();
+        Self::of(&pids)
     }
 
     /// The processes that used CPU since `earlier`, most first. One that started since
