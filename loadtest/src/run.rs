@@ -22,7 +22,7 @@ use crate::{
     report::*,
     scenario::{self, Scenario},
     sub::{self, ChurnSpec, ConnResult, ConnSpec, ConnectLimiter, Counters, Ended, Shared, WorkerDone, WorkerMsg},
-    sys::{self, CpuStat, CpuTimes, StealProbe},
+    sys::{self, CpuStat, CpuStatProbe, CpuTimes},
     ws::WsUrl,
 };
 
@@ -61,8 +61,8 @@ struct Live {
     second: Histogram<u64>,
     done: Vec<WorkerDone>,
     cpu_last: (Instant, CpuTimes),
-    steal: StealProbe,
-    steal_last: CpuStat,
+    stat: CpuStatProbe,
+    stat_last: CpuStat,
     /// The most any CPU lost to the hypervisor in one second of the measured window.
     worst_steal: f64,
     busiest: f64,
@@ -97,9 +97,9 @@ impl Live {
         let wall = now.0.duration_since(self.cpu_last.0).as_secs_f64().max(1e-3);
         let share = now.1.since(&self.cpu_last.1) / wall / cores as f64 * 100.0;
         self.cpu_last = now;
-        let stat = self.steal.read();
-        let steal = stat.steal_since(&self.steal_last).into_iter().map(|(_, pct)| pct).fold(0.0, f64::max);
-        self.steal_last = stat;
+        let stat = self.stat.read();
+        let steal = stat.steal_since(&self.stat_last).into_iter().map(|(_, pct)| pct).fold(0.0, f64::max);
+        self.stat_last = stat;
         if self.measuring {
             self.busiest = self.busiest.max(share);
             self.worst_steal = self.worst_steal.max(steal);
@@ -219,8 +219,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
             channels: s.channels_of(i),
         });
     }
-    let mut steal = StealProbe::open();
-    let steal_last = steal.read();
+    let mut stat = CpuStatProbe::open();
+    let stat_last = stat.read();
     let mut live = Live {
         counters: Vec::new(),
         rx,
@@ -228,8 +228,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         second: sub::new_histogram(),
         done: Vec::new(),
         cpu_last: (Instant::now(), CpuTimes::now()),
-        steal,
-        steal_last,
+        stat,
+        stat_last,
         worst_steal: 0.0,
         busiest: 0.0,
         hot_seconds: 0,
@@ -286,7 +286,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     live.cpu_tick(cores);
     let cpu0 = CpuTimes::now();
     // The tick just read the machine's counters: the window starts from that reading.
-    let stat0 = live.steal_last.clone();
+    let stat0 = live.stat_last.clone();
     let not_others: Vec<u32> = std::iter::once(std::process::id()).chain(cfg.gateway_pids.iter().copied()).collect();
     let others0 = sys::ProcessCpu::read(&not_others);
     let gateway0 = sys::ProcessCpu::of(&cfg.gateway_pids);
@@ -371,7 +371,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     let window = t0.elapsed();
     let cpu1 = CpuTimes::now();
     live.cpu_tick(cores);
-    let stat1 = live.steal_last.clone();
+    let stat1 = live.stat_last.clone();
     let others = sys::ProcessCpu::read(&not_others).since(&others0);
     let gateway_cpu = sys::ProcessCpu::of(&cfg.gateway_pids).total_since(&gateway0);
     let active = last_delivery_at.saturating_duration_since(t0).max(Duration::from_millis(1));

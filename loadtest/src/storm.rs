@@ -32,7 +32,7 @@ use crate::{
     report::{MachineView, Percentiles},
     scenario::Scenario,
     sub::new_histogram,
-    sys::{self, StealProbe},
+    sys::{self, CpuStatProbe},
     ws,
 };
 
@@ -130,7 +130,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         bail!("the storm needs two nodes (--url A,B): it drains the first");
     }
     // Opened before the clients take every descriptor there is.
-    let mut steal = StealProbe::open();
+    let mut stat = CpuStatProbe::open();
     let totals = Arc::new(Totals::default());
     let channels: Vec<String> = (0..s.channels.max(1)).map(|i| format!("loadtest:{}:storm:{i}", cfg.run_id)).collect();
     // Connecting the first time is not what is measured: at most 256 at once.
@@ -167,7 +167,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     }
     // While the clients sit idle, just before the drain.
     let pauses_before = sys::probe_pauses_async(cfg.host_probe).await;
-    let steal0 = steal.read();
+    let stat0 = stat.read();
     let not_others = [std::process::id(), cfg.drain_pid];
     let others0 = sys::ProcessCpu::read(&not_others);
     let storm = Instant::now();
@@ -179,7 +179,7 @@ pub(crate) async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     let back = totals.back.load(Relaxed);
     let last = totals.last_back.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(storm);
     let storm_ms = last.saturating_duration_since(storm).as_secs_f64() * 1e3;
-    let shares = steal.read().since(&steal0);
+    let shares = stat.read().since(&stat0);
     let others = sys::ProcessCpu::read(&not_others).since(&others0);
 
     // One publication per channel, straight into Redis: every client must get it.

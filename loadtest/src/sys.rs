@@ -233,11 +233,11 @@ fn parse_proc_stat(text: &str) -> CpuStat {
 
 /// Reads `/proc/stat` through a file opened once, up front (as [`RssProbe`] does); an
 /// empty reading where there is no such file (not Linux).
-pub(crate) struct StealProbe {
+pub(crate) struct CpuStatProbe {
     file: Option<std::fs::File>,
 }
 
-impl StealProbe {
+impl CpuStatProbe {
     pub(crate) fn open() -> Self {
         Self { file: std::fs::File::open("/proc/stat").ok() }
     }
@@ -297,7 +297,7 @@ pub(crate) struct CpuPauses {
 /// each saw. CPUs the process may not run on are skipped. It takes each CPU whole for
 /// `length`, so call it only while nothing is being measured.
 pub(crate) fn probe_pauses(length: Duration) -> Vec<CpuPauses> {
-    let cpus = StealProbe::open().read().cpu_numbers();
+    let cpus = CpuStatProbe::open().read().cpu_numbers();
     std::thread::scope(|scope| {
         let probes: Vec<_> = cpus.iter().map(|&cpu| scope.spawn(move || spin_on(cpu, length))).collect();
         probes.into_iter().filter_map(|p| p.join().ok().flatten()).collect()
@@ -532,7 +532,7 @@ mod tests {
         assert!((c.steal - 0.4).abs() < 1e-9 && (c.softirq - 40.4 / 4.0).abs() < 1e-9, "{c:?}");
         // This machine's own file parses, when there is one.
         if std::path::Path::new("/proc/stat").exists() {
-            let mut probe = StealProbe::open();
+            let mut probe = CpuStatProbe::open();
             let (a, b) = (probe.read(), probe.read());
             assert!(!a.cpus.is_empty() && b.cpus.len() == a.cpus.len(), "re-readable");
             assert!(b.steal_since(&a).iter().all(|(_, pct)| (0.0..=100.0).contains(pct)));
