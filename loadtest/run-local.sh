@@ -14,7 +14,10 @@
 # PRESENCE=1 or PRESENCE=join_leave (the namespace tracks presence), HOOK=CMD (run in the
 # background once the nodes are up, with FANOUT_LOADTEST_INTERNAL, FANOUT_LOADTEST_WS and
 # FANOUT_LOADTEST_REDIS_PORT set), SHARDS=N (N independent redis-servers as the nodes'
-# redis_shards instead of one; the generator's --redis-url is the first). At the end it
+# redis_shards instead of one; the generator's --redis-url is the first), SPIN=0 (the
+# generator's subscriber workers sleep while they wait instead of spinning: with them
+# asleep, every write that wakes one costs the gateway's CPU an interrupt to the
+# generator's, which clients on other machines would not cost it). At the end it
 # prints each Redis's CPU time and PUBLISH count over the run, and the CPU per publication.
 set -euo pipefail
 
@@ -158,6 +161,7 @@ args=(run "$SCENARIO" --url "$(IFS=,; echo "${urls[*]}")" "${metrics[@]}"
 for pid in "${gateway_pids[@]}"; do
     args+=(--gateway-pid "$pid")
 done
+[[ "${SPIN:-1}" != 0 ]] && args+=(--spin)
 
 if [[ -n "${HOOK:-}" ]]; then
     FANOUT_LOADTEST_INTERNAL="$first_internal" FANOUT_LOADTEST_WS="$(IFS=,; echo "${urls[*]}")" bash -c "$HOOK" &

@@ -151,6 +151,12 @@ struct RunArgs {
     /// and report the time it lost to the host and to other threads (0s: skip).
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     host_probe: Duration,
+    /// The subscriber workers spin while they wait for data instead of sleeping, so a
+    /// gateway on the same machine does not pay for waking them (an interrupt to another
+    /// CPU per write that finds its reader asleep). Their idle spinning is taken off the
+    /// generator's CPU figures; the machine rows still show its CPUs busy.
+    #[arg(long)]
+    spin: bool,
     /// A node's internal /metrics to scrape before and after. Repeatable.
     #[arg(long = "metrics-url")]
     metrics_urls: Vec<String>,
@@ -324,6 +330,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         http_batch: args.http_batch,
         batch_window: args.batch_window,
         host_probe: args.host_probe,
+        spin: args.spin,
         metrics_urls: args.metrics_urls,
         gateway_pids: args.gateway_pids,
         quiet: args.quiet,

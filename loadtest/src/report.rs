@@ -152,6 +152,10 @@ pub(crate) struct GeneratorView {
     /// CPU seconds (user + system) over the measured window (publishing and draining,
     /// or holding for an idle run).
     pub cpu_seconds: f64,
+    /// With `--spin`: the spinning workers' idle time, already taken off `cpu_seconds`
+    /// (user and system time still include it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spin_idle_seconds: Option<f64>,
     pub user_seconds: f64,
     pub system_seconds: f64,
     pub window_s: f64,
@@ -213,6 +217,10 @@ pub(crate) struct MachineView {
     /// [`STEAL_DISTURBED_SECOND_PERCENT`] of one second, or a probe lost at least
     /// [`PAUSE_DISTURBED_PERCENT`] to the host or to other threads.
     pub disturbed: bool,
+    /// The generator's CPUs, when its workers spin (`--spin`): busy all the time, so left
+    /// out of `saturated_cpus`; the generator's own rows tell its load.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub spinning_cpus: Vec<String>,
 }
 
 /// Steal past this share of the window is reported as a disturbed run: a delivery that
@@ -279,6 +287,18 @@ impl MachineView {
         self
     }
 
+    /// Marks the CPUs the generator spins on (`--spin`): their busy share is its waiting.
+    pub(crate) fn with_spinning(mut self, cpus: &[usize]) -> Self {
+        // A generator free to run anywhere spins wherever it is: then no CPU is only its.
+        if self.busy_percent.keys().all(|c| crate::sys::cpu_number(c).is_some_and(|n| cpus.contains(&n))) {
+            return self;
+        }
+        let spinning = |cpu: &String| crate::sys::cpu_number(cpu).is_some_and(|n| cpus.contains(&n));
+        self.spinning_cpus = self.busy_percent.keys().filter(|c| spinning(c)).cloned().collect();
+        self.saturated_cpus.retain(|c| !spinning(c));
+        self
+    }
+
     /// Adds the other processes' CPU over the window (the busiest few are kept).
     pub(crate) fn with_others(mut self, mut others: Vec<ProcessShare>) -> Self {
         others.truncate(8);
@@ -325,7 +345,12 @@ impl MachineView {
             let busiest = busiest.map(|(cpu, busy)| one(cpu, *busy)).unwrap_or_default();
             format!("{busiest} at most, {mean:.0}% on average over {} cpus", self.busy_percent.len())
         };
-        row(t, "machine cpu busy", format!("{line} of the window"));
+        let spinning = if self.spinning_cpus.is_empty() {
+            String::new()
+        } else {
+            format!("; the generator spins on {} (see generator cpu)", self.spinning_cpus.join(", "))
+        };
+        row(t, "machine cpu busy", format!("{line} of the window{spinning}"));
         if !self.saturated_cpus.is_empty() {
             let generator = crate::sys::own_cpus();
             let named: Vec<String> = self
@@ -595,7 +620,7 @@ impl Report {
                 g.cpu_percent,
                 g.busiest_second_percent,
                 g.deliveries_per_cpu_second
-            ),
+            ) + &g.spin_idle_seconds.map(|s| format!(" (spinning while idle: {s:.2}s taken off)")).unwrap_or_default(),
         );
         row(&mut t, "generator loop lag", pct_line(&g.receive_loop_lag_ms));
         if g.saturated {
@@ -676,6 +701,24 @@ mod tests {
     /// Half-busy CPUs that lost `steal` each.
     fn stolen(cpus: &[(&str, f64)]) -> Vec<CpuShare> {
         cpus.iter().map(|&(cpu, steal)| CpuShare { cpu: cpu.into(), busy: 50.0, softirq: 5.0, steal }).collect()
+    }
+
+    #[test]
+    fn a_spinning_generator_s_cpu_is_not_called_saturated() {
+        let both = vec![
+            CpuShare { cpu: "cpu0".into(), busy: 99.0, softirq: 35.0, steal: 0.0 },
+            CpuShare { cpu: "cpu1".into(), busy: 100.0, softirq: 12.0, steal: 0.0 },
+        ];
+        let m = MachineView::new(both.clone(), None).with_spinning(&[1]);
+        assert_eq!(m.saturated_cpus, ["cpu0"], "the gateway's CPU is still full");
+        assert_eq!(m.spinning_cpus, ["cpu1"]);
+        let t = m.rows();
+        assert!(t.contains("of the window; the generator spins on cpu1 (see generator cpu)"), "{t}");
+        assert!(t.contains("CPU SATURATED            cpu0") && !t.contains("cpu1 (the"), "{t}");
+        // Free to run on every CPU, it marks none: each may be the gateway's too.
+        let m = MachineView::new(both, None).with_spinning(&[0, 1]);
+        assert_eq!(m.saturated_cpus, ["cpu0", "cpu1"]);
+        assert!(m.spinning_cpus.is_empty());
     }
 
     #[test]

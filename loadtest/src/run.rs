@@ -47,6 +47,8 @@ pub(crate) struct RunConfig {
     pub batch_window: Duration,
     /// How long each spinning probe of the machine's CPUs runs, before and after (0: none).
     pub host_probe: Duration,
+    /// The subscriber workers spin while they wait ([`sub::Shared::spin`]).
+    pub spin: bool,
     pub metrics_urls: Vec<String>,
     pub gateway_pids: Vec<u32>,
     pub quiet: bool,
@@ -60,7 +62,8 @@ struct Live {
     latency: Histogram<u64>,
     second: Histogram<u64>,
     done: Vec<WorkerDone>,
-    cpu_last: (Instant, CpuTimes),
+    /// When, the process's CPU times, and the spinning workers' idle seconds then.
+    cpu_last: (Instant, CpuTimes, f64),
     stat: CpuStatProbe,
     stat_last: CpuStat,
     /// The most any CPU lost to the hypervisor in one second of the measured window.
@@ -73,6 +76,11 @@ struct Live {
 impl Live {
     fn sum(&self, f: impl Fn(&Counters) -> u64) -> u64 {
         self.counters.iter().map(|c| f(c)).sum()
+    }
+
+    /// Seconds the spinning workers found nothing to do, so far ([`sub::Counters::spin_idle_ns`]).
+    fn spin_idle(&self) -> f64 {
+        self.sum(|c| c.spin_idle_ns.load(Relaxed)) as f64 / 1e9
     }
 
     fn drain_messages(&mut self) {
@@ -93,9 +101,10 @@ impl Live {
     /// Samples CPU over the last second; returns its share of the available cores, and
     /// the most any of the machine's CPUs lost to the hypervisor.
     fn cpu_tick(&mut self, cores: usize) -> (f64, f64) {
-        let now = (Instant::now(), CpuTimes::now());
+        let now = (Instant::now(), CpuTimes::now(), self.spin_idle());
         let wall = now.0.duration_since(self.cpu_last.0).as_secs_f64().max(1e-3);
-        let share = now.1.since(&self.cpu_last.1) / wall / cores as f64 * 100.0;
+        let used = (now.1.since(&self.cpu_last.1) - (now.2 - self.cpu_last.2)).max(0.0);
+        let share = used / wall / cores as f64 * 100.0;
         self.cpu_last = now;
         let stat = self.stat.read();
         let steal = stat.steal_since(&self.stat_last).into_iter().map(|(_, pct)| pct).fold(0.0, f64::max);
@@ -207,6 +216,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         churning: AtomicBool::new(false),
         churn,
         sources: cfg.source_addrs.clone(),
+        spin: cfg.spin,
     });
     let (tx, rx) = unbounded_channel();
     let mut per_worker: Vec<Vec<ConnSpec>> = vec![Vec::new(); threads];
@@ -227,7 +237,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         latency: sub::new_histogram(),
         second: sub::new_histogram(),
         done: Vec::new(),
-        cpu_last: (Instant::now(), CpuTimes::now()),
+        cpu_last: (Instant::now(), CpuTimes::now(), 0.0),
         stat,
         stat_last,
         worst_steal: 0.0,
@@ -285,6 +295,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     live.measuring = true;
     live.cpu_tick(cores);
     let cpu0 = CpuTimes::now();
+    let spin0 = live.spin_idle();
     // The tick just read the machine's counters: the window starts from that reading.
     let stat0 = live.stat_last.clone();
     let not_others: Vec<u32> = std::iter::once(std::process::id()).chain(cfg.gateway_pids.iter().copied()).collect();
@@ -370,6 +381,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     }
     let window = t0.elapsed();
     let cpu1 = CpuTimes::now();
+    let spin_idle = live.spin_idle() - spin0;
     live.cpu_tick(cores);
     let stat1 = live.stat_last.clone();
     let others = sys::ProcessCpu::read(&not_others).since(&others0);
@@ -511,9 +523,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         churn.connect_latency_ms = Percentiles::of_micros(&churn_latency);
     }
 
-    let cpu_seconds = cpu1.since(&cpu0);
+    // A spinning worker's empty passes are waiting, not work.
+    let cpu_seconds = (cpu1.since(&cpu0) - spin_idle).max(0.0);
     let g = &mut report.generator;
     g.cpu_seconds = cpu_seconds;
+    g.spin_idle_seconds = cfg.spin.then_some(spin_idle);
     g.user_seconds = cpu1.user.saturating_sub(cpu0.user).as_secs_f64();
     g.system_seconds = cpu1.system.saturating_sub(cpu0.system).as_secs_f64();
     g.window_s = window.as_secs_f64();
@@ -547,7 +561,10 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
 
     let shares = stat1.since(&stat0);
     if !shares.is_empty() || !pauses_before.is_empty() {
-        let machine = MachineView::new(shares, Some(live.worst_steal)).with_pauses(pauses_before, pauses_after);
+        let mut machine = MachineView::new(shares, Some(live.worst_steal)).with_pauses(pauses_before, pauses_after);
+        if cfg.spin {
+            machine = machine.with_spinning(&sys::own_cpus());
+        }
         report.machine = Some(machine.with_others(others));
     }
 

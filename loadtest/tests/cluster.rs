@@ -209,6 +209,26 @@ async fn http_and_redis_transports_lose_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_spinning_generator_loses_nothing_and_takes_its_spinning_off_its_cpu() {
+    let c = Cluster::start(2);
+    let urls = c.urls();
+    let r = run("spin", &["broadcast", "-n", "50", "-r", "200", "-d", "1s", "--url", &urls, "--spin"]);
+    let d = &r["deliveries"];
+    assert_eq!(u(&d["expected"]), 200 * 50, "{d}");
+    assert_eq!(u(&d["lost"]), 0, "{d}");
+    assert_latency_sane(&r["latency_ms"]);
+    let g = &r["generator"];
+    let idle = f(&g["spin_idle_seconds"]);
+    let window = f(&g["window_s"]);
+    // 10,000 deliveries in a second leave the worker idle most of the time.
+    assert!(idle > 0.1 * window && idle < window * f(&g["cores"]), "{g}");
+    let raw = f(&g["user_seconds"]) + f(&g["system_seconds"]);
+    assert!((f(&g["cpu_seconds"]) - (raw - idle).max(0.0)).abs() < 0.05, "idle taken off the process's CPU: {g}");
+    // Not pinned, it may spin on any CPU: none is called its alone.
+    assert!(r["machine"].get("spinning_cpus").is_none(), "{}", r["machine"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn killing_a_node_mid_run_shows_up_as_loss() {
     let c = Cluster::start(2);
     let json = report_path("kill");
