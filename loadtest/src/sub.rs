@@ -269,8 +269,8 @@ const SPIN_ACCOUNT_EVERY: Duration = Duration::from_millis(50);
 /// Keeps the worker's thread running while it waits for data, so that it never blocks in
 /// `epoll_wait`. On one machine a gateway's write to a socket whose reader sleeps also
 /// wakes that reader, and waking a thread on another CPU is an interrupt sent from the
-/// gateway's CPU (a VM exit under a hypervisor): clients on other machines cost the
-/// gateway nothing of the kind (docs/benchmarks.md, session 10).
+/// gateway's CPU (under a hypervisor, one the host delivers): clients on other machines
+/// cost the gateway nothing of the kind (docs/benchmarks.md, session 10).
 ///
 /// Each pass yields to tokio, which then polls for I/O without blocking before it runs the
 /// task again, and to the kernel, so the other threads on this CPU (the publisher, the
