@@ -69,24 +69,38 @@ async fn token_expiry_is_acted_on_under_constant_traffic() {
     let url = url_for(2);
     // The subscriber reads as fast as it can (discarding), and publishers keep its outbox
     // busy: the case where a session polling its outbox first never looked at its timer
-    // (or its socket's input) again.
+    // (or its socket's input) again. The publishers stay at most GAP messages ahead of
+    // what the subscriber has read, so its outbox is never empty yet never overflows: on a
+    // loaded machine an unpaced flood closed it as a slow consumer before its expiry.
+    const GAP: u64 = 20_000;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut sub = WsClient::connect(&url, None).await.unwrap();
     sub.subscribe("firehose").await;
-    let reader = tokio::spawn(async move {
-        loop {
-            if let Event::Close(_) | Event::Timeout = sub.recv_timeout(Duration::from_secs(30)).await {
-                return;
+    let reader = {
+        let read = read.clone();
+        tokio::spawn(async move {
+            loop {
+                match sub.recv_timeout(Duration::from_secs(30)).await {
+                    Event::Close(_) | Event::Timeout => return,
+                    _ => read.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
             }
-        }
-    });
+        })
+    };
     let publishers: Vec<_> = (0..4)
         .map(|_| {
             let url = url_for(3600);
+            let (sent, read) = (sent.clone(), read.clone());
             tokio::spawn(async move {
+                use std::sync::atomic::Ordering::Relaxed;
                 let mut p = WsClient::connect(&url, None).await.unwrap();
                 loop {
-                    for _ in 0..100 {
-                        p.send(json!({"op":"publish","channel":"firehose","data":"0123456789"})).await;
+                    if sent.load(Relaxed).saturating_sub(read.load(Relaxed)) < GAP {
+                        for _ in 0..100 {
+                            p.send(json!({"op":"publish","channel":"firehose","data":"0123456789"})).await;
+                        }
+                        sent.fetch_add(100, Relaxed);
                     }
                     tokio::task::yield_now().await;
                 }
@@ -95,10 +109,21 @@ async fn token_expiry_is_acted_on_under_constant_traffic() {
         .collect();
     // exp (2 s, rounded down to a second) + the default 5 s leeway, plus a margin for a
     // loaded machine; it used to never happen.
-    fanout_testkit::eventually("the busy connection was closed at token expiry", Duration::from_secs(20), async || {
-        node.metric_with("fanout_connections_closed_total", "reason=\"auth_expired\"").await == 1.0
+    let closes = async || {
+        let body = http(node.internal, "GET", "/metrics", &[], b"").await.text();
+        body.lines()
+            .filter(|l| l.starts_with("fanout_connections_closed_total") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while node.metric_with("fanout_connections_closed_total", "reason=\"auth_expired\"").await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
     .await;
+    assert!(waited.is_ok(), "the busy connection was not closed at token expiry; closes: {}", closes().await);
+    assert!(read.load(std::sync::atomic::Ordering::Relaxed) > GAP, "too little traffic to keep the outbox busy");
     for p in publishers {
         p.abort();
     }
