@@ -41,7 +41,7 @@ COUNTERS_AND_GAUGES = {
     "fanout_recoveries_total", "fanout_publications_replayed_total", "fanout_resyncs_total",
     "fanout_broker_catch_up_publications_total", "fanout_history_unstored_publications_total",
     "fanout_presence_entries", "fanout_presence_events_total", "fanout_presence_events_dropped_total",
-    "fanout_server_api_calls_total",
+    "fanout_server_api_calls_total", "fanout_listener_accept_errors_total",
 }
 HISTOGRAMS = {"fanout_delivery_latency_seconds", "fanout_broadcast_duration_seconds",
               "fanout_broker_resubscribe_duration_seconds"}

@@ -23,6 +23,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub type Body = Full<Bytes>;
 
 static REFUSED_LOG: fanout_hub::LogLimiter = fanout_hub::LogLimiter::new(10_000);
+static ACCEPT_LOG: fanout_hub::LogLimiter = fanout_hub::LogLimiter::new(10_000);
+
+/// `accept` failed because the process (EMFILE) or the system (ENFILE) has no descriptor
+/// left: the numbers POSIX systems share, which std names no `ErrorKind` for.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
+}
 
 /// Serves requests of one listener.
 pub trait Handler: Send + Sync + 'static {
@@ -139,6 +148,8 @@ pub async fn accept_loop<H: Handler>(
         refused_per_address: dropped("per_address"),
         shed: dropped("shed"),
     });
+    let accept_error = |kind: &'static str| metrics::counter!("fanout_listener_accept_errors_total", "listener" => settings.name, "kind" => kind);
+    let (no_descriptors, other_accept_error) = (accept_error("descriptors"), accept_error("other"));
     let per_address = settings.per_address();
     loop {
         let (permit, accepted) = match permits.clone().try_acquire_owned() {
@@ -168,8 +179,18 @@ pub async fn accept_loop<H: Handler>(
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Typically EMFILE: back off instead of spinning; the backlog holds the rest.
-                tracing::warn!(listener = settings.name, error = %e, "accept failed");
+                // Typically EMFILE: back off instead of spinning; the backlog holds the rest,
+                // and every failed try is counted, so a node out of descriptors shows on
+                // its dashboard while its log says so once every ten seconds.
+                let descriptors = out_of_descriptors(&e);
+                if descriptors { &no_descriptors } else { &other_accept_error }.increment(1);
+                if let Some(suppressed) = ACCEPT_LOG.check() {
+                    if descriptors {
+                        tracing::error!(listener = settings.name, error = %e, suppressed, "accept failed: no file descriptor left; new connections wait in the backlog (raise the open-file limit or lower max_connections)");
+                    } else {
+                        tracing::warn!(listener = settings.name, error = %e, suppressed, "accept failed");
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -94,6 +94,10 @@ fn describe() {
         "fanout_listener_connections_dropped_total",
         "Connections dropped before their request completed, by listener and reason (per_address, shed)"
     );
+    c!(
+        "fanout_listener_accept_errors_total",
+        "Failed accepts, by listener and kind (descriptors: the process or system had no file descriptor left; other)"
+    );
     c!("fanout_broker_reconnects_total", "Broker reconnections");
     c!("fanout_broker_errors_total", "Broker command errors, by operation");
     h!(

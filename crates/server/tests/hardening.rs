@@ -2,7 +2,8 @@
 //! real clients: bytes sent with the upgrade, starvation under constant traffic, control
 //! frame floods, replies due at a drain, slow and never-ending HTTP bodies, silent
 //! connections filling the accept pool, Redis input that is too large or has no form in
-//! one wire format, and what an untrusted client may learn when the broker fails.
+//! one wire format, what an untrusted client may learn when the broker fails, and a node
+//! that runs out of file descriptors.
 //! Every test here failed before the fix it guards.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failed assumption should fail loudly")]
@@ -297,6 +298,35 @@ async fn a_full_pool_sheds_its_oldest_silent_connection_for_a_newcomer() {
     let read = tokio::time::timeout(Duration::from_secs(20), oldest.read(&mut byte)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the oldest silent connection is still open: {read:?}");
     assert!(node.metric("fanout_listener_connections_dropped_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_node_out_of_descriptors_says_so_counts_it_and_serves_again_once_some_free() {
+    let node = node(&[]);
+    let pid = node.pid();
+    // A few descriptors above what the idle node holds, so that a handful of connections
+    // use them up; the rest wait in the kernel's backlog.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = open + 4;
+    let set = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(set.success(), "prlimit failed: {set}");
+    let hog = silent(&node, loopback(1), 20).await;
+    eventually("the node says it has no descriptor left", async || {
+        node.logs().contains("accept failed: no file descriptor left")
+    })
+    .await;
+    drop(hog);
+    eventually("every failed accept is counted", async || {
+        node.metric_with("fanout_listener_accept_errors_total", "kind=\"descriptors\"").await >= 1.0
+    })
+    .await;
+    assert_eq!(node.metric_with("fanout_listener_accept_errors_total", "kind=\"other\"").await, 0.0);
+    works_from(&node, loopback(2)).await;
+    assert_eq!(node.logs().matches("accept failed").count(), 1, "one line per ten seconds: {}", node.logs());
 }
 
 #[tokio::test]
