@@ -22,6 +22,10 @@ pub(crate) struct Report {
     pub deliveries: DeliveryView,
     /// End-to-end latency: receive time minus the publication's intended send time.
     pub latency_ms: Percentiles,
+    /// Each measured second's p99 apart: whether the tail is every second's or a few
+    /// seconds' (a stall that recurs shows as the same seconds apart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_per_second: Option<SecondsView>,
     pub disconnects: DisconnectView,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn: Option<ChurnView>,
@@ -32,6 +36,59 @@ pub(crate) struct Report {
     /// The generator's machine, where it can be read (`/proc/stat`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineView>,
+}
+
+/// The p99 of each measured second with enough deliveries to have one.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub(crate) struct SecondsView {
+    pub seconds: usize,
+    pub median_p99_ms: f64,
+    pub worst_p99_ms: f64,
+    /// When the worst second ended, seconds since the generator started.
+    pub worst_at_s: f64,
+    /// When each second whose p99 was more than twice the median ended.
+    pub high_seconds_at_s: Vec<f64>,
+}
+
+/// A second needs this many deliveries for its p99 to count: fewer, and one late
+/// delivery is the whole percent.
+pub(crate) const SECOND_MIN_DELIVERIES: u64 = 100;
+
+impl SecondsView {
+    /// From `(ended at s, p99 ms)` per second; None for fewer than three seconds.
+    pub(crate) fn of(seconds: &[(f64, f64)]) -> Option<Self> {
+        if seconds.len() < 3 {
+            return None;
+        }
+        let mut p99s: Vec<f64> = seconds.iter().map(|s| s.1).collect();
+        p99s.sort_by(f64::total_cmp);
+        let median = p99s[p99s.len() / 2];
+        // The first of equal worsts (`max_by` keeps the last it sees).
+        let worst = seconds.iter().copied().rev().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or_default();
+        Some(Self {
+            seconds: seconds.len(),
+            median_p99_ms: median,
+            worst_p99_ms: worst.1,
+            worst_at_s: worst.0,
+            high_seconds_at_s: seconds.iter().filter(|s| s.1 > 2.0 * median).map(|s| s.0).collect(),
+        })
+    }
+
+    fn line(&self) -> String {
+        let mut line = format!(
+            "median {:.2} ms over {} seconds; worst {:.2} ms (second ending {:.0}s)",
+            self.median_p99_ms, self.seconds, self.worst_p99_ms, self.worst_at_s
+        );
+        if !self.high_seconds_at_s.is_empty() {
+            let at: Vec<String> = self.high_seconds_at_s.iter().map(|s| format!("{s:.0}")).collect();
+            line.push_str(&format!(
+                "; {} above twice the median, ending at {} s",
+                self.high_seconds_at_s.len(),
+                at.join(", ")
+            ));
+        }
+        line
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -583,6 +640,9 @@ impl Report {
             ),
         );
         row(&mut t, "latency (end to end)", pct_line(&self.latency_ms));
+        if let Some(per) = &self.latency_per_second {
+            row(&mut t, "  p99 per second", per.line());
+        }
         let x = &self.disconnects;
         let mut disc = format!(
             "{} (4008 slow consumer {}, 1001 draining {}, eof {}",
@@ -701,6 +761,24 @@ mod tests {
     /// Half-busy CPUs that lost `steal` each.
     fn stolen(cpus: &[(&str, f64)]) -> Vec<CpuShare> {
         cpus.iter().map(|&(cpu, steal)| CpuShare { cpu: cpu.into(), busy: 50.0, softirq: 5.0, steal }).collect()
+    }
+
+    #[test]
+    fn seconds_whose_p99_is_more_than_twice_the_median_are_named() {
+        assert_eq!(SecondsView::of(&[(1.0, 0.5), (2.0, 9.0)]), None, "two seconds tell nothing");
+        let seconds: Vec<(f64, f64)> =
+            (4..=13).map(|s| (s as f64, if s % 3 == 2 { 4.0 } else { 0.5 + s as f64 / 100.0 })).collect();
+        let v = SecondsView::of(&seconds).unwrap_or_default();
+        assert_eq!(v.seconds, 10);
+        assert_eq!(v.high_seconds_at_s, [5.0, 8.0, 11.0]);
+        assert_eq!((v.worst_p99_ms, v.worst_at_s), (4.0, 5.0));
+        assert!((v.median_p99_ms - 0.62).abs() < 1e-9, "the upper median of ten: {v:?}");
+        assert_eq!(
+            v.line(),
+            "median 0.62 ms over 10 seconds; worst 4.00 ms (second ending 5s); 3 above twice the median, ending at 5, 8, 11 s"
+        );
+        let steady = SecondsView::of(&[(1.0, 1.0), (2.0, 1.1), (3.0, 0.9)]).unwrap_or_default();
+        assert!(steady.high_seconds_at_s.is_empty() && !steady.line().contains("above"), "{steady:?}");
     }
 
     #[test]

@@ -71,6 +71,9 @@ struct Live {
     busiest: f64,
     hot_seconds: u32,
     measuring: bool,
+    /// While measuring, each second's end (s since start) and p99 (ms), for seconds with
+    /// at least [`SECOND_MIN_DELIVERIES`] deliveries.
+    seconds: Vec<(f64, f64)>,
 }
 
 impl Live {
@@ -134,16 +137,17 @@ fn progress(
     let rate = delivered - *last_delivered;
     *last_delivered = delivered;
     let (cpu, steal) = live.cpu_tick(cores);
+    let second_p99 = (!live.second.is_empty()).then(|| live.second.value_at_quantile(0.99) as f64 / 1000.0);
+    if live.measuring && live.second.len() >= SECOND_MIN_DELIVERIES {
+        if let Some(p99) = second_p99 {
+            live.seconds.push((started.elapsed().as_secs_f64(), p99));
+        }
+    }
+    live.second.reset();
     if cfg.quiet {
-        live.second.reset();
         return;
     }
-    let p99 = if live.second.is_empty() {
-        "-".to_owned()
-    } else {
-        format!("{:.2}ms", live.second.value_at_quantile(0.99) as f64 / 1000.0)
-    };
-    live.second.reset();
+    let p99 = second_p99.map_or_else(|| "-".to_owned(), |p| format!("{p:.2}ms"));
     let published = pub_live.map_or(0, |p| p.sent.load(Relaxed));
     // Only when there is some: a second the host took a CPU away explains that second's p99.
     let steal = if steal >= 0.5 { format!("  steal {steal:.0}%") } else { String::new() };
@@ -244,6 +248,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
         busiest: 0.0,
         hot_seconds: 0,
         measuring: false,
+        seconds: Vec::new(),
     };
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -514,6 +519,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<(Report, Histogram<u64
     d.loss_ratio = if d.expected > 0 { d.lost as f64 / d.expected as f64 } else { 0.0 };
     d.per_second = d.delivered as f64 / active.as_secs_f64();
     report.latency_ms = Percentiles::of_micros(&live.latency);
+    report.latency_per_second = SecondsView::of(&live.seconds);
 
     if let Some(churn) = report.churn.as_mut() {
         churn.rate = s.churn_rate;
