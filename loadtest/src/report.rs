@@ -346,11 +346,11 @@ impl MachineView {
 
     /// Marks the CPUs the generator spins on (`--spin`): their busy share is its waiting.
     pub(crate) fn with_spinning(mut self, cpus: &[usize]) -> Self {
+        let spinning = |cpu: &String| crate::sys::cpu_among(cpu, cpus);
         // A generator free to run anywhere spins wherever it is: then no CPU is only its.
-        if self.busy_percent.keys().all(|c| crate::sys::cpu_number(c).is_some_and(|n| cpus.contains(&n))) {
+        if self.busy_percent.keys().all(spinning) {
             return self;
         }
-        let spinning = |cpu: &String| crate::sys::cpu_number(cpu).is_some_and(|n| cpus.contains(&n));
         self.spinning_cpus = self.busy_percent.keys().filter(|c| spinning(c)).cloned().collect();
         self.saturated_cpus.retain(|c| !spinning(c));
         self
@@ -414,8 +414,7 @@ impl MachineView {
                 .saturated_cpus
                 .iter()
                 .map(|cpu| {
-                    let own = crate::sys::cpu_number(cpu).is_some_and(|n| generator.contains(&n));
-                    if own {
+                    if crate::sys::cpu_among(cpu, &generator) {
                         format!("{cpu} (the generator's)")
                     } else {
                         cpu.clone()

@@ -209,6 +209,11 @@ pub(crate) fn cpu_number(name: &str) -> Option<usize> {
     name.strip_prefix("cpu")?.parse().ok()
 }
 
+/// Whether the CPU named `name` is one of `cpus` (by number).
+pub(crate) fn cpu_among(name: &str, cpus: &[usize]) -> bool {
+    cpu_number(name).is_some_and(|n| cpus.contains(&n))
+}
+
 /// The per-CPU lines of `/proc/stat` (`cpuN user nice system idle iowait irq softirq steal
 /// guest guest_nice`; guest time is already inside user, so it is not added again).
 fn parse_proc_stat(text: &str) -> CpuStat {
