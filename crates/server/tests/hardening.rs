@@ -112,10 +112,13 @@ async fn token_expiry_is_acted_on_under_constant_traffic() {
     // loaded machine; it used to never happen.
     let closes = async || {
         let body = http(node.internal, "GET", "/metrics", &[], b"").await.text();
-        body.lines()
-            .filter(|l| l.starts_with("fanout_connections_closed_total") && !l.ends_with(" 0"))
-            .collect::<Vec<_>>()
-            .join("; ")
+        let mut closed: Vec<String> = fanout_testkit::parse_metrics(&body)
+            .into_iter()
+            .filter(|(series, n)| series.starts_with("fanout_connections_closed_total{") && *n > 0.0)
+            .map(|(series, n)| format!("{series} {n}"))
+            .collect();
+        closed.sort();
+        closed.join("; ")
     };
     let waited = tokio::time::timeout(Duration::from_secs(20), async {
         while node.metric_with("fanout_connections_closed_total", "reason=\"auth_expired\"").await != 1.0 {
